@@ -1,0 +1,5 @@
+import sys
+
+from lgen.cli import main
+
+sys.exit(main())

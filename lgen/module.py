@@ -1,0 +1,241 @@
+"""Batches to records: load a causal LM in ``configure_model`` and call ``generate`` in ``predict_step``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList
+
+from lgen import models
+from lgen.stopping import BraceMatchingCriteria, Language, finish
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
+
+
+class GenerationModule(LightningModule):
+    """A Hugging Face causal LM that turns prompt batches into records.
+
+    The tokenizer, model config and generation config load at construction (cheap, so bad names
+    fail before any weights load); the weights load in ``configure_model``, inside the strategy's
+    context, so sharded strategies can place them.
+
+    Args:
+        model_name_or_path: a local folder, a Hub name, or an alias (``smollm2-135m-instruct``).
+        config_name: model config to use instead of the model's own.
+        tokenizer_name: tokenizer to use instead of the model's own.
+        use_fast_tokenizer: use the Rust-backed tokenizer.
+        model_revision: model version on the Hub (branch, tag or commit).
+        token: Hub access token.
+        adapter_name_or_path: a PEFT adapter (LoRA, (IA)^3, prompt tuning) to load on the model.
+        merge_adapter: merge LoRA / (IA)^3 weights into the model before generating (faster).
+        torch_dtype: weight dtype; ``auto`` takes the checkpoint's.
+        generation_config_file: a ``generation_config.json`` that replaces the model's own.
+        max_new_tokens: tokens to generate per prompt, or ``auto`` (complete mode: fill ``block_size``).
+        use_brace_matching: stop a sequence when the brace opened before it closes.
+        brace_matching_start_level: brace level at the start of generation (1 if the prompt ends in ``{``).
+        brace_matching_language: lexer rules for braces in strings and comments: ``c``, ``python``, ``plain``.
+        stop_strings: stop a sequence at the first of these strings (``finish_reason: stop_string``).
+        keep_stop_string: keep the stop string at the end of the prediction.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        max_new_tokens: int | Literal["auto"],
+        config_name: str | None = None,
+        tokenizer_name: str | None = None,
+        use_fast_tokenizer: bool = True,
+        model_revision: str = "main",
+        token: str | None = None,
+        adapter_name_or_path: str | None = None,
+        merge_adapter: bool = True,
+        torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None,
+        generation_config_file: str | None = None,
+        use_brace_matching: bool = False,
+        brace_matching_start_level: int = 0,
+        brace_matching_language: Language = "c",
+        stop_strings: list[str] | None = None,
+        keep_stop_string: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model_name_or_path = model_name_or_path
+        self.max_new_tokens = max_new_tokens
+        self.model_revision = model_revision
+        self.token = token
+        self.adapter_name_or_path = adapter_name_or_path
+        self.merge_adapter = merge_adapter
+        self.torch_dtype = torch_dtype
+        self.use_brace_matching = use_brace_matching
+        self.brace_matching_start_level = brace_matching_start_level
+        self.brace_matching_language = brace_matching_language
+        self.stop_strings = list(stop_strings or [])
+        self.keep_stop_string = keep_stop_string
+        if brace_matching_start_level < 0:
+            raise ValueError(f"model.brace_matching_start_level must be >= 0, got {brace_matching_start_level}")
+        for key, name in (("model.model_name_or_path", model_name_or_path), ("model.config_name", config_name),
+                          ("model.tokenizer_name", tokenizer_name),
+                          ("model.adapter_name_or_path", adapter_name_or_path),
+                          ("model.generation_config_file", generation_config_file)):
+            if name is not None and name not in models.ALIASES:
+                models.check_exists(name, key)
+        self.path = models.resolve(model_name_or_path)
+        hub = {"revision": model_revision, "token": token}
+        self.tokenizer = self._load(AutoTokenizer.from_pretrained, models.resolve(tokenizer_name or model_name_or_path),
+                                    "model.tokenizer_name" if tokenizer_name else "model.model_name_or_path",
+                                    use_fast=use_fast_tokenizer, **hub)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model_config = self._load(AutoConfig.from_pretrained, models.resolve(config_name or model_name_or_path),
+                                       "model.config_name" if config_name else "model.model_name_or_path", **hub)
+        self.adapter_config = self._load_adapter_config() if adapter_name_or_path else None
+        self.generation_config = self._generation_config(generation_config_file, hub)
+        self.model = None
+        self.progress: Counter = Counter()
+
+    @staticmethod
+    def _load(fn, name: str, key: str, **kwargs: Any) -> Any:
+        try:
+            return fn(name, **kwargs)
+        except OSError as err:
+            raise models.hub_error(name, key, err) from err
+
+    def _load_adapter_config(self):
+        from peft import PeftConfig
+
+        return self._load(PeftConfig.from_pretrained, self.adapter_name_or_path, "model.adapter_name_or_path",
+                          token=self.token)
+
+    def _generation_config(self, file: str | None, hub: dict[str, Any]) -> GenerationConfig:
+        if file is not None:
+            path = Path(file)
+            try:
+                config = GenerationConfig.from_dict(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"model.generation_config_file={file!r} is not a readable JSON file: {err}") from err
+        else:
+            try:
+                config = GenerationConfig.from_pretrained(self.path, **hub)
+            except OSError:
+                config = GenerationConfig.from_model_config(self.model_config)
+        if config.num_return_sequences is None:
+            config.num_return_sequences = 1
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        if self.stop_strings:
+            config.stop_strings = self.stop_strings
+        return config
+
+    @property
+    def num_return_sequences(self) -> int:
+        return int(self.generation_config.num_return_sequences or 1)
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Prompt-tuning virtual tokens, which take room in ``block_size``."""
+        return int(getattr(self.adapter_config, "num_virtual_tokens", 0) or 0) if self.adapter_config else 0
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        dtype = DTYPES[self.torch_dtype] if self.torch_dtype else None
+        kwargs = {"revision": self.model_revision, "token": self.token, "config": self.model_config}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = self._load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path", **kwargs)
+        if self.adapter_name_or_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.adapter_name_or_path, token=self.token)
+            if self.merge_adapter and not self.adapter_config.is_prompt_learning:
+                model = model.merge_and_unload()
+        model.eval()
+        self.model = model
+
+    def config_dumps(self) -> dict[str, dict[str, Any]]:
+        """The JSON files written beside the shards, as the seed wrote them."""
+        dumps = {
+            "model_config.json": self.model_config.to_dict(),
+            "model_config_diff.json": self.model_config.to_diff_dict(),
+            "generation_config.json": self.generation_config.to_dict(),
+            "generation_config_diff.json": self.generation_config.to_diff_dict(),
+        }
+        if self.adapter_config is not None:
+            dumps["adapter_config.json"] = self.adapter_config.to_dict()
+        return dumps
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the generated text, for the output directory's fingerprint."""
+        return {
+            "model": self.model_name_or_path, "revision": self.model_revision,
+            "adapter": self.adapter_name_or_path, "merge_adapter": self.merge_adapter,
+            "dtype": self.torch_dtype, "max_new_tokens": self.max_new_tokens,
+            "generation_config": self.generation_config.to_diff_dict(),
+            "brace_matching": [self.use_brace_matching, self.brace_matching_start_level, self.brace_matching_language],
+            "stop_strings": [self.stop_strings, self.keep_stop_string],
+        }
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, Any]]:
+        """Generate for one batch; return one record per (example, sample), or none for a padding batch."""
+        criteria = StoppingCriteriaList()
+        brace = None
+        if self.use_brace_matching:
+            brace = BraceMatchingCriteria(self.tokenizer, self.brace_matching_start_level, self.brace_matching_language)
+            criteria.append(brace)
+        config = copy.deepcopy(self.generation_config)
+        config.max_new_tokens = batch["max_new_tokens"]
+        start = time.perf_counter()
+        output = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            generation_config=config,
+            stopping_criteria=criteria,
+            tokenizer=self.tokenizer if self.stop_strings else None,
+            synced_gpus=self._synced_gpus(),
+        )
+        generated = output[:, batch["input_ids"].shape[1]:]
+        finished = finish(generated, self.tokenizer, self.eos_token_ids, brace, self.stop_strings,
+                          self.keep_stop_string)
+        seconds = time.perf_counter() - start
+        if batch["padding"]:
+            return []
+        self.progress["records"] += len(finished)
+        self.progress["tokens"] += sum(f.tokens for f in finished)
+        n = self.num_return_sequences
+        records = []
+        for r, done in enumerate(finished):
+            ex = batch["examples"][r // n]
+            records.append({
+                "id": ex["id"],
+                "part": list(ex["part"]),
+                "seq": [r % n + 1, n],
+                "prompt": self.tokenizer.decode(ex["prompt_ids"], skip_special_tokens=False),
+                "reference": ex["reference"],
+                "prediction": done.text,
+                "finish_reason": done.reason,
+                "meta": ex["meta"],
+                **ex["keep"],
+                "_lgen": {"tokens": done.tokens, "row": ex["row"], "seconds": seconds / len(finished)},
+            })
+        return records
+
+    def _synced_gpus(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1 and "deepspeed" in type(trainer.strategy).__name__.lower()
