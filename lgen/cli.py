@@ -90,7 +90,10 @@ class LgenCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(trainer_config, extra + [self.writer])
+        extra.append(self.writer)
+        if trainer_config.get("enable_progress_bar", True) is not False:
+            extra.append(GenerationProgressBar())
+        return self._instantiate_trainer(trainer_config, extra)
 
 
 def data_fingerprint(data: GenerationDataModule) -> dict[str, Any]:
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             args=argv,
             save_config_callback=None,
             trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-                              "use_distributed_sampler": False, "callbacks": [GenerationProgressBar()]},
+                              "use_distributed_sampler": False},
             parser_kwargs={"prog": "lgen"},
         )
     except (ConfigError, outputs.OutputDirError, FileNotFoundError, OSError, ValueError) as err:

@@ -133,11 +133,12 @@ def find_close(text: str, start_level: int = 1, language: Language = "c", state:
     lex = lexer(language)
     level, opened = start_level, start_level > 0
     for i, c in enumerate(char_classes(text)):
-        for change in (lex.pending[state, c], lex.delta[state, c]):
+        # a pending change belongs to the previous character ('}x: the "}" is at i - 1)
+        for at, change in ((i - 1, lex.pending[state, c]), (i, lex.delta[state, c])):
             level += int(change)
             opened = opened or level > 0
             if change < 0 and opened and level <= 0:
-                return i
+                return at
         state = int(lex.next_state[state, c])
     return None
 
@@ -235,12 +236,14 @@ class BraceMatchingCriteria(StoppingCriteria):
         start_level: brace level at the start of generation (1 when the prompt ends in ``{``).
         language: lexer family: ``"c"`` (C, C++, Java, JS, Go, Rust, ...), ``"python"`` (``#``
             comments, both quote kinds are strings) or ``"plain"`` (count every brace, as the seed).
+        table: a prebuilt :class:`TokenTable` (then ``tokenizer`` may be None).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, start_level: int = 1, language: Language = "c") -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, start_level: int = 1, language: Language = "c",
+                 table: TokenTable | None = None) -> None:
         if start_level < 0:
             raise ValueError(f"brace_matching_start_level must be >= 0, got {start_level}")
-        self.table = token_table(tokenizer, language)
+        self.table = table if table is not None else token_table(tokenizer, language)
         self.start_level = start_level
         self.language = language
         self._length = -1
@@ -322,7 +325,15 @@ def finish(
                 ends.append((at + len(s), 1, text[: at + len(s)] if keep_stop_string else text[:at], "stop_string"))
         if ends:
             _, rank, cut_text, reason = min(ends)
-            tokens = brace_step + 1 if reason == "brace_matching" else limit
+            if reason == "brace_matching":
+                tokens = brace_step + 1
+            else:  # the fewest tokens whose text holds the stop string
+                lo, hi = 1, limit
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    decoded = tokenizer.decode(row[:mid], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                    lo, hi = (lo, mid) if any(x in decoded for x in stop_strings) else (mid + 1, hi)
+                tokens = lo
             out.append(Finished(cut_text, reason, tokens))
         elif eos_pos is not None:
             out.append(Finished(text, "stop", eos_pos + 1))
