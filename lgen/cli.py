@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             GenerationDataModule,
             args=argv,
             save_config_callback=None,
+            auto_configure_optimizers=False,
             trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                               "use_distributed_sampler": False},
             parser_kwargs={"prog": "lgen"},

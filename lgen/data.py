@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 Key = tuple[str, tuple[int, int]]  # (id as JSON text, part)
+RECORD_FIELDS = ("id", "part", "seq", "prompt", "reference", "prediction", "finish_reason", "meta")
 
 
 class ConfigError(ValueError):
@@ -193,12 +194,19 @@ class GenerationDataModule(LightningDataModule):
             if builder is None:
                 raise ConfigError(f"data.dataset_name: cannot tell the format of {self.data_files[0]!r}; "
                                   "set it to json, csv, parquet or text")
+            if builder in ("json", "csv", "text"):
+                for f in self.data_files:
+                    if Path(f).is_file():
+                        _check_utf8(f)
             try:
                 ds = datasets.load_dataset(builder, data_files={split: self.data_files}, split=split,
                                            streaming=self.streaming)
-            except UnicodeDecodeError as err:
-                raise ConfigError(f"data.data_files: {self.data_files} is not valid UTF-8 ({err}); "
-                                  "re-encode the file as UTF-8") from err
+            except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+                if "corresponds to no data" in str(err):
+                    raise ConfigError(f"the dataset in data.data_files={self.data_files} is empty: "
+                                      "nothing to generate") from err
+                raise ConfigError(f"data.data_files={self.data_files} could not be read as {builder!r}: "
+                                  f"{err.__cause__ or err}; check the file or set data.dataset_name") from err
         elif name is not None and Path(name).is_dir() and any(
                 (Path(name) / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(name)
@@ -225,6 +233,10 @@ class GenerationDataModule(LightningDataModule):
             value = getattr(self, key)
             if value is not None and value not in columns:
                 raise ConfigError(f"data.{key}={value!r} is not a column of the dataset; columns: {columns}")
+        clash = [c for c in self.keep_columns if c in RECORD_FIELDS]
+        if clash:
+            raise ConfigError(f"data.keep_columns: {clash} would overwrite record fields {list(RECORD_FIELDS)}; "
+                              "rename those columns or leave them out")
         missing = [c for c in self.keep_columns if c not in columns]
         if missing:
             raise ConfigError(f"data.keep_columns: {missing} are not columns of the dataset; columns: {columns}")
@@ -396,6 +408,26 @@ class Windowing:
     max_new_tokens: int | str
     subsamples: int | None
     seed: int
+
+
+def _check_utf8(path: str) -> None:
+    """Fail with the file and byte offset instead of a decoder error deep inside ``datasets``."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"data.data_files: {path} is not UTF-8 (byte {offset + err.start}: "
+                                  f"{chunk[err.start:err.start + 4]!r}); re-encode it, e.g. iconv -f latin1 -t utf-8")
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ConfigError(f"data.data_files: {path} ends inside a UTF-8 character; re-encode it as UTF-8")
 
 
 class PlannedBatches(torch.utils.data.Sampler):

@@ -101,9 +101,11 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     d = Path(output_dir)
     if d.exists() and not d.is_dir():
         raise OutputDirError(f"output_dir={str(d)!r} is a file; give a directory")
-    probe = d
+    probe = d.absolute()
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise OutputDirError(f"output_dir={str(d)!r} is inside {probe}, which is a file; give a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputDirError(f"output_dir={str(d)!r} is not writable ({probe} denies writing); choose another")
     if d.is_dir():
@@ -138,13 +140,23 @@ def check_fingerprint(output_dir: str | Path, fingerprint: dict[str, Any]) -> No
             raise OutputDirError(f"output_dir={str(output_dir)!r} has shards but no fingerprint.json, so lgen "
                                  "cannot tell what made them; set overwrite_output_dir: true or choose a new directory")
         return
-    old = json.loads(path.read_text())
-    differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(fingerprint, default=str)))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if differ:
-        detail = "; ".join(f"{k}: was {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in differ)
+        detail = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
         raise OutputDirError(f"output_dir={str(output_dir)!r} was made with other settings ({detail}). "
                              "Resume only with the same settings; to start over set overwrite_output_dir: true, "
                              "or choose a new output_dir")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,0 +1,107 @@
+"""Bad input fails early, with exit code 2 and a message that names the key and the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lgen.cli import main
+
+
+def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
+    code = main(["predict", "--model.model_name_or_path", str(model), "--model.max_new_tokens", "8",
+                 "--data.data_files", str(data), "--data.text_column_name", "prompt", "--data.mode", "complete",
+                 "--output_dir", str(out), "--trainer.enable_progress_bar", "false", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--data.text_column_name", "body"], ["data.text_column_name='body'", "['task_id', 'prompt', 'lang']"]),
+    (["--data.reference_column_name", "answer", "--data.mode", "auto"], ["data.reference_column_name='answer'"]),
+    (["--data.id_column_name", "key"], ["data.id_column_name='key'", "columns"]),
+    (["--data.keep_columns", "[nope]"], ["data.keep_columns", "['nope']"]),
+    (["--data.keep_columns", "[prompt, id]"], ["data.keep_columns", "['prompt', 'id']", "overwrite record fields"]),
+    (["--model.max_new_tokens", "auto"], ["model.max_new_tokens: auto needs data.reference_column_name"]),
+    (["--data.mode", "strided", "--data.block_size", "16", "--data.max_window_size", "12"],
+     ["data.max_window_size + model.max_new_tokens = 12 + 8 = 20 exceeds data.block_size=16"]),
+    (["--data.block_size", "6", "--data.max_window_size", "9"], ["data.max_window_size=9 exceeds data.block_size=6"]),
+    (["--data.mode", "strided", "--data.block_size", "40"], ["every row was dropped", "data.block_size"]),
+    (["--model.adapter_name_or_path", "./no/such/adapter"], ["model.adapter_name_or_path='./no/such/adapter'",
+                                                             "does not exist"]),
+    (["--model.generation_config_file", "/no/gen.json"], ["model.generation_config_file='/no/gen.json'"]),
+])
+def test_bad_settings(capsys, tiny_model, code_jsonl, tmp_path, extra, words):
+    code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)
+    assert code == 2, err
+    for w in words:
+        assert w in err
+    assert not (tmp_path / "out" / "00001-of-00001.test.jsonl").exists()
+
+
+def test_missing_model_path(capsys, code_jsonl, tmp_path):
+    code, err = run(capsys, tmp_path / "nowhere", code_jsonl, tmp_path / "out")
+    assert code == 2 and "model.model_name_or_path=" in err and "does not exist" in err
+
+
+def test_hub_name_offline(capsys, code_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run(capsys, "no-such-org/no-such-model", code_jsonl, tmp_path / "out")
+    assert code == 2 and "model.model_name_or_path='no-such-org/no-such-model' could not be loaded" in err
+
+
+def test_empty_dataset(capsys, tiny_model, tmp_path):
+    data = tmp_path / "empty.csv"
+    data.write_text("prompt,lang\n")
+    code, err = run(capsys, tiny_model, data, tmp_path / "out")
+    assert code == 2 and "is empty" in err
+
+
+def test_non_utf8_file(capsys, tiny_model, tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"prompt": "caf\xe9 {"}\n')
+    code, err = run(capsys, tiny_model, data, tmp_path / "out")
+    assert code == 2 and "is not UTF-8 (byte 15" in err and "re-encode" in err
+
+
+def test_missing_data_file(capsys, tiny_model, tmp_path):
+    code, err = run(capsys, tiny_model, tmp_path / "nope.jsonl", tmp_path / "out")
+    assert code == 2 and "data.data_files" in err and "does not exist" in err
+
+
+def test_output_dir_is_a_file(capsys, tiny_model, code_jsonl, tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    code, err = run(capsys, tiny_model, code_jsonl, target)
+    assert code == 2 and "is a file" in err
+    code, err = run(capsys, tiny_model, code_jsonl, target / "sub")
+    assert code == 2 and "which is a file" in err
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.skipif(os.access("/proc/sys", os.W_OK), reason="needs a directory this user cannot write")
+def test_output_dir_not_writable(capsys, tiny_model, code_jsonl):
+    code, err = run(capsys, tiny_model, code_jsonl, Path("/proc/sys/lgen-out"))
+    assert code == 2 and "is not writable" in err
+
+
+def test_foreign_files_are_refused_and_kept(capsys, tiny_model, code_jsonl, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite_output_dir", "true"]):
+        code, err = run(capsys, tiny_model, code_jsonl, out, *extra)
+        assert code == 2 and "holds files lgen did not write (notes.txt)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_config_file_error_names_the_key(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": {"model_name_or_path": "x", "max_new_tokens": 4, "use_brace_match": True},
+                               "data": {"data_files": "d.jsonl"}, "output_dir": "o"}))
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--config", str(cfg)])
+    assert done.value.code == 2 and "use_brace_match" in capsys.readouterr().err
