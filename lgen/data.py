@@ -304,14 +304,14 @@ class GenerationDataModule(LightningDataModule):
         return batches
 
     def rank_batches(self, rank: int, world_size: int, equalize: bool = False) -> list[list[int]]:
-        """Whole batches dealt round-robin. With ``equalize`` every rank gets the same count; the
-        extra batches repeat the rank's first batch and are marked as padding (-1 - index)."""
+        """Whole batches dealt round-robin. A rank left with none gets one padding batch (Lightning
+        needs at least one); with ``equalize`` (synced generation under ZeRO-3) every rank gets the
+        same count. A padding batch is one example, as ``-1 - index``; its records are never written."""
         batches = self.plan()
         mine = batches[rank::world_size]
-        if equalize:
-            most = math.ceil(len(batches) / world_size)
-            filler = mine[0] if mine else batches[0]
-            mine = mine + [[-1 - i for i in filler]] * (most - len(mine))
+        most = math.ceil(len(batches) / world_size) if equalize else 1
+        if len(mine) < most:
+            mine = mine + [[-1 - batches[0][0]]] * (most - len(mine))
         return mine
 
     def predict_dataloader(self) -> DataLoader:

@@ -194,6 +194,8 @@ class GenerationModule(LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, Any]]:
         """Generate for one batch; return one record per (example, sample), or none for a padding batch."""
+        if batch["padding"] and not self._synced_gpus():
+            return []  # only synced generation (ZeRO-3) needs every rank to step
         criteria = StoppingCriteriaList()
         brace = None
         if self.use_brace_matching:

@@ -1,0 +1,90 @@
+"""The same records on 1 process, 2 processes (gloo) and 2 simulated nodes over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_outputs import prompts_file
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo over loopback")
+
+
+def base(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["predict", "--model.model_name_or_path", str(model), "--model.max_new_tokens", "16",
+            "--model.use_brace_matching", "true", "--model.brace_matching_start_level", "1",
+            "--data.data_files", str(data), "--data.mode", "complete", "--data.text_column_name", "prompt",
+            "--data.id_column_name", "task_id", "--data.per_device_batch_size", "2", "--output_dir", str(out),
+            "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0",
+            *extra]
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def lgen(argv: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "lgen", *argv], capture_output=True, text=True, timeout=600,
+                            env=env())
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def records(out: Path) -> list[str]:
+    """Every line of every shard, sorted: the record set, byte for byte."""
+    return sorted(line for p in out.glob("*.test.jsonl") for line in p.read_text().splitlines())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    data = prompts_file(tmp / "p.jsonl", 11)
+    lgen(base(tiny_model, data, tmp / "out"))
+    return data, records(tmp / "out")
+
+
+def test_two_processes_give_the_one_process_records(tiny_model, one_process, tmp_path):
+    data, expected = one_process
+    out = tmp_path / "out"
+    lgen(base(tiny_model, data, out, "--trainer.strategy", "ddp", "--trainer.devices", "2"))
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["00001-of-00002.test.jsonl", "00002-of-00002.test.jsonl"]
+    # 11 rows in batches of 2 = 6 batches: 3 per rank, uneven rows (6 and 5)
+    assert [len(p.read_text().splitlines()) for p in sorted(out.glob("*.jsonl"))] == [6, 5]
+    assert records(out) == expected
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_two_nodes_over_loopback(tiny_model, one_process, tmp_path):
+    data, expected = one_process
+    out = tmp_path / "out"
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                          "-m", "lgen", *base(tiny_model, data, out, "--trainer.strategy", "ddp",
+                                              "--trainer.devices", "1", "--trainer.num_nodes", "2")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    assert records(out) == expected
+
+
+def test_fewer_rows_than_ranks(tiny_model, tmp_path):
+    data = prompts_file(tmp_path / "p.jsonl", 1)
+    single, double = tmp_path / "one", tmp_path / "two"
+    lgen(base(tiny_model, data, single))
+    lgen(base(tiny_model, data, double, "--trainer.strategy", "ddp", "--trainer.devices", "2"))
+    assert records(double) == records(single) and len(records(single)) == 1
+    assert (double / "00002-of-00002.test.jsonl").read_text() == ""
