@@ -317,7 +317,7 @@ class GenerationDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        equalize = trainer is not None and "deepspeed" in type(trainer.strategy).__name__.lower()
+        equalize = trainer is not None and getattr(trainer.strategy, "zero_stage_3", False)
         return DataLoader(_Examples(self.examples), batch_sampler=PlannedBatches(self.rank_batches(rank, world, equalize)),
                           collate_fn=self.collate, num_workers=0)
 

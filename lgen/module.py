@@ -155,6 +155,13 @@ class GenerationModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False):
+            # ZeRO-3: transformers sees this (weakly referenced) config and builds the model already
+            # partitioned, loading each weight straight into its shards; it never exists whole on one GPU.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
         dtype = DTYPES[self.torch_dtype] if self.torch_dtype else None
         kwargs = {"revision": self.model_revision, "token": self.token, "config": self.model_config}
         if dtype is not None:
@@ -239,5 +246,6 @@ class GenerationModule(LightningModule):
         return records
 
     def _synced_gpus(self) -> bool:
+        """ZeRO-3 ranks gather each layer's weights together, so all must step until all are done."""
         trainer = self._trainer
-        return trainer is not None and trainer.world_size > 1 and "deepspeed" in type(trainer.strategy).__name__.lower()
+        return trainer is not None and trainer.world_size > 1 and getattr(trainer.strategy, "zero_stage_3", False)
