@@ -49,6 +49,7 @@ class LgenCLI(LightningCLI):
         parser.link_arguments("model.max_new_tokens", "data.max_new_tokens")
         parser.link_arguments("model.token", "data.token")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
+        parser.link_arguments("seed_everything", "model.seed", compute_fn=_seed)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -14,6 +15,7 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList
 
+from lgen import engine as engine_lib
 from lgen import models
 from lgen.stopping import BraceMatchingCriteria, Language, finish
 
@@ -46,6 +48,12 @@ class GenerationModule(LightningModule):
         brace_matching_language: lexer rules for braces in strings and comments: ``c``, ``python``, ``plain``.
         stop_strings: stop a sequence at the first of these strings (``finish_reason: stop_string``).
         keep_stop_string: keep the stop string at the end of the prediction.
+        engine: ``compact`` drives the decode loop itself and drops finished rows every
+            ``compact_every`` steps (greedy and temperature/top-k/top-p sampling, with per-row seeded
+            samples); ``generate`` calls ``model.generate`` (every generation setting, stop strings,
+            ZeRO-3); ``auto`` picks ``compact`` when it supports the settings.
+        compact_every: steps between drops of finished rows (each drop costs one host sync).
+        seed: linked from ``seed_everything``; seeds each row's samples.
     """
 
     def __init__(
@@ -66,6 +74,9 @@ class GenerationModule(LightningModule):
         brace_matching_language: Language = "c",
         stop_strings: list[str] | None = None,
         keep_stop_string: bool = False,
+        engine: Literal["auto", "compact", "generate"] = "auto",
+        compact_every: int = 8,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model_name_or_path = model_name_or_path
@@ -100,6 +111,16 @@ class GenerationModule(LightningModule):
                                        "model.config_name" if config_name else "model.model_name_or_path", **hub)
         self.adapter_config = self._load_adapter_config() if adapter_name_or_path else None
         self.generation_config = self._generation_config(generation_config_file, hub)
+        missing = engine_lib.unsupported(self.generation_config)
+        if self.stop_strings:
+            missing.append("stop_strings")
+        if engine == "compact" and missing:
+            raise ValueError(f"model.engine: compact does not implement {missing}; use engine: generate or auto")
+        self.engine = "compact" if engine == "compact" or (engine == "auto" and not missing) else "generate"
+        if compact_every < 1:
+            raise ValueError(f"model.compact_every must be >= 1, got {compact_every}")
+        self.compact_every = compact_every
+        self.seed = seed
         self.model = None
         self.progress: Counter = Counter()
 
@@ -208,20 +229,29 @@ class GenerationModule(LightningModule):
         if self.use_brace_matching:
             brace = BraceMatchingCriteria(self.tokenizer, self.brace_matching_start_level, self.brace_matching_language)
             criteria.append(brace)
-        config = copy.deepcopy(self.generation_config)
-        config.max_new_tokens = batch["max_new_tokens"]
         start = time.perf_counter()
-        output = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            generation_config=config,
-            stopping_criteria=criteria,
-            tokenizer=self.tokenizer if self.stop_strings else None,
-            synced_gpus=self._synced_gpus(),
-        )
-        generated = output[:, batch["input_ids"].shape[1]:]
+        if self.engine == "compact" and not self._synced_gpus():
+            out = engine_lib.generate(
+                self.model, batch["input_ids"], batch["attention_mask"], self.generation_config,
+                batch["max_new_tokens"], self.eos_token_ids, self.generation_config.pad_token_id, brace,
+                self.row_keys(batch["examples"]) if self.generation_config.do_sample else None, self.compact_every)
+            generated, brace_stop = out.tokens, out.brace_stop
+            self.progress["slots"] += out.slots
+        else:
+            config = copy.deepcopy(self.generation_config)
+            config.max_new_tokens = batch["max_new_tokens"]
+            output = self.model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                generation_config=config,
+                stopping_criteria=criteria,
+                tokenizer=self.tokenizer if self.stop_strings else None,
+                synced_gpus=self._synced_gpus(),
+            )
+            generated, brace_stop = output[:, batch["input_ids"].shape[1]:], None
+            self.progress["slots"] += generated.numel()
         finished = finish(generated, self.tokenizer, self.eos_token_ids, brace, self.stop_strings,
-                          self.keep_stop_string)
+                          self.keep_stop_string, brace_stop)
         seconds = time.perf_counter() - start
         if batch["padding"]:
             return []
@@ -244,6 +274,16 @@ class GenerationModule(LightningModule):
                 "_lgen": {"tokens": done.tokens, "row": ex["row"], "seconds": seconds / len(finished)},
             })
         return records
+
+    def row_keys(self, examples: list[dict[str, Any]]) -> torch.Tensor:
+        """One int64 per output row from (seed, id, part, seq): the row's sampling stream."""
+        n = self.num_return_sequences
+        keys = []
+        for ex in examples:
+            for k in range(1, n + 1):
+                text = json.dumps([self.seed, ex["id"], list(ex["part"]), k], sort_keys=True, default=str)
+                keys.append(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True))
+        return torch.tensor(keys, dtype=torch.int64, device=self.device)
 
     def _synced_gpus(self) -> bool:
         """ZeRO-3 ranks gather each layer's weights together, so all must step until all are done."""

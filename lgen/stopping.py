@@ -257,24 +257,34 @@ class BraceMatchingCriteria(StoppingCriteria):
         self.stop_step = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         self.step = 0
 
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
+        """Read one token per row; return the rows that stop on it (``(batch,)`` bool, on the device)."""
+        t = self.table
+        low = t.lowest[self.state, token]
+        high = t.highest[self.state, token]
+        delta = t.delta[self.state, token]
+        # stop inside this token: the level was positive (or rose above zero in it) and fell to <= 0
+        crossed = self.opened & (self.level + low <= 0)
+        rose_and_fell = ~self.opened & (self.level + high > 0) & (self.level + delta <= 0)
+        stop = ~self.done & (crossed | rose_and_fell)
+        self.done |= stop
+        self.opened |= self.level + high > 0
+        self.level = self.level + delta
+        self.state = t.next_state[self.state, token]
+        return stop
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows ``keep`` (when a decode loop drops finished rows)."""
+        for name in ("state", "level", "opened", "done", "stop_step"):
+            setattr(self, name, getattr(self, name)[keep])
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None, **kwargs) -> torch.BoolTensor:
         length = input_ids.shape[1]
         if length != self._length + 1 or input_ids.shape[0] != self.state.shape[0]:
             self.reset(input_ids.shape[0], input_ids.device)
         self._length = length
-        t = self.table
-        token = input_ids[:, -1]
-        low = t.lowest[self.state, token]
-        high = t.highest[self.state, token]
-        # stop inside this token: the level was positive (or rose above zero in it) and fell to <= 0
-        crossed = self.opened & (self.level + low <= 0)
-        rose_and_fell = ~self.opened & (self.level + high > 0) & (self.level + t.delta[self.state, token] <= 0)
-        stop = ~self.done & (crossed | rose_and_fell)
+        stop = self.advance(input_ids[:, -1])
         self.stop_step = torch.where(stop, self.step, self.stop_step)
-        self.done |= stop
-        self.opened |= self.level + high > 0
-        self.level = self.level + t.delta[self.state, token]
-        self.state = t.next_state[self.state, token]
         self.step += 1
         return self.done.clone()
 
@@ -298,15 +308,19 @@ def finish(
     brace: BraceMatchingCriteria | None = None,
     stop_strings: list[str] | None = None,
     keep_stop_string: bool = False,
+    brace_stop: torch.Tensor | None = None,
 ) -> list[Finished]:
     """Decode ``generated`` (``[rows, steps]``, prompt removed) and cut each row where it stopped.
 
     Precedence when several rules end a row: the one whose end comes first in the text wins; on a
     tie brace matching beats a stop string. EOS (``stop``) counts only where neither fired before
     it, and ``length`` is what is left. Tokens after a row stopped are padding and are ignored.
+    ``brace_stop`` gives each row's brace stop step when not ``brace.stop_step``.
     """
     rows = generated.tolist()
-    stop_steps = brace.stop_step.tolist() if brace is not None else [-1] * len(rows)
+    if brace_stop is None:
+        brace_stop = brace.stop_step if brace is not None else torch.full((len(rows),), -1)
+    stop_steps = brace_stop.tolist()
     eos = set(eos_token_ids)
     out = []
     for row, b in zip(rows, stop_steps):
