@@ -269,14 +269,14 @@ class GenerationDataModule(LightningDataModule):
             raise ConfigError(f"every row was dropped by the length filters ({dict(drops)}); raise data.block_size "
                               "or lower data.max_window_size / model.max_new_tokens")
         examples = []
+        self.pad_example = None  # what padding batches run (a rank with no work still steps)
         for ex in kept:
             ex.pop("drop")
-            key = (id_key(ex["id"]), tuple(ex["part"]))
-            if key in self.done:
-                continue
             ex["keep"] = {c: ex.pop(f"keep.{c}") for c in self.keep_columns}
             ex["meta"] = {"subset": self.dataset_config_name, "row": ex["row"]}
-            examples.append(ex)
+            self.pad_example = self.pad_example or ex
+            if (id_key(ex["id"]), tuple(ex["part"])) not in self.done:
+                examples.append(ex)
         self.stats = {"rows_read": len(raw), "rows_dropped": dict(drops), "examples": len(kept),
                       "examples_skipped_done": len(kept) - len(examples)}
         self.examples = examples
@@ -306,19 +306,19 @@ class GenerationDataModule(LightningDataModule):
     def rank_batches(self, rank: int, world_size: int, equalize: bool = False) -> list[list[int]]:
         """Whole batches dealt round-robin. A rank left with none gets one padding batch (Lightning
         needs at least one); with ``equalize`` (synced generation under ZeRO-3) every rank gets the
-        same count. A padding batch is one example, as ``-1 - index``; its records are never written."""
+        same count. A padding batch is ``[-1]``: one row of ``pad_example``, never written."""
         batches = self.plan()
         mine = batches[rank::world_size]
         most = math.ceil(len(batches) / world_size) if equalize else 1
         if len(mine) < most:
-            mine = mine + [[-1 - batches[0][0]]] * (most - len(mine))
+            mine = mine + [[-1]] * (most - len(mine))
         return mine
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         equalize = trainer is not None and getattr(trainer.strategy, "zero_stage_3", False)
-        return DataLoader(_Examples(self.examples), batch_sampler=PlannedBatches(self.rank_batches(rank, world, equalize)),
+        return DataLoader(_Examples(self.examples, self.pad_example), batch_sampler=PlannedBatches(self.rank_batches(rank, world, equalize)),
                           collate_fn=self.collate, num_workers=0)
 
     def collate(self, items: list[tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
@@ -444,14 +444,15 @@ class PlannedBatches(torch.utils.data.Sampler):
 
 
 class _Examples(torch.utils.data.Dataset):
-    """Examples by index; a negative index (-1 - i) is example i as a padding row."""
+    """Examples by index, as (is_padding, example); index -1 is the padding example."""
 
-    def __init__(self, examples: list[dict[str, Any]]) -> None:
+    def __init__(self, examples: list[dict[str, Any]], pad_example: dict[str, Any]) -> None:
         self.examples = examples
+        self.pad_example = pad_example
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> tuple[bool, dict[str, Any]]:
-        return (True, self.examples[-1 - index]) if index < 0 else (False, self.examples[index])
+        return (True, self.pad_example) if index < 0 else (False, self.examples[index])
 

@@ -111,8 +111,8 @@ def test_plan_is_sorted_capped_and_dealt_whole(tok, tmp_path):
     assert dm.plan() == [[1, 5], [3, 2], [0, 6, 4]]
     assert dm.rank_batches(0, 2) == [[1, 5], [0, 6, 4]]
     assert dm.rank_batches(1, 2) == [[3, 2]]
-    assert dm.rank_batches(1, 2, equalize=True) == [[3, 2], [-2]]
-    assert dm.rank_batches(3, 4) == [[-2]]
+    assert dm.rank_batches(1, 2, equalize=True) == [[3, 2], [-1]]
+    assert dm.rank_batches(3, 4) == [[-1]]
     dm.sort_by_length = False
     dm.max_batch_tokens = None
     assert dm.plan() == [[0, 1, 2], [3, 4, 5], [6]]
