@@ -68,8 +68,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """``[rows, vocab]`` Gumbel noise, a pure function of (row key, step, token id)."""
     ids = torch.arange(vocab, device=row_keys.device, dtype=torch.int64)
-    h = _mix(_mix(row_keys[:, None] * 1000003 + step) ^ (ids[None, :] * -7046029254386353131))
-    u = ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
+    h = _mix(_mix(row_keys[:, None] * 1000003 + step + 7146057326463496217) ^ (ids[None, :] * -7046029254386353131))
+    # the arithmetic shifts above leave the sign bit clear: take the 53 bits below it
+    u = ((h >> 10) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
     u = u.clamp(1e-12, 1 - 1e-12)
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
@@ -91,6 +92,148 @@ def _filter(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     return logits
 
 
+class SlotCache:
+    """A KV cache of fixed shape per layer (``[rows, kv_heads, length, head_dim]``) written at the
+    positions held in the device tensor ``write_at``: nothing in a decode step depends on host
+    values, so the step can be captured once as a CUDA graph and replayed. It implements the part
+    of transformers' ``Cache`` interface that attention layers call (``update``)."""
+
+    is_compileable = True
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], write_at: torch.Tensor) -> None:
+        self.k, self.v, self.write_at = k, v, write_at
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.k[layer_idx].index_copy_(2, self.write_at, key_states)
+        self.v[layer_idx].index_copy_(2, self.write_at, value_states)
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def select(self, rows: torch.Tensor) -> SlotCache:
+        return SlotCache([k[rows] for k in self.k], [v[rows] for v in self.v], self.write_at)
+
+
+class _Dynamic:
+    """Eager steps over a ``DynamicCache``; compaction selects the live rows of the cache."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def prefill(self, input_ids, attention_mask, n):
+        self.cache = DynamicCache(config=self.model.config)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()
+        if n > 1:
+            self.cache.batch_repeat_interleave(n)
+            logits, attention_mask, positions = (t.repeat_interleave(n, dim=0)
+                                                 for t in (logits, attention_mask, positions))
+        self.mask, self.next_pos = attention_mask, positions[:, -1:] + 1
+        return logits
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor | None:
+        if keep.numel() == self.mask.shape[0]:
+            return None
+        self.cache.batch_select_indices(keep)
+        self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
+        return keep
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_pos,
+                         past_key_values=self.cache, use_cache=True)
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1, :].float()
+
+
+class _Graphed:
+    """Steps over a :class:`SlotCache` replayed from a CUDA graph (``graph=False``: run eagerly, for
+    tests on CPU). Rows are dropped by moving to a smaller power-of-two bucket, with one capture per
+    bucket: 256 -> 128 -> ... -> ``min_rows``; padding slots repeat a live row and are ignored."""
+
+    def __init__(self, model: torch.nn.Module, max_new_tokens: int, graph: bool, min_rows: int = 8) -> None:
+        self.model, self.max_new_tokens, self.graph, self.min_rows = model, max_new_tokens, graph, min_rows
+
+    def prefill(self, input_ids, attention_mask, n):
+        rows, width = input_ids.shape
+        device = input_ids.device
+        dtype = next(self.model.parameters()).dtype
+        self.length = width + self.max_new_tokens
+        cfg = self.model.config.get_text_config(decoder=True)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (rows, heads, self.length, head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        cache = SlotCache(k, v, torch.arange(width, device=device))
+        # additive masks: 0 where a query may look, the dtype's minimum elsewhere
+        neg = torch.finfo(dtype).min
+        allowed = attention_mask.bool()
+        causal = torch.ones(width, self.length, dtype=torch.bool, device=device).tril()
+        prefill_mask = allowed[:, None, None, :].expand(rows, 1, width, width)
+        prefill_mask = torch.cat([prefill_mask, allowed.new_zeros(rows, 1, width, self.max_new_tokens)], dim=-1)
+        prefill_mask = prefill_mask & causal | torch.eye(width, self.length, dtype=torch.bool, device=device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=torch.where(prefill_mask, 0.0, neg).to(dtype),
+                         position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()
+        decode_mask = torch.cat([allowed, allowed.new_zeros(rows, self.max_new_tokens)], dim=-1)
+        next_pos = positions[:, -1:] + 1
+        if n > 1:
+            cache = cache.select(torch.arange(rows, device=device).repeat_interleave(n))
+            logits, decode_mask, next_pos = (t.repeat_interleave(n, dim=0) for t in (logits, decode_mask, next_pos))
+        self.neg, self.dtype = neg, dtype
+        self._setup(cache, torch.where(decode_mask, 0.0, neg).to(dtype)[:, None, None, :], next_pos,
+                    torch.full((1,), width, dtype=torch.long, device=device))
+        return logits
+
+    def _setup(self, cache: SlotCache, mask, next_pos, write_at) -> None:
+        """Static buffers for a bucket, and the captured step."""
+        self.cache = SlotCache(cache.k, cache.v, write_at)
+        self.mask, self.next_pos, self.write_at = mask.contiguous(), next_pos.contiguous(), write_at
+        self.token = torch.zeros((mask.shape[0], 1), dtype=torch.long, device=mask.device)
+        self._graph = None
+        if self.graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up, as CUDA graph capture requires
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._out = self._forward()
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1, :]
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor | None:
+        rows = self.mask.shape[0]
+        bucket = max(self.min_rows, 1 << max(int(keep.numel()) - 1, 0).bit_length())
+        if bucket >= rows:
+            return None
+        sel = torch.cat([keep, keep[-1:].expand(bucket - keep.numel())])
+        self._setup(self.cache.select(sel), self.mask[sel], self.next_pos[sel], self.write_at)
+        return sel
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token[:, None])
+        self.mask.index_fill_(3, self.write_at, 0.0)  # the new token sees itself
+        if self._graph is not None:
+            self._graph.replay()
+            logits = self._out
+        else:
+            logits = self._forward()
+        self.write_at.add_(1)
+        self.next_pos.add_(1)
+        return logits.float()
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -103,11 +246,14 @@ def generate(
     brace: BraceMatchingCriteria | None = None,
     row_keys: torch.Tensor | None = None,
     compact_every: int = 8,
+    cuda_graphs: bool | None = None,
 ) -> Output:
     """Greedy or sampled decoding of a left-padded batch, dropping finished rows as it goes.
 
     Rows come out as ``generate`` orders them: prompt i's samples at ``i * n .. i * n + n - 1``.
     ``row_keys`` (one int64 per output row) seed sampling; they are required when sampling.
+    ``cuda_graphs`` (default: on CUDA) replays each decode step from a CUDA graph over a static
+    cache; otherwise steps run eagerly over a ``DynamicCache``.
     """
     device = input_ids.device
     n = int(config.num_return_sequences or 1)
@@ -115,22 +261,14 @@ def generate(
     sample = bool(config.do_sample)
     if sample and row_keys is None:
         raise ValueError("sampling needs row_keys")
-    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    stepper = _Graphed(model, max_new_tokens, graph=device.type == "cuda") if cuda_graphs else _Dynamic(model)
+    tokens = torch.full((rows + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # +1: trash row
+    brace_stop = torch.full((rows + 1,), -1, dtype=torch.long, device=device)
     eos = torch.tensor(eos_token_ids or [-1], device=device)
-
-    cache = DynamicCache(config=model.config)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1, :].float()
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, dim=0)
-        attention_mask = attention_mask.repeat_interleave(n, dim=0)
-        positions = positions.repeat_interleave(n, dim=0)
-    next_pos = positions[:, -1:] + 1
-    live = torch.arange(rows, device=device)  # output row of each live row
-    brace_stop = torch.full((rows,), -1, dtype=torch.long, device=device)
+    logits = stepper.prefill(input_ids, attention_mask, n)
+    live = torch.arange(rows, device=device)  # output row of each slot (rows: a padding slot)
     if brace is not None:
         brace.reset(rows, device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -157,17 +295,15 @@ def generate(
             keep = (~done).nonzero().squeeze(1)  # the one host sync, every compact_every steps
             if keep.numel() == 0:
                 break
-            if keep.numel() < done.numel():
-                cache.batch_select_indices(keep)
-                live, token, done, next_pos = live[keep], token[keep], done[keep], next_pos[keep]
-                attention_mask = attention_mask[keep]
+            sel = stepper.compact(keep)
+            if sel is not None:
+                padding = sel.numel() - keep.numel()
+                live = torch.cat([live[keep], live.new_full((padding,), rows)])
+                done = torch.cat([done[keep], done.new_ones(padding)])
+                token = token[sel]
                 if keys is not None:
-                    keys = keys[keep]
+                    keys = keys[sel]
                 if brace is not None:
-                    brace.select(keep)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1, :].float()
-        next_pos = next_pos + 1
-    return Output(tokens, brace_stop, slots)
+                    brace.select(sel)
+        logits = stepper.step(token)
+    return Output(tokens[:rows], brace_stop[:rows], slots)

@@ -53,6 +53,8 @@ class GenerationModule(LightningModule):
             samples); ``generate`` calls ``model.generate`` (every generation setting, stop strings,
             ZeRO-3); ``auto`` picks ``compact`` when it supports the settings.
         compact_every: steps between drops of finished rows (each drop costs one host sync).
+        cuda_graphs: on CUDA, the compact engine replays each decode step from a CUDA graph over a
+            static cache (one capture per power-of-two batch bucket); off: eager steps.
         seed: linked from ``seed_everything``; seeds each row's samples.
     """
 
@@ -76,6 +78,7 @@ class GenerationModule(LightningModule):
         keep_stop_string: bool = False,
         engine: Literal["auto", "compact", "generate"] = "auto",
         compact_every: int = 8,
+        cuda_graphs: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -120,6 +123,7 @@ class GenerationModule(LightningModule):
         if compact_every < 1:
             raise ValueError(f"model.compact_every must be >= 1, got {compact_every}")
         self.compact_every = compact_every
+        self.cuda_graphs = cuda_graphs
         self.seed = seed
         self.model = None
         self.progress: Counter = Counter()
@@ -197,6 +201,13 @@ class GenerationModule(LightningModule):
         model.eval()
         self.model = model
 
+    def on_predict_start(self) -> None:
+        # cuDNN's attention builds an execution plan for every new key length, i.e. for every
+        # decode step of an eager loop (seen: ~80 ms each on an H100); flash and memory-efficient
+        # attention need none.
+        if self.device.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(False)
+
     def config_dumps(self) -> dict[str, dict[str, Any]]:
         """The JSON files written beside the shards, as the seed wrote them."""
         dumps = {
@@ -234,7 +245,8 @@ class GenerationModule(LightningModule):
             out = engine_lib.generate(
                 self.model, batch["input_ids"], batch["attention_mask"], self.generation_config,
                 batch["max_new_tokens"], self.eos_token_ids, self.generation_config.pad_token_id, brace,
-                self.row_keys(batch["examples"]) if self.generation_config.do_sample else None, self.compact_every)
+                self.row_keys(batch["examples"]) if self.generation_config.do_sample else None, self.compact_every,
+                cuda_graphs=self.cuda_graphs and self.device.type == "cuda")
             generated, brace_stop = out.tokens, out.brace_stop
             self.progress["slots"] += out.slots
         else:

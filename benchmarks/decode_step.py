@@ -1,0 +1,88 @@
+"""Per-step costs: one decode step of a random-weight model, and the brace FSM's check beside it.
+
+    python benchmarks/decode_step.py --device cuda --shape smollm2 --batch 128 512
+    python benchmarks/decode_step.py --device cuda --shape llama-1b --batch 1 32 128
+
+The model has random weights built from a config (no download); the tokenizer is SmolLM2's
+(``smollm2-135m-instruct``) so the FSM table has a real 49k vocabulary. Prompts are 128 tokens;
+the step is a one-token forward against a ``DynamicCache``, as in lgen's compact engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from lgen import engine, models
+from lgen.stopping import BraceMatchingCriteria
+
+SHAPES = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True),
+}
+
+
+def timed(fn, device: str, repeat: int) -> float:
+    """Mean milliseconds per call."""
+    for _ in range(3):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, nargs="+", default=[8])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=50)
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    tok = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m-instruct"))
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=4096, **SHAPES[args.shape])
+    model = LlamaForCausalLM(config).to(device=args.device, dtype=dtype).eval()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{args.shape} ({params:.0f}M params), {args.dtype}, {args.device}"
+          f"{' ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}, prompt {args.prompt}")
+    if args.device == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as lgen does: no per-length cuDNN plans
+    print(f"{'batch':>6}{'eager ms':>10}{'graph ms':>10}{'fsm ms':>9}{'fsm/step':>10}")
+    for batch in args.batch:
+        with torch.inference_mode():
+            ids = torch.randint(0, config.vocab_size, (batch, args.prompt), device=args.device)
+            cache = DynamicCache(config=config)
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = ids[:, -1:]
+
+            def step():
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache.crop(-1)  # keep the cache the same size for every timed step
+
+            step_ms = timed(step, args.device, args.repeat)
+            graphed = engine._Graphed(model, args.repeat * 2 + 8, graph=args.device == "cuda")
+            graphed.prefill(ids, torch.ones_like(ids), 1)
+            graph_ms = timed(lambda: graphed.step(token[:, 0]), args.device, args.repeat)
+            del graphed
+            crit = BraceMatchingCriteria(tok, 1, "c")
+            crit.reset(batch, torch.device(args.device))
+            tokens = torch.randint(0, config.vocab_size, (batch,), device=args.device)
+            fsm_ms = timed(lambda: crit.advance(tokens), args.device, args.repeat * 10)
+        print(f"{batch:>6}{step_ms:>10.2f}{graph_ms:>10.2f}{fsm_ms:>9.3f}{fsm_ms / graph_ms:>10.2%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The compact engine gives generate's tokens, drops finished rows, and samples per row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from lgen import engine
+from lgen.stopping import BraceMatchingCriteria, finish
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="left")
+    return model, tok
+
+
+def batch(tok, prompts):
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def texts(out, tok, brace):
+    return [(f.text, f.reason) for f in finish(out.tokens, tok, [tok.eos_token_id], brace, brace_stop=out.brace_stop)]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_greedy_matches_generate_and_drops_rows(lm, graphs):
+    model, tok = lm
+    ids, mask = batch(tok, PROMPTS)
+    config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    brace = BraceMatchingCriteria(tok, 1, "c")
+    ref = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, max_new_tokens=30,
+                         stopping_criteria=[brace])
+    expected = [(f.text, f.reason) for f in finish(ref[:, ids.shape[1]:], tok, [tok.eos_token_id], brace)]
+    out = engine.generate(model, ids, mask, config, 30, [tok.eos_token_id], tok.pad_token_id,
+                          BraceMatchingCriteria(tok, 1, "c"), compact_every=2, cuda_graphs=graphs)
+    assert texts(out, tok, brace) == expected
+    assert {r for _, r in expected} == {"brace_matching", "stop", "length"}
+    assert out.slots < len(PROMPTS) * 30  # finished rows stopped costing slots
+
+
+def test_samples_do_not_depend_on_the_batch(lm):
+    model, tok = lm
+    config = GenerationConfig(do_sample=True, temperature=0.9, top_k=50, top_p=0.95, num_return_sequences=3,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    keys = torch.arange(3 * len(PROMPTS), dtype=torch.int64) * 7919
+
+    def run(order, graphs=False):
+        ids, mask = batch(tok, [PROMPTS[i] for i in order])
+        k = torch.cat([keys[3 * i: 3 * i + 3] for i in order])
+        out = engine.generate(model, ids, mask, config, 20, [tok.eos_token_id], tok.pad_token_id, None, k,
+                              compact_every=3, cuda_graphs=graphs)
+        got = [f.text for f in finish(out.tokens, tok, [tok.eos_token_id])]
+        return {(i, s): got[3 * j + s] for j, i in enumerate(order) for s in range(3)}
+
+    together = run(list(range(len(PROMPTS))))
+    assert run([4]) == {k: v for k, v in together.items() if k[0] == 4}
+    assert run([9, 2, 5, 0]) == {k: v for k, v in together.items() if k[0] in (9, 2, 5, 0)}
+    assert run(list(range(len(PROMPTS))), graphs=True) == together
+    assert len({together[(i, s)] for i in range(len(PROMPTS)) for s in range(3)}) > len(PROMPTS)  # samples differ
+    other = engine.generate(model, *batch(tok, PROMPTS[:1]), config, 20, [tok.eos_token_id], tok.pad_token_id,
+                            None, keys[:3] + 1)
+    assert [f.text for f in finish(other.tokens, tok, [tok.eos_token_id])] != [together[(0, s)] for s in range(3)]
+
+
+def test_gumbel_noise_is_a_function_of_key_step_and_token():
+    a = engine.gumbel_noise(torch.tensor([1, 2, 3]), 5, 100)
+    b = engine.gumbel_noise(torch.tensor([3, 1]), 5, 100)
+    assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
+    assert not torch.equal(a[0], engine.gumbel_noise(torch.tensor([1]), 6, 100)[0])
+    u = torch.exp(-torch.exp(-engine.gumbel_noise(torch.arange(200), 0, 1000)))  # back to uniforms
+    assert 0.45 < u.mean() < 0.55 and u.min() > 0 and u.max() < 1
+
+
+def test_unsupported_settings_are_listed():
+    assert engine.unsupported(GenerationConfig(do_sample=True, top_p=0.9, temperature=0.7)) == []
+    assert engine.unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == ["num_beams",
+                                                                                           "repetition_penalty"]
