@@ -115,6 +115,14 @@ class SlotCache:
         return SlotCache([k[rows] for k in self.k], [v[rows] for v in self.v], self.write_at)
 
 
+def _bucket(rows: int, least: int) -> int:
+    """The smallest of 8, 12, 16, 24, 32, 48, ... (at least ``least``) that holds ``rows``."""
+    size = 1 << max(rows - 1, 0).bit_length()  # next power of two
+    if size // 4 * 3 >= rows:
+        size = size // 4 * 3
+    return max(least, size)
+
+
 class _Dynamic:
     """Eager steps over a ``DynamicCache``; compaction selects the live rows of the cache."""
 
@@ -151,8 +159,9 @@ class _Dynamic:
 
 class _Graphed:
     """Steps over a :class:`SlotCache` replayed from a CUDA graph (``graph=False``: run eagerly, for
-    tests on CPU). Rows are dropped by moving to a smaller power-of-two bucket, with one capture per
-    bucket: 256 -> 128 -> ... -> ``min_rows``; padding slots repeat a live row and are ignored."""
+    tests on CPU). Rows are dropped by moving to a smaller bucket (powers of two and 1.5 times
+    them: 192 -> 128 -> 96 -> ... -> ``min_rows``), with one capture per bucket; padding slots
+    repeat a live row and are ignored."""
 
     def __init__(self, model: torch.nn.Module, max_new_tokens: int, graph: bool, min_rows: int = 8) -> None:
         self.model, self.max_new_tokens, self.graph, self.min_rows = model, max_new_tokens, graph, min_rows
@@ -214,7 +223,7 @@ class _Graphed:
 
     def compact(self, keep: torch.Tensor) -> torch.Tensor | None:
         rows = self.mask.shape[0]
-        bucket = max(self.min_rows, 1 << max(int(keep.numel()) - 1, 0).bit_length())
+        bucket = _bucket(int(keep.numel()), self.min_rows)
         if bucket >= rows:
             return None
         sel = torch.cat([keep, keep[-1:].expand(bucket - keep.numel())])
@@ -245,7 +254,7 @@ def generate(
     pad_token_id: int,
     brace: BraceMatchingCriteria | None = None,
     row_keys: torch.Tensor | None = None,
-    compact_every: int = 8,
+    compact_every: int = 4,
     cuda_graphs: bool | None = None,
 ) -> Output:
     """Greedy or sampled decoding of a left-padded batch, dropping finished rows as it goes.

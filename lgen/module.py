@@ -77,7 +77,7 @@ class GenerationModule(LightningModule):
         stop_strings: list[str] | None = None,
         keep_stop_string: bool = False,
         engine: Literal["auto", "compact", "generate"] = "auto",
-        compact_every: int = 8,
+        compact_every: int = 4,
         cuda_graphs: bool = True,
         seed: int = 0,
     ) -> None:
@@ -246,7 +246,7 @@ class GenerationModule(LightningModule):
                 self.model, batch["input_ids"], batch["attention_mask"], self.generation_config,
                 batch["max_new_tokens"], self.eos_token_ids, self.generation_config.pad_token_id, brace,
                 self.row_keys(batch["examples"]) if self.generation_config.do_sample else None, self.compact_every,
-                cuda_graphs=self.cuda_graphs and self.device.type == "cuda")
+                cuda_graphs=self.cuda_graphs and self.device.type == "cuda" and not self._sharded())
             generated, brace_stop = out.tokens, out.brace_stop
             self.progress["slots"] += out.slots
         else:
@@ -296,6 +296,10 @@ class GenerationModule(LightningModule):
                 text = json.dumps([self.seed, ex["id"], list(ex["part"]), k], sort_keys=True, default=str)
                 keys.append(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True))
         return torch.tensor(keys, dtype=torch.int64, device=self.device)
+
+    def _sharded(self) -> bool:
+        """ZeRO-3 gathers weights in forward hooks, which a CUDA graph cannot replay."""
+        return self._trainer is not None and getattr(self._trainer.strategy, "zero_stage_3", False)
 
     def _synced_gpus(self) -> bool:
         """ZeRO-3 ranks gather each layer's weights together, so all must step until all are done."""

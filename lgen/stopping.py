@@ -27,9 +27,9 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria
 Language = Literal["c", "python", "plain"]
 
 # Character classes. Every character outside the table is OTHER.
-OPEN, CLOSE, DQUOTE, SQUOTE, SLASH, STAR, BACKSLASH, NEWLINE, HASH, OTHER, PAD = range(11)
+OPEN, CLOSE, DQUOTE, SQUOTE, SLASH, STAR, BACKSLASH, NEWLINE, HASH, OTHER = range(10)
 _CLASS_OF = {"{": OPEN, "}": CLOSE, '"': DQUOTE, "'": SQUOTE, "/": SLASH, "*": STAR, "\\": BACKSLASH, "\n": NEWLINE, "#": HASH}
-N_CLASSES = 11
+N_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -181,15 +181,16 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 def build_token_table(texts: list[str], language: Language = "c") -> TokenTable:
     """Run the lexer over every token from every state at once (vectorised over the vocabulary)."""
     lex = lexer(language)
-    width = max((len(t) for t in texts), default=1) or 1
-    classes = np.full((len(texts), width), PAD, dtype=np.int64)
-    for i, text in enumerate(texts):
-        if text:
-            classes[i, : len(text)] = char_classes(text)
-    # PAD leaves state and level alone.
-    nxt = np.concatenate([lex.next_state[:, :PAD], np.arange(lex.n_states)[:, None]], axis=1)
-    pend = np.concatenate([lex.pending[:, :PAD], np.zeros((lex.n_states, 1), np.int64)], axis=1)
-    dlt = np.concatenate([lex.delta[:, :PAD], np.zeros((lex.n_states, 1), np.int64)], axis=1)
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    # Tokens sorted longest first: at column j only the first ``alive[j]`` of them have a character,
+    # so the work is the total length of the vocabulary, not vocab x longest token.
+    order = np.argsort(-lengths, kind="stable")
+    width = int(lengths.max(initial=0))
+    classes = np.full((len(texts), max(width, 1)), OTHER, dtype=np.int64)
+    for row, i in enumerate(order):
+        if lengths[i]:
+            classes[row, : lengths[i]] = char_classes(texts[i])
+    alive = [int((lengths > j).sum()) for j in range(width)]
     n_states, vocab = lex.n_states, len(texts)
     out_state = np.empty((n_states, vocab), np.int64)
     out_delta = np.empty((n_states, vocab), np.int64)
@@ -201,15 +202,17 @@ def build_token_table(texts: list[str], language: Language = "c") -> TokenTable:
         low = np.zeros(vocab, np.int64)
         high = np.zeros(vocab, np.int64)
         for j in range(width):
-            c = classes[:, j]
-            level += pend[state, c]
-            np.minimum(low, level, out=low)
-            np.maximum(high, level, out=high)
-            level += dlt[state, c]
-            np.minimum(low, level, out=low)
-            np.maximum(high, level, out=high)
-            state = nxt[state, c]
-        out_state[q0], out_delta[q0], out_low[q0], out_high[q0] = state, level, low, high
+            a = alive[j]
+            c, st = classes[:a, j], state[:a]
+            lv = level[:a] + lex.pending[st, c]
+            np.minimum(low[:a], lv, out=low[:a])
+            np.maximum(high[:a], lv, out=high[:a])
+            lv += lex.delta[st, c]
+            np.minimum(low[:a], lv, out=low[:a])
+            np.maximum(high[:a], lv, out=high[:a])
+            level[:a] = lv
+            state[:a] = lex.next_state[st, c]
+        out_state[q0, order], out_delta[q0, order], out_low[q0, order], out_high[q0, order] = state, level, low, high
     return TokenTable(*(torch.from_numpy(a) for a in (out_state, out_delta, out_low, out_high)))
 
 
