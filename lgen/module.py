@@ -42,6 +42,8 @@ class GenerationModule(LightningModule):
         merge_adapter: merge LoRA / (IA)^3 weights into the model before generating (faster).
         torch_dtype: weight dtype; ``auto`` takes the checkpoint's.
         generation_config_file: a ``generation_config.json`` that replaces the model's own.
+        generation_kwargs: settings applied on top of that generation config (e.g. ``do_sample``,
+            ``temperature``, ``top_p``, ``num_return_sequences``), so a config file can ask for sampling.
         max_new_tokens: tokens to generate per prompt, or ``auto`` (complete mode: fill ``block_size``).
         use_brace_matching: stop a sequence when the brace opened before it closes.
         brace_matching_start_level: brace level at the start of generation (1 if the prompt ends in ``{``).
@@ -71,6 +73,7 @@ class GenerationModule(LightningModule):
         merge_adapter: bool = True,
         torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None,
         generation_config_file: str | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
         use_brace_matching: bool = False,
         brace_matching_start_level: int = 0,
         brace_matching_language: Language = "c",
@@ -113,10 +116,12 @@ class GenerationModule(LightningModule):
         self.model_config = self._load(AutoConfig.from_pretrained, models.resolve(config_name or model_name_or_path),
                                        "model.config_name" if config_name else "model.model_name_or_path", **hub)
         self.adapter_config = self._load_adapter_config() if adapter_name_or_path else None
-        self.generation_config = self._generation_config(generation_config_file, hub)
+        self.generation_config = self._generation_config(generation_config_file, generation_kwargs or {}, hub)
         missing = engine_lib.unsupported(self.generation_config)
         if self.stop_strings:
             missing.append("stop_strings")
+        if self.adapter_config is not None and self.adapter_config.is_prompt_learning:
+            missing.append("prompt-learning adapters")  # virtual tokens go through peft's generate
         if engine == "compact" and missing:
             raise ValueError(f"model.engine: compact does not implement {missing}; use engine: generate or auto")
         self.engine = "compact" if engine == "compact" or (engine == "auto" and not missing) else "generate"
@@ -141,7 +146,7 @@ class GenerationModule(LightningModule):
         return self._load(PeftConfig.from_pretrained, self.adapter_name_or_path, "model.adapter_name_or_path",
                           token=self.token)
 
-    def _generation_config(self, file: str | None, hub: dict[str, Any]) -> GenerationConfig:
+    def _generation_config(self, file: str | None, overrides: dict[str, Any], hub: dict[str, Any]) -> GenerationConfig:
         if file is not None:
             path = Path(file)
             try:
@@ -153,6 +158,10 @@ class GenerationModule(LightningModule):
                 config = GenerationConfig.from_pretrained(self.path, **hub)
             except OSError:
                 config = GenerationConfig.from_model_config(self.model_config)
+        unknown = config.update(**overrides)
+        if unknown:
+            raise ValueError(f"model.generation_kwargs: {sorted(unknown)} are not generation settings "
+                             "(see transformers.GenerationConfig)")
         if config.num_return_sequences is None:
             config.num_return_sequences = 1
         if config.pad_token_id is None:

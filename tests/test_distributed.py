@@ -88,3 +88,23 @@ def test_fewer_rows_than_ranks(tiny_model, tmp_path):
     lgen(base(tiny_model, data, double, "--trainer.strategy", "ddp", "--trainer.devices", "2"))
     assert records(double) == records(single) and len(records(single)) == 1
     assert (double / "00002-of-00002.test.jsonl").read_text() == ""
+
+
+def test_sampled_rows_do_not_depend_on_batch_or_ranks(tiny_model, tmp_path):
+    """Each (id, part, seq) draws from its own stream: alone, in a batch of 8, or on 2 processes."""
+    data = prompts_file(tmp_path / "p.jsonl", 8)
+    gen = tmp_path / "gen.json"
+    gen.write_text(json.dumps({"do_sample": True, "temperature": 0.8, "top_p": 0.95, "num_return_sequences": 3,
+                               "eos_token_id": 2, "pad_token_id": 0}))
+    runs = {"alone": ["--data.per_device_batch_size", "1"], "batch8": ["--data.per_device_batch_size", "8"],
+            "two": ["--trainer.strategy", "ddp", "--trainer.devices", "2"]}
+    got = {}
+    for name, extra in runs.items():
+        lgen(base(tiny_model, data, tmp_path / name, "--model.generation_config_file", str(gen), *extra))
+        got[name] = records(tmp_path / name)
+    assert len(got["alone"]) == 24 and got["alone"] == got["batch8"] == got["two"]
+    predictions = {json.loads(line)["prediction"] for line in got["alone"]}
+    assert len(predictions) > 12  # sampling, not greedy: the 3 samples of a prompt differ
+    other = tmp_path / "seed1"
+    lgen(base(tiny_model, data, other, "--model.generation_config_file", str(gen), "--seed_everything", "1"))
+    assert records(other) != got["alone"]  # the seed picks the streams

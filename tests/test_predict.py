@@ -98,6 +98,21 @@ def test_num_return_sequences_numbers_seq(tiny_model, code_jsonl, tmp_path):
     assert {tuple(r["seq"]) for r in records} == {(1, 3), (2, 3), (3, 3)}
 
 
+def test_generation_kwargs_apply_over_the_models_config(tiny_model, code_jsonl, tmp_path, capsys):
+    sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "num_return_sequences": 2}
+    gen = tmp_path / "gen.json"
+    gen.write_text(json.dumps({**json.loads((tiny_model / "generation_config.json").read_text()), **sampling}))
+    by_file, by_kwargs = tmp_path / "file", tmp_path / "kwargs"
+    assert lgen(*base_args(tiny_model, code_jsonl, by_file, "--model.generation_config_file", str(gen))) == 0
+    assert lgen(*base_args(tiny_model, code_jsonl, by_kwargs, "--model.generation_kwargs", json.dumps(sampling))) == 0
+    assert len(read(by_kwargs)) == 2 * len(PROMPTS) and read(by_kwargs) == read(by_file)
+    written = json.loads((by_kwargs / "generation_config.json").read_text())
+    assert (written["do_sample"], written["temperature"], written["top_p"]) == (True, 0.8, 0.95)
+    assert lgen(*base_args(tiny_model, code_jsonl, tmp_path / "bad", "--model.generation_kwargs",
+                           '{"temprature": 0.8}')) == 2
+    assert "model.generation_kwargs: ['temprature'] are not generation settings" in capsys.readouterr().err
+
+
 def test_print_config_round_trip_and_composition(tiny_model, code_jsonl, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as done:

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Same greedy records on 1 GPU, on N GPUs with DDP, and under DeepSpeed ZeRO-3 with and without
+# CPU offload; tokens/s of each. Needs N CUDA GPUs and deepspeed.
+#   bash benchmarks/scale_check.sh OUT_DIR N records   # SmolLM2 on the quickstart prompts (uneven ranks)
+#   bash benchmarks/scale_check.sh OUT_DIR N offload   # a 1.1B model that does not fit a capped GPU
+#   bash benchmarks/scale_check.sh OUT_DIR N speed     # tokens/s of a random 1.1B model, 512 prompts
+# The random models take SmolLM2's tokenizer, or the one in $TOKENIZER (a folder).
+set -euo pipefail
+out=${1:?OUT_DIR}; n=${2:-2}; part=${3:-records}
+common=(--trainer.accelerator gpu --trainer.enable_progress_bar false --overwrite_output_dir true)
+plain=(--trainer.precision bf16-true --model.torch_dtype bfloat16)
+lgen() { local name=$1; shift; python3 -m lgen predict "$@" "${common[@]}" --output_dir "$out/$name"; }
+same() { python3 - "$out/$1" "$out/$2" <<'PY'
+import json, sys, pathlib
+def records(d):
+    rows = [json.loads(l) for p in pathlib.Path(d).glob("*.test.jsonl") for l in p.read_text().splitlines()]
+    return {(r["id"], tuple(r["part"]), tuple(r["seq"])): r["prediction"] for r in rows}
+a, b = records(sys.argv[1]), records(sys.argv[2])
+print(f"SAME {pathlib.Path(sys.argv[1]).name} vs {pathlib.Path(sys.argv[2]).name}: {len(a)} and {len(b)} records, "
+      f"same keys: {a.keys() == b.keys()}, same predictions: {sum(a[k] == b.get(k) for k in a)}/{len(a)}")
+PY
+}
+speed() { for d in "$@"; do python3 - "$out/$d" <<'PY'
+import json, sys, pathlib
+s = json.loads((pathlib.Path(sys.argv[1]) / "summary.json").read_text())
+print(f"SPEED {pathlib.Path(sys.argv[1]).name}: world {s['world_size']}, {s['records_written']} records, "
+      f"{s['generated_tokens']} tokens, generation {s['generation_seconds']} s (summed over ranks), "
+      f"wall {s['wall_seconds']} s, {s['tokens_per_second']} tok/s")
+PY
+done; }
+rand1b() { python3 - "$1" <<'PY'
+import os, sys, torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from lgen.models import resolve
+tok = AutoTokenizer.from_pretrained(resolve(os.environ.get("TOKENIZER", "smollm2-135m-instruct")))
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=len(tok), max_position_embeddings=2048,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
+tok.save_pretrained(sys.argv[1])
+PY
+}
+case $part in
+records)
+  # 32 prompts in batches of 12: 3 batches, so ranks hold different numbers of rows
+  q=(--config configs/quickstart.yaml --data.per_device_batch_size 12)
+  lgen plain "${q[@]}" "${plain[@]}" --trainer.devices 1
+  lgen plain-generate "${q[@]}" "${plain[@]}" --model.engine generate --trainer.devices 1
+  lgen "ddp$n" "${q[@]}" --config configs/ddp.yaml --trainer.devices "$n"
+  lgen "zero3-$n" "${q[@]}" --config configs/zero3.yaml --trainer.devices "$n"
+  lgen "zero3_offload-$n" "${q[@]}" --config configs/zero3_offload.yaml --trainer.devices "$n"
+  same plain plain-generate; same plain "ddp$n"
+  same plain-generate "zero3-$n"; same plain-generate "zero3_offload-$n"
+  speed plain plain-generate "ddp$n" "zero3-$n" "zero3_offload-$n" ;;
+offload)
+  # 1.1B parameters in bf16 (2.2 GB) against a GPU capped at 1.5 GiB
+  rand1b "$out/rand1b"
+  r=(--config configs/quickstart.yaml --model.model_name_or_path "$out/rand1b" --model.max_new_tokens 32)
+  # one ZeRO-3 rank decodes with the compact engine, without CUDA graphs (hooks gather the weights)
+  lgen rand1b-plain "${r[@]}" "${plain[@]}" --model.cuda_graphs false --trainer.devices 1
+  if python3 benchmarks/capped.py 1.5 predict "${r[@]}" "${plain[@]}" "${common[@]}" --trainer.devices 1 \
+       --output_dir "$out/rand1b-capped-plain" > "$out/capped-plain.log" 2>&1; then
+    echo "CAPPED plain run fitted"; else echo "CAPPED plain run failed: $(grep -o 'OutOfMemoryError.*' "$out/capped-plain.log" | head -c 200)"; fi
+  python3 benchmarks/capped.py 1.5 predict "${r[@]}" --config configs/zero3_offload.yaml "${common[@]}" \
+    --trainer.devices 1 --output_dir "$out/rand1b-capped-zero3_offload"
+  same rand1b-plain rand1b-capped-zero3_offload
+  speed rand1b-plain rand1b-capped-zero3_offload ;;
+speed)
+  [ -d "$out/rand1b" ] || rand1b "$out/rand1b"
+  python3 - "$out/prompts512.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open("configs/data/quickstart.jsonl")]
+with open(sys.argv[1], "w") as f:
+    for k in range(16):
+        for r in rows:
+            f.write(json.dumps({**r, "task_id": f"{r['task_id']}#{k}"}) + "\n")
+PY
+  s=(--config configs/quickstart.yaml --model.model_name_or_path "$out/rand1b" --model.max_new_tokens 128
+     --model.use_brace_matching false --data.data_files "$out/prompts512.jsonl" --data.per_device_batch_size 128)
+  lgen 1b-plain "${s[@]}" "${plain[@]}" --trainer.devices 1
+  lgen "1b-ddp$n" "${s[@]}" --config configs/ddp.yaml --trainer.devices "$n"
+  lgen "1b-zero3-$n" "${s[@]}" --config configs/zero3.yaml --trainer.devices "$n"
+  lgen "1b-zero3_offload-$n" "${s[@]}" --config configs/zero3_offload.yaml --trainer.devices "$n"
+  same 1b-plain "1b-ddp$n"
+  speed 1b-plain "1b-ddp$n" "1b-zero3-$n" "1b-zero3_offload-$n" ;;
+esac
