@@ -63,7 +63,7 @@ class LgenCLI(LightningCLI):
         out, split = cfg.output_dir, self.datamodule.dataset_split
         model, data = self.model, self.datamodule
         data.connect(model.tokenizer, getattr(model.model_config, "max_position_embeddings", None),
-                     reserved_tokens=model.virtual_tokens)
+                     reserved_tokens=model.virtual_tokens, samples=model.num_return_sequences)
         fingerprint = {
             "split": split,
             "data": data_fingerprint(data),

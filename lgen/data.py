@@ -59,7 +59,8 @@ class GenerationDataModule(LightningDataModule):
         overwrite_cache: re-run tokenization instead of using the ``datasets`` cache.
         preprocessing_num_workers: processes for tokenization.
         per_device_batch_size: the most prompts in one batch.
-        max_batch_tokens: also cap a batch so rows x (longest prompt + max_new_tokens) stays under this.
+        max_batch_tokens: also cap a batch's KV-cache tokens, rows x samples x (longest prompt +
+            max_new_tokens; ``block_size`` with ``max_new_tokens: auto``), so memory has a bound.
         block_size: cap on prompt + generation; default from the tokenizer and model.
         max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``.
         subsamples: in strided mode, keep this many randomly chosen windows per row (seeded).
@@ -118,6 +119,7 @@ class GenerationDataModule(LightningDataModule):
         self.preprocessing_num_workers = preprocessing_num_workers
         self.per_device_batch_size = per_device_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.samples = 1  # num_return_sequences, set by connect()
         self.block_size = block_size
         self.max_window_size = max_window_size
         self.subsamples = subsamples
@@ -138,13 +140,15 @@ class GenerationDataModule(LightningDataModule):
     # ---- connect: run-time facts from the model side -------------------------------------------
 
     def connect(self, tokenizer, max_position_embeddings: int | None = None, reserved_tokens: int = 0,
-                done: Iterable[Key] = ()) -> None:
+                done: Iterable[Key] = (), samples: int = 1) -> None:
         """Receive the tokenizer and model limits, resolve lengths, and validate them.
 
         ``reserved_tokens`` (prompt-tuning virtual tokens) come off ``block_size``; ``done`` lists
-        the (id, part) pairs already written in full, which are not generated again.
+        the (id, part) pairs already written in full, which are not generated again; ``samples``
+        (``num_return_sequences``) multiplies each prompt's cache tokens in ``max_batch_tokens``.
         """
         self.tokenizer = tokenizer
+        self.samples = samples
         self.done = set(done)
         block = self.block_size
         if block is None:
@@ -291,13 +295,16 @@ class GenerationDataModule(LightningDataModule):
         order = list(range(len(lengths)))
         if self.sort_by_length:
             order.sort(key=lambda i: (-lengths[i], i))
-        extra = 0 if self.max_new_tokens == "auto" else int(self.max_new_tokens)
+        def row_tokens(longest: int) -> int:  # one prompt's cache, all its samples
+            span = self.resolved_block_size if self.max_new_tokens == "auto" else longest + int(self.max_new_tokens)
+            return self.samples * span
+
         batches: list[list[int]] = []
         for i in order:
             cur = batches[-1] if batches else None
             if cur is not None and len(cur) < self.per_device_batch_size:
                 longest = max(lengths[j] for j in cur + [i])
-                if self.max_batch_tokens is None or (len(cur) + 1) * (longest + extra) <= self.max_batch_tokens:
+                if self.max_batch_tokens is None or (len(cur) + 1) * row_tokens(longest) <= self.max_batch_tokens:
                     cur.append(i)
                     continue
             batches.append([i])

@@ -113,6 +113,11 @@ def test_plan_is_sorted_capped_and_dealt_whole(tok, tmp_path):
     assert dm.rank_batches(1, 2) == [[3, 2]]
     assert dm.rank_batches(1, 2, equalize=True) == [[3, 2], [-1]]
     assert dm.rank_batches(3, 4) == [[-1]]
+    dm.samples = 2  # each prompt's samples take cache room too: rows x 2 x (longest + 3) <= 16
+    assert dm.plan() == [[1], [5], [3], [2], [0], [6], [4]]
+    dm.samples, dm.max_new_tokens, dm.resolved_block_size = 1, "auto", 8  # auto fills block_size: rows x 8
+    assert dm.plan() == [[1, 5], [3, 2], [0, 6], [4]]
+    dm.max_new_tokens = 3
     dm.sort_by_length = False
     dm.max_batch_tokens = None
     assert dm.plan() == [[0, 1, 2], [3, 4, 5], [6]]
