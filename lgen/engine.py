@@ -16,6 +16,7 @@ which rows share its batch, their order, or the number of ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from transformers import DynamicCache, GenerationConfig
 from lgen.stopping import BraceMatchingCriteria
 
 _SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "num_return_sequences", "max_new_tokens",
-              "eos_token_id", "pad_token_id", "bos_token_id"}
+              "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings"}
 # settings that change what is returned or how it is computed, not which tokens come out
 _NEUTRAL = {"output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
             "use_cache", "max_length", "transformers_version", "cache_implementation", "compile_config",
@@ -256,13 +257,16 @@ def generate(
     row_keys: torch.Tensor | None = None,
     compact_every: int = 4,
     cuda_graphs: bool | None = None,
+    stop_text: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Output:
     """Greedy or sampled decoding of a left-padded batch, dropping finished rows as it goes.
 
     Rows come out as ``generate`` orders them: prompt i's samples at ``i * n .. i * n + n - 1``.
     ``row_keys`` (one int64 per output row) seed sampling; they are required when sampling.
     ``cuda_graphs`` (default: on CUDA) replays each decode step from a CUDA graph over a static
-    cache; otherwise steps run eagerly over a ``DynamicCache``.
+    cache; otherwise steps run eagerly over a ``DynamicCache``. ``stop_text`` (for stop strings)
+    takes the generated ids of the live rows at each compaction and says which hold a stop string;
+    those rows end there and ``finish`` cuts them at the string.
     """
     device = input_ids.device
     n = int(config.num_return_sequences or 1)
@@ -270,6 +274,8 @@ def generate(
     sample = bool(config.do_sample)
     if sample and row_keys is None:
         raise ValueError("sampling needs row_keys")
+    if config.stop_strings and stop_text is None:
+        raise ValueError("stop strings need stop_text")
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
     stepper = _Graphed(model, max_new_tokens, graph=device.type == "cuda") if cuda_graphs else _Dynamic(model)
@@ -301,6 +307,9 @@ def generate(
         if step + 1 == max_new_tokens:
             break
         if (step + 1) % compact_every == 0:
+            if stop_text is not None:
+                alive = (~done).nonzero().squeeze(1)
+                done[alive[stop_text(tokens[live[alive], : step + 1])]] = True
             keep = (~done).nonzero().squeeze(1)  # the one host sync, every compact_every steps
             if keep.numel() == 0:
                 break

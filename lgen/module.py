@@ -51,9 +51,10 @@ class GenerationModule(LightningModule):
         stop_strings: stop a sequence at the first of these strings (``finish_reason: stop_string``).
         keep_stop_string: keep the stop string at the end of the prediction.
         engine: ``compact`` drives the decode loop itself and drops finished rows every
-            ``compact_every`` steps (greedy and temperature/top-k/top-p sampling, with per-row seeded
-            samples); ``generate`` calls ``model.generate`` (every generation setting, stop strings,
-            ZeRO-3); ``auto`` picks ``compact`` when it supports the settings.
+            ``compact_every`` steps (greedy and temperature/top-k/top-p sampling with per-row seeded
+            samples, brace matching, stop strings); ``generate`` calls ``model.generate`` (every
+            generation setting, prompt-learning adapters, ZeRO-3 on several ranks); ``auto`` picks
+            ``compact`` when it supports the settings.
         compact_every: steps between drops of finished rows (each drop costs one host sync).
         cuda_graphs: on CUDA, the compact engine replays each decode step from a CUDA graph over a
             static cache (one capture per power-of-two batch bucket); off: eager steps.
@@ -118,8 +119,6 @@ class GenerationModule(LightningModule):
         self.adapter_config = self._load_adapter_config() if adapter_name_or_path else None
         self.generation_config = self._generation_config(generation_config_file, generation_kwargs or {}, hub)
         missing = engine_lib.unsupported(self.generation_config)
-        if self.stop_strings:
-            missing.append("stop_strings")
         if self.adapter_config is not None and self.adapter_config.is_prompt_learning:
             missing.append("prompt-learning adapters")  # virtual tokens go through peft's generate
         if engine == "compact" and missing:
@@ -255,7 +254,8 @@ class GenerationModule(LightningModule):
                 self.model, batch["input_ids"], batch["attention_mask"], self.generation_config,
                 batch["max_new_tokens"], self.eos_token_ids, self.generation_config.pad_token_id, brace,
                 self.row_keys(batch["examples"]) if self.generation_config.do_sample else None, self.compact_every,
-                cuda_graphs=self.cuda_graphs and self.device.type == "cuda" and not self._sharded())
+                cuda_graphs=self.cuda_graphs and self.device.type == "cuda" and not self._sharded(),
+                stop_text=self._stop_hits if self.stop_strings else None)
             generated, brace_stop = out.tokens, out.brace_stop
             self.progress["slots"] += out.slots
         else:
@@ -295,6 +295,13 @@ class GenerationModule(LightningModule):
                 "_lgen": {"tokens": done.tokens, "row": ex["row"], "seconds": seconds / len(finished)},
             })
         return records
+
+    def _stop_hits(self, generated: torch.Tensor) -> torch.Tensor:
+        """Which rows' text so far holds a stop string (decoded on the host, once per compaction)."""
+        texts = self.tokenizer.batch_decode(generated.tolist(), skip_special_tokens=True,
+                                            clean_up_tokenization_spaces=False)
+        hits = [any(s in text for s in self.stop_strings) for text in texts]
+        return torch.tensor(hits, dtype=torch.bool, device=generated.device)
 
     def row_keys(self, examples: list[dict[str, Any]]) -> torch.Tensor:
         """One int64 per output row from (seed, id, part, seq): the row's sampling stream."""

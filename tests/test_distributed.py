@@ -91,7 +91,8 @@ def test_fewer_rows_than_ranks(tiny_model, tmp_path):
 
 
 def test_sampled_rows_do_not_depend_on_batch_or_ranks(tiny_model, tmp_path):
-    """Each (id, part, seq) draws from its own stream: alone, in a batch of 8, or on 2 processes."""
+    """Each (id, part, seq) draws from its own stream: alone, in a batch of 8, or on 2 processes
+    (with brace matching and a stop string ending rows at different steps)."""
     data = prompts_file(tmp_path / "p.jsonl", 8)
     gen = tmp_path / "gen.json"
     gen.write_text(json.dumps({"do_sample": True, "temperature": 0.8, "top_p": 0.95, "num_return_sequences": 3,
@@ -100,11 +101,14 @@ def test_sampled_rows_do_not_depend_on_batch_or_ranks(tiny_model, tmp_path):
             "two": ["--trainer.strategy", "ddp", "--trainer.devices", "2"]}
     got = {}
     for name, extra in runs.items():
-        lgen(base(tiny_model, data, tmp_path / name, "--model.generation_config_file", str(gen), *extra))
+        lgen(base(tiny_model, data, tmp_path / name, "--model.generation_config_file", str(gen),
+                  "--model.stop_strings", '["\\n"]', *extra))
         got[name] = records(tmp_path / name)
     assert len(got["alone"]) == 24 and got["alone"] == got["batch8"] == got["two"]
-    predictions = {json.loads(line)["prediction"] for line in got["alone"]}
-    assert len(predictions) > 12  # sampling, not greedy: the 3 samples of a prompt differ
+    rows = [json.loads(line) for line in got["alone"]]
+    assert len({r["prediction"] for r in rows}) > 12  # sampling, not greedy: the 3 samples of a prompt differ
+    assert {"stop_string", "length"} <= {r["finish_reason"] for r in rows}
     other = tmp_path / "seed1"
-    lgen(base(tiny_model, data, other, "--model.generation_config_file", str(gen), "--seed_everything", "1"))
+    lgen(base(tiny_model, data, other, "--model.generation_config_file", str(gen), "--model.stop_strings", '["\\n"]',
+              "--seed_everything", "1"))
     assert records(other) != got["alone"]  # the seed picks the streams

@@ -178,3 +178,18 @@ def test_quickstart_config_on_a_short_slice(tmp_path):
     assert all(r["language"] == json.loads(rows[r["meta"]["row"]])["language"] for r in records)
     braced = [r for r in records if r["finish_reason"] == "brace_matching"]
     assert braced and all(r["prediction"].endswith("}") for r in braced)
+
+
+def test_stop_strings_compact_engine_matches_generate(tiny_model, code_jsonl, tmp_path):
+    stop = ["l", "\n"]
+    runs = {}
+    for engine in ("compact", "generate"):
+        out = tmp_path / engine
+        assert lgen(*base_args(tiny_model, code_jsonl, out, "--model.stop_strings", json.dumps(stop),
+                               "--model.engine", engine)) == 0
+        runs[engine] = sorted((r["id"], r["prediction"], r["finish_reason"]) for r in read(out))
+    assert runs["compact"] == runs["generate"]
+    reasons = [reason for _, _, reason in runs["compact"]]
+    assert "stop_string" in reasons
+    for _, text, reason in runs["compact"]:
+        assert not any(s in text for s in stop)  # cut before the first stop string, which is dropped
