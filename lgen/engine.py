@@ -76,6 +76,16 @@ def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
 
+def _all_max(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    return _all_max(int(flag), device) > 0
+
+
 def _filter(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     """Temperature, top-k and top-p, as ``generate`` applies them."""
     if config.temperature is not None and config.temperature != 1.0:
@@ -258,6 +268,7 @@ def generate(
     compact_every: int = 4,
     cuda_graphs: bool | None = None,
     stop_text: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    synced: bool = False,
 ) -> Output:
     """Greedy or sampled decoding of a left-padded batch, dropping finished rows as it goes.
 
@@ -267,6 +278,10 @@ def generate(
     cache; otherwise steps run eagerly over a ``DynamicCache``. ``stop_text`` (for stop strings)
     takes the generated ids of the live rows at each compaction and says which hold a stop string;
     those rows end there and ``finish`` cuts them at the string.
+
+    ``synced`` (ZeRO-3 on several ranks, where every forward gathers weights from all ranks): every
+    rank runs the same number of forwards. Ranks agree at each compaction whether any of them still
+    has live rows, and a rank whose rows are done keeps stepping one dummy row until then.
     """
     device = input_ids.device
     n = int(config.num_return_sequences or 1)
@@ -278,6 +293,7 @@ def generate(
         raise ValueError("stop strings need stop_text")
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
+    total = _all_max(max_new_tokens, device) if synced else max_new_tokens
     stepper = _Graphed(model, max_new_tokens, graph=device.type == "cuda") if cuda_graphs else _Dynamic(model)
     tokens = torch.full((rows + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # +1: trash row
     brace_stop = torch.full((rows + 1,), -1, dtype=torch.long, device=device)
@@ -289,30 +305,38 @@ def generate(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     keys = row_keys.to(device) if row_keys is not None else None
     slots = 0
-    for step in range(max_new_tokens):
-        if sample:
-            scores = _filter(logits, config) + gumbel_noise(keys, step, logits.shape[-1])
-            token = scores.argmax(dim=-1)
+    for step in range(total):
+        if step < max_new_tokens:
+            if sample:
+                scores = _filter(logits, config) + gumbel_noise(keys, step, logits.shape[-1])
+                token = scores.argmax(dim=-1)
+            else:
+                token = logits.argmax(dim=-1)
+            token = torch.where(done, pad_token_id, token)
+            tokens[live, step] = token
+            slots += live.numel()
+            finished = torch.isin(token, eos)
+            if brace is not None:
+                braced = brace.advance(token)
+                brace_stop[live] = torch.where(braced, step, brace_stop[live])
+                finished |= braced
+            done = done | finished
+            if step + 1 == max_new_tokens:
+                done = torch.ones_like(done)  # the rest of the steps, if any, are another rank's
         else:
-            token = logits.argmax(dim=-1)
-        token = torch.where(done, pad_token_id, token)
-        tokens[live, step] = token
-        slots += live.numel()
-        finished = torch.isin(token, eos)
-        if brace is not None:
-            braced = brace.advance(token)
-            brace_stop[live] = torch.where(braced, step, brace_stop[live])
-            finished |= braced
-        done = done | finished
-        if step + 1 == max_new_tokens:
+            token = torch.full_like(live, pad_token_id)
+        if step + 1 == total:
             break
         if (step + 1) % compact_every == 0:
             if stop_text is not None:
                 alive = (~done).nonzero().squeeze(1)
                 done[alive[stop_text(tokens[live[alive], : step + 1])]] = True
             keep = (~done).nonzero().squeeze(1)  # the one host sync, every compact_every steps
-            if keep.numel() == 0:
+            if not (_any_rank(keep.numel() > 0, device) if synced else keep.numel() > 0):
                 break
+            dummy = keep.numel() == 0  # synced: this rank is done, the others are not
+            if dummy:
+                keep = keep.new_zeros(1)
             sel = stepper.compact(keep)
             if sel is not None:
                 padding = sel.numel() - keep.numel()
@@ -323,5 +347,7 @@ def generate(
                     keys = keys[sel]
                 if brace is not None:
                     brace.select(sel)
+            if dummy:
+                live = torch.full_like(live, rows)  # its tokens go to the trash row
         logits = stepper.step(token)
     return Output(tokens[:rows], brace_stop[:rows], slots)

@@ -52,9 +52,9 @@ class GenerationModule(LightningModule):
         keep_stop_string: keep the stop string at the end of the prediction.
         engine: ``compact`` drives the decode loop itself and drops finished rows every
             ``compact_every`` steps (greedy and temperature/top-k/top-p sampling with per-row seeded
-            samples, brace matching, stop strings); ``generate`` calls ``model.generate`` (every
-            generation setting, prompt-learning adapters, ZeRO-3 on several ranks); ``auto`` picks
-            ``compact`` when it supports the settings.
+            samples, brace matching, stop strings; under ZeRO-3 all ranks step together);
+            ``generate`` calls ``model.generate`` (every generation setting, prompt-learning
+            adapters); ``auto`` picks ``compact`` when it supports the settings.
         compact_every: steps between drops of finished rows (each drop costs one host sync).
         cuda_graphs: on CUDA, the compact engine replays each decode step from a CUDA graph over a
             static cache (one capture per power-of-two batch bucket); off: eager steps.
@@ -249,13 +249,13 @@ class GenerationModule(LightningModule):
             brace = BraceMatchingCriteria(self.tokenizer, self.brace_matching_start_level, self.brace_matching_language)
             criteria.append(brace)
         start = time.perf_counter()
-        if self.engine == "compact" and not self._synced_gpus():
+        if self.engine == "compact":
             out = engine_lib.generate(
                 self.model, batch["input_ids"], batch["attention_mask"], self.generation_config,
                 batch["max_new_tokens"], self.eos_token_ids, self.generation_config.pad_token_id, brace,
                 self.row_keys(batch["examples"]) if self.generation_config.do_sample else None, self.compact_every,
                 cuda_graphs=self.cuda_graphs and self.device.type == "cuda" and not self._sharded(),
-                stop_text=self._stop_hits if self.stop_strings else None)
+                stop_text=self._stop_hits if self.stop_strings else None, synced=self._synced_gpus())
             generated, brace_stop = out.tokens, out.brace_stop
             self.progress["slots"] += out.slots
         else:

@@ -80,3 +80,35 @@ def test_unsupported_settings_are_listed():
     assert engine.unsupported(GenerationConfig(do_sample=True, top_p=0.9, temperature=0.7)) == []
     assert engine.unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == ["num_beams",
                                                                                            "repetition_penalty"]
+
+
+def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    # rank 0: one batch that stops early and short; rank 1: more rows, longer
+    prompts, max_new = (PROMPTS[:2], 6) if rank == 0 else (PROMPTS[2:], 30)
+    ids, mask = batch(tok, prompts)
+    config = GenerationConfig(do_sample=True, top_k=20, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    keys = torch.arange(len(prompts)) + 100 * rank
+    run = lambda synced: texts(engine.generate(  # noqa: E731
+        model, ids, mask, config, max_new, [tok.eos_token_id], tok.pad_token_id, BraceMatchingCriteria(tok, 1, "c"),
+        keys, compact_every=2, cuda_graphs=False, synced=synced), tok, BraceMatchingCriteria(tok, 1, "c"))
+    alone = run(False)
+    calls.clear()
+    together = run(True)
+    results[rank] = (alone == together, len(calls))
+    torch.distributed.destroy_process_group()
+
+
+def test_synced_ranks_run_the_same_number_of_forwards(tiny_model, tmp_path):
+    """ZeRO-3 needs every rank in every forward: a rank that is done keeps stepping a dummy row."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_lockstep_worker, args=(str(tiny_model), f"file://{tmp_path}/store", results), nprocs=2)
+    (same0, calls0), (same1, calls1) = results[0], results[1]
+    assert same0 and same1  # the records are those of an unsynced run
+    assert calls0 == calls1 > 7  # rank 0 alone would stop after at most 6 forwards
