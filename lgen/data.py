@@ -61,6 +61,8 @@ class GenerationDataModule(LightningDataModule):
         per_device_batch_size: the most prompts in one batch.
         max_batch_tokens: also cap a batch's KV-cache tokens, rows x samples x (longest prompt +
             max_new_tokens; ``block_size`` with ``max_new_tokens: auto``), so memory has a bound.
+            ``auto``: on CUDA, what fits in the memory left after the weights (the least over all
+            ranks); no cap elsewhere.
         block_size: cap on prompt + generation; default from the tokenizer and model.
         max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``.
         subsamples: in strided mode, keep this many randomly chosen windows per row (seeded).
@@ -88,7 +90,7 @@ class GenerationDataModule(LightningDataModule):
         overwrite_cache: bool = False,
         preprocessing_num_workers: int | None = None,
         per_device_batch_size: int = 8,
-        max_batch_tokens: int | None = None,
+        max_batch_tokens: int | Literal["auto"] | None = None,
         block_size: int | None = None,
         max_window_size: int | None = None,
         subsamples: int | None = None,
@@ -118,7 +120,10 @@ class GenerationDataModule(LightningDataModule):
         self.overwrite_cache = overwrite_cache
         self.preprocessing_num_workers = preprocessing_num_workers
         self.per_device_batch_size = per_device_batch_size
+        if isinstance(max_batch_tokens, int) and max_batch_tokens < 1:
+            raise ConfigError(f"data.max_batch_tokens must be >= 1 or auto, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
+        self.batch_tokens = max_batch_tokens if isinstance(max_batch_tokens, int) else None  # resolved
         self.samples = 1  # num_return_sequences, set by connect()
         self.block_size = block_size
         self.max_window_size = max_window_size
@@ -304,7 +309,7 @@ class GenerationDataModule(LightningDataModule):
             cur = batches[-1] if batches else None
             if cur is not None and len(cur) < self.per_device_batch_size:
                 longest = max(lengths[j] for j in cur + [i])
-                if self.max_batch_tokens is None or (len(cur) + 1) * row_tokens(longest) <= self.max_batch_tokens:
+                if self.batch_tokens is None or (len(cur) + 1) * row_tokens(longest) <= self.batch_tokens:
                     cur.append(i)
                     continue
             batches.append([i])
@@ -323,10 +328,27 @@ class GenerationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        if self.max_batch_tokens == "auto" and trainer is not None:
+            self.batch_tokens = self._auto_batch_tokens(trainer)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         equalize = trainer is not None and getattr(trainer.strategy, "zero_stage_3", False)
         return DataLoader(_Examples(self.examples, self.pad_example), batch_sampler=PlannedBatches(self.rank_batches(rank, world, equalize)),
                           collate_fn=self.collate, num_workers=0)
+
+    def _auto_batch_tokens(self, trainer) -> int | None:
+        """The token budget that fits this device, agreed by all ranks (the plan must be global)."""
+        from lgen.engine import token_budget
+
+        module = trainer.lightning_module
+        if module.device.type != "cuda":
+            log.info("data.max_batch_tokens: auto caps batches on CUDA only; no cap on %s", module.device.type)
+            return None
+        free, _ = torch.cuda.mem_get_info(module.device)
+        budget = torch.tensor([token_budget(module.model, free)], device=module.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(budget, op=torch.distributed.ReduceOp.MIN)
+        log.info("data.max_batch_tokens: auto -> %d tokens (%.1f GiB free on this rank)", int(budget), free / 2**30)
+        return int(budget)
 
     def collate(self, items: list[tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
         """Left-pad prompts; carry the record fields along. ``max_new_tokens`` is resolved per batch."""

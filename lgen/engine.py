@@ -76,6 +76,27 @@ def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
 
+def cache_bytes_per_token(model: torch.nn.Module) -> int:
+    """Key and value bytes one token takes across all layers."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def token_budget(model: torch.nn.Module, free_bytes: int, share: float = 0.8) -> int:
+    """Batch tokens (prompt + new tokens, every sample) that fit in ``share`` of ``free_bytes``.
+
+    Per token: the cache twice (a compaction copies the live rows' cache before the old one is
+    freed) plus the prefill's widest activations (the MLP's gate, up and product, and a few
+    hidden-size tensors).
+    """
+    cfg = model.config.get_text_config(decoder=True)
+    elem = next(model.parameters()).element_size()
+    width = 3 * (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size) + 4 * cfg.hidden_size
+    return int(free_bytes * share) // (2 * cache_bytes_per_token(model) + width * elem)
+
+
 def _all_max(value: int, device: torch.device) -> int:
     t = torch.tensor([value], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

@@ -107,7 +107,7 @@ def test_plan_is_sorted_capped_and_dealt_whole(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     dm = module(tok, path, mode="complete", block_size=16, max_new_tokens=3, per_device_batch_size=3)
     assert dm.plan() == [[1, 5, 3], [2, 0, 6], [4]]
-    dm.max_batch_tokens = 16  # (rows) x (longest + 3) <= 16
+    dm.batch_tokens = 16  # (rows) x (longest + 3) <= 16
     assert dm.plan() == [[1, 5], [3, 2], [0, 6, 4]]
     assert dm.rank_batches(0, 2) == [[1, 5], [0, 6, 4]]
     assert dm.rank_batches(1, 2) == [[3, 2]]
@@ -119,7 +119,7 @@ def test_plan_is_sorted_capped_and_dealt_whole(tok, tmp_path):
     assert dm.plan() == [[1, 5], [3, 2], [0, 6], [4]]
     dm.max_new_tokens = 3
     dm.sort_by_length = False
-    dm.max_batch_tokens = None
+    dm.batch_tokens = None
     assert dm.plan() == [[0, 1, 2], [3, 4, 5], [6]]
 
 

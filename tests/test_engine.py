@@ -112,3 +112,11 @@ def test_synced_ranks_run_the_same_number_of_forwards(tiny_model, tmp_path):
     (same0, calls0), (same1, calls1) = results[0], results[1]
     assert same0 and same1  # the records are those of an unsynced run
     assert calls0 == calls1 > 7  # rank 0 alone would stop after at most 6 forwards
+
+
+def test_token_budget_counts_cache_twice_and_prefill_activations(lm):
+    model, _ = lm  # 2 layers, 2 KV heads of 16, hidden 64, MLP 128, float32
+    assert engine.cache_bytes_per_token(model) == 2 * 2 * 2 * 16 * 4
+    per_token = 2 * 512 + (3 * 128 + 4 * 64) * 4
+    assert engine.token_budget(model, free_bytes=per_token * 1000, share=1.0) == 1000
+    assert engine.token_budget(model, free_bytes=per_token * 1000) == 800

@@ -32,6 +32,7 @@ def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
     (["--model.adapter_name_or_path", "./no/such/adapter"], ["model.adapter_name_or_path='./no/such/adapter'",
                                                              "does not exist"]),
     (["--model.generation_config_file", "/no/gen.json"], ["model.generation_config_file='/no/gen.json'"]),
+    (["--data.max_batch_tokens", "0"], ["data.max_batch_tokens must be >= 1 or auto, got 0"]),
 ])
 def test_bad_settings(capsys, tiny_model, code_jsonl, tmp_path, extra, words):
     code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)

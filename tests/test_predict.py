@@ -193,3 +193,12 @@ def test_stop_strings_compact_engine_matches_generate(tiny_model, code_jsonl, tm
     assert "stop_string" in reasons
     for _, text, reason in runs["compact"]:
         assert not any(s in text for s in stop)  # cut before the first stop string, which is dropped
+
+
+def test_auto_batch_tokens_is_no_cap_on_cpu(tiny_model, code_jsonl, tmp_path, caplog):
+    plain, auto = tmp_path / "plain", tmp_path / "auto"
+    assert lgen(*base_args(tiny_model, code_jsonl, plain)) == 0
+    with caplog.at_level("INFO", logger="lgen.data"):
+        assert lgen(*base_args(tiny_model, code_jsonl, auto, "--data.max_batch_tokens", "auto")) == 0
+    assert "max_batch_tokens: auto caps batches on CUDA only; no cap on cpu" in caplog.text
+    assert read(auto) == read(plain)
