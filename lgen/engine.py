@@ -76,12 +76,18 @@ def gumbel_noise(row_keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
 
-def cache_bytes_per_token(model: torch.nn.Module) -> int:
-    """Key and value bytes one token takes across all layers."""
+def _kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of the model's cache."""
     cfg = model.config.get_text_config(decoder=True)
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+    return cfg.num_hidden_layers, heads, head_dim
+
+
+def cache_bytes_per_token(model: torch.nn.Module) -> int:
+    """Key and value bytes one token takes across all layers."""
+    layers, heads, head_dim = _kv_layout(model)
+    return 2 * layers * heads * head_dim * next(model.parameters()).element_size()
 
 
 def token_budget(model: torch.nn.Module, free_bytes: int, share: float = 0.8) -> int:
@@ -203,12 +209,10 @@ class _Graphed:
         device = input_ids.device
         dtype = next(self.model.parameters()).dtype
         self.length = width + self.max_new_tokens
-        cfg = self.model.config.get_text_config(decoder=True)
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers, heads, head_dim = _kv_layout(self.model)
         shape = (rows, heads, self.length, head_dim)
-        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         cache = SlotCache(k, v, torch.arange(width, device=device))
         # additive masks: 0 where a query may look, the dtype's minimum elsewhere
         neg = torch.finfo(dtype).min
