@@ -103,6 +103,10 @@ def token_budget(model: torch.nn.Module, free_bytes: int, share: float = 0.8) ->
     return int(free_bytes * share) // (2 * cache_bytes_per_token(model) + width * elem)
 
 
+def _idle_forward(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    return model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False).logits
+
+
 def _all_max(value: int, device: torch.device) -> int:
     t = torch.tensor([value], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -306,7 +310,8 @@ def generate(
 
     ``synced`` (ZeRO-3 on several ranks, where every forward gathers weights from all ranks): every
     rank runs the same number of forwards. Ranks agree at each compaction whether any of them still
-    has live rows, and a rank whose rows are done keeps stepping one dummy row until then.
+    has live rows; a rank whose rows are done, or whose ``max_new_tokens`` is reached, runs a
+    one-token forward at each step until then.
     """
     device = input_ids.device
     n = int(config.num_return_sequences or 1)
@@ -330,8 +335,9 @@ def generate(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     keys = row_keys.to(device) if row_keys is not None else None
     slots = 0
+    idle = False  # synced: this rank's rows are all done, the other ranks' are not
     for step in range(total):
-        if step < max_new_tokens:
+        if not idle:
             if sample:
                 scores = _filter(logits, config) + gumbel_noise(keys, step, logits.shape[-1])
                 token = scores.argmax(dim=-1)
@@ -346,23 +352,18 @@ def generate(
                 brace_stop[live] = torch.where(braced, step, brace_stop[live])
                 finished |= braced
             done = done | finished
-            if step + 1 == max_new_tokens:
-                done = torch.ones_like(done)  # the rest of the steps, if any, are another rank's
-        else:
-            token = torch.full_like(live, pad_token_id)
         if step + 1 == total:
             break
+        idle = idle or step + 1 == max_new_tokens  # only when synced: otherwise total == max_new_tokens
         if (step + 1) % compact_every == 0:
-            if stop_text is not None:
+            if stop_text is not None and not idle:
                 alive = (~done).nonzero().squeeze(1)
                 done[alive[stop_text(tokens[live[alive], : step + 1])]] = True
-            keep = (~done).nonzero().squeeze(1)  # the one host sync, every compact_every steps
+            keep = (~done).nonzero().squeeze(1) if not idle else done.new_zeros(0, dtype=torch.long)
             if not (_any_rank(keep.numel() > 0, device) if synced else keep.numel() > 0):
-                break
-            dummy = keep.numel() == 0  # synced: this rank is done, the others are not
-            if dummy:
-                keep = keep.new_zeros(1)
-            sel = stepper.compact(keep)
+                break  # the one host sync, every compact_every steps
+            idle = keep.numel() == 0
+            sel = None if idle else stepper.compact(keep)
             if sel is not None:
                 padding = sel.numel() - keep.numel()
                 live = torch.cat([live[keep], live.new_full((padding,), rows)])
@@ -372,7 +373,7 @@ def generate(
                     keys = keys[sel]
                 if brace is not None:
                     brace.select(sel)
-            if dummy:
-                live = torch.full_like(live, rows)  # its tokens go to the trash row
-        logits = stepper.step(token)
+        # an idle rank still joins every forward (ZeRO-3 gathers weights in each), with a one-token
+        # input that needs no cache and cannot run past the model's positions
+        logits = _idle_forward(model, device) if idle else stepper.step(token)
     return Output(tokens[:rows], brace_stop[:rows], slots)

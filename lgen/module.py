@@ -157,16 +157,29 @@ class GenerationModule(LightningModule):
                 config = GenerationConfig.from_pretrained(self.path, **hub)
             except OSError:
                 config = GenerationConfig.from_model_config(self.model_config)
+        for key in ("max_new_tokens", "max_length"):
+            if key in overrides:
+                raise ValueError(f"model.generation_kwargs: set model.max_new_tokens instead of {key}")
         unknown = config.update(**overrides)
         if unknown:
             raise ValueError(f"model.generation_kwargs: {sorted(unknown)} are not generation settings "
                              "(see transformers.GenerationConfig)")
+        if config.do_sample and config.temperature is not None and config.temperature <= 0:
+            raise ValueError(f"model.generation_kwargs / generation_config_file: sampling needs temperature > 0, "
+                             f"got {config.temperature}; for greedy decoding set do_sample: false")
         if config.num_return_sequences is None:
             config.num_return_sequences = 1
         if config.pad_token_id is None:
             config.pad_token_id = self.tokenizer.pad_token_id
-        if self.stop_strings:
-            config.stop_strings = self.stop_strings
+        if config.stop_strings:  # stop strings from a generation config count like model.stop_strings
+            given = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
+            self.stop_strings = list(dict.fromkeys(self.stop_strings + given))
+        special = [t for t in self.stop_strings if any(sp in t for sp in self.tokenizer.all_special_tokens)]
+        if special:
+            raise ValueError(f"model.stop_strings: {special} contain special tokens, which are left out of the "
+                             "decoded text; to stop on a special token add its id to eos_token_id "
+                             "(model.generation_kwargs) instead")
+        config.stop_strings = self.stop_strings or None
         return config
 
     @property

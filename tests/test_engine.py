@@ -99,19 +99,35 @@ def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
     alone = run(False)
     calls.clear()
     together = run(True)
-    results[rank] = (alone == together, len(calls))
+    # learned positions (GPT-2) filled to the last one: rank 0 has 12 prompt + 4 new tokens, rank 1
+    # 2 + 14; the rank that reaches its limit first must not step past it
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    gpt2_calls = []
+    gpt2.register_forward_pre_hook(lambda *_: gpt2_calls.append(1))
+    width, new = (12, 4) if rank == 0 else (2, 14)
+    prompt = torch.randint(3, 50, (1, width))
+    greedy = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=1)
+    for graphs in (False, True):
+        engine.generate(gpt2, prompt, torch.ones_like(prompt), greedy, new, [1], 0, compact_every=2,
+                        cuda_graphs=graphs, synced=True)
+    results[rank] = (alone == together, len(calls), len(gpt2_calls))
     torch.distributed.destroy_process_group()
 
 
 def test_synced_ranks_run_the_same_number_of_forwards(tiny_model, tmp_path):
-    """ZeRO-3 needs every rank in every forward: a rank that is done keeps stepping a dummy row."""
+    """ZeRO-3 needs every rank in every forward: a rank that is done keeps joining with a one-token
+    forward, also past its own max_new_tokens."""
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
     mp.spawn(_lockstep_worker, args=(str(tiny_model), f"file://{tmp_path}/store", results), nprocs=2)
-    (same0, calls0), (same1, calls1) = results[0], results[1]
+    (same0, calls0, gpt0), (same1, calls1, gpt1) = results[0], results[1]
     assert same0 and same1  # the records are those of an unsynced run
     assert calls0 == calls1 > 7  # rank 0 alone would stop after at most 6 forwards
+    assert gpt0 == gpt1 == 2 * 14  # twice (eager, graph stepper): prefill + 13 steps, on both ranks
 
 
 def test_token_budget_counts_cache_twice_and_prefill_activations(lm):

@@ -33,6 +33,9 @@ def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
                                                              "does not exist"]),
     (["--model.generation_config_file", "/no/gen.json"], ["model.generation_config_file='/no/gen.json'"]),
     (["--data.max_batch_tokens", "0"], ["data.max_batch_tokens must be >= 1 or auto, got 0"]),
+    (["--model.generation_kwargs", "{do_sample: true, temperature: 0}"], ["sampling needs temperature > 0, got 0"]),
+    (["--model.generation_kwargs", "{max_new_tokens: 5}"], ["set model.max_new_tokens instead of max_new_tokens"]),
+    (["--model.stop_strings", "['x</s>']"], ["model.stop_strings: ['x</s>'] contain special tokens", "eos_token_id"]),
 ])
 def test_bad_settings(capsys, tiny_model, code_jsonl, tmp_path, extra, words):
     code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)

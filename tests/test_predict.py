@@ -189,6 +189,10 @@ def test_stop_strings_compact_engine_matches_generate(tiny_model, code_jsonl, tm
                                "--model.engine", engine)) == 0
         runs[engine] = sorted((r["id"], r["prediction"], r["finish_reason"]) for r in read(out))
     assert runs["compact"] == runs["generate"]
+    by_kwargs = tmp_path / "kwargs"  # stop strings from the generation config count the same
+    assert lgen(*base_args(tiny_model, code_jsonl, by_kwargs, "--model.generation_kwargs",
+                           json.dumps({"stop_strings": stop}))) == 0
+    assert sorted((r["id"], r["prediction"], r["finish_reason"]) for r in read(by_kwargs)) == runs["compact"]
     reasons = [reason for _, _, reason in runs["compact"]]
     assert "stop_string" in reasons
     for _, text, reason in runs["compact"]:
