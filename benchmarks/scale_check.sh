@@ -46,13 +46,15 @@ records)
   # 32 prompts in batches of 12: 3 batches, so ranks hold different numbers of rows
   q=(--config configs/quickstart.yaml --data.per_device_batch_size 12)
   lgen plain "${q[@]}" "${plain[@]}" --trainer.devices 1
+  # ZeRO-3 decodes with the compact engine without CUDA graphs (hooks gather the weights)
+  lgen plain-eager "${q[@]}" "${plain[@]}" --model.cuda_graphs false --trainer.devices 1
   lgen plain-generate "${q[@]}" "${plain[@]}" --model.engine generate --trainer.devices 1
   lgen "ddp$n" "${q[@]}" --config configs/ddp.yaml --trainer.devices "$n"
   lgen "zero3-$n" "${q[@]}" --config configs/zero3.yaml --trainer.devices "$n"
   lgen "zero3_offload-$n" "${q[@]}" --config configs/zero3_offload.yaml --trainer.devices "$n"
-  same plain plain-generate; same plain "ddp$n"
-  same plain-generate "zero3-$n"; same plain-generate "zero3_offload-$n"
-  speed plain plain-generate "ddp$n" "zero3-$n" "zero3_offload-$n" ;;
+  same plain plain-eager; same plain plain-generate; same plain "ddp$n"
+  same plain-eager "zero3-$n"; same plain-eager "zero3_offload-$n"
+  speed plain plain-eager plain-generate "ddp$n" "zero3-$n" "zero3_offload-$n" ;;
 offload)
   # 1.1B parameters in bf16 (2.2 GB) against a GPU capped at 1.5 GiB
   rand1b "$out/rand1b"
