@@ -57,7 +57,7 @@ class GenerationModule(LightningModule):
             adapters); ``auto`` picks ``compact`` when it supports the settings.
         compact_every: steps between drops of finished rows (each drop costs one host sync).
         cuda_graphs: on CUDA, the compact engine replays each decode step from a CUDA graph over a
-            static cache (one capture per power-of-two batch bucket); off: eager steps.
+            static cache (one capture per batch bucket: 8, 12, 16, 24, 32, ...); off: eager steps.
         seed: linked from ``seed_everything``; seeds each row's samples.
     """
 

