@@ -1,0 +1,85 @@
+"""DeepSpeed ZeRO-3 on CPU (DeepSpeed's CPU accelerator, 2 gloo processes): the model is built
+partitioned, and the lockstep compact engine and synced ``generate`` give the plain model's rows.
+
+Lightning's DeepSpeedStrategy needs CUDA, so this drives DeepSpeed directly, as ``configure_model``
+and the strategy do. Skipped where deepspeed is not installed (``scripts/setup.sh`` installs it when
+it can build it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+
+import pytest
+import torch
+from conftest import PROMPTS
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from lgen import engine
+from lgen.stopping import BraceMatchingCriteria, finish
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
+
+ZERO3 = {"train_micro_batch_size_per_gpu": 1,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def _worker(rank: int, folder: str, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    keep = HfDeepSpeedConfig(ZERO3)  # noqa: F841 (transformers holds it weakly)
+    sharded = AutoModelForCausalLM.from_pretrained(folder)
+    partitioned = all(p.numel() == 0 for p in sharded.parameters())  # each rank holds only its shard
+    model = deepspeed.initialize(model=sharded, config=ZERO3)[0].module.eval()
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    enc = tok(PROMPTS[:3] if rank == 0 else PROMPTS[3:], return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    keys = torch.arange(ids.shape[0]) + 10 * rank
+    same = {}
+    for do_sample in (False, True):
+        config = GenerationConfig(do_sample=do_sample, top_k=20, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+
+        def rows(m, synced):
+            brace = BraceMatchingCriteria(tok, 1, "c")
+            out = engine.generate(m, ids, mask, config, 24 if rank == 0 else 40, [tok.eos_token_id],
+                                  tok.pad_token_id, brace, keys, compact_every=2, cuda_graphs=False, synced=synced)
+            return [(f.text, f.reason) for f in finish(out.tokens, tok, [tok.eos_token_id], brace,
+                                                        brace_stop=out.brace_stop)]
+
+        same[do_sample] = rows(model, True) == rows(plain, False)
+    greedy = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    brace = BraceMatchingCriteria(tok, 1, "c")
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, max_new_tokens=40,
+                         stopping_criteria=[brace], synced_gpus=True)
+    ref_brace = BraceMatchingCriteria(tok, 1, "c")
+    ref = plain.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, max_new_tokens=40,
+                         stopping_criteria=[ref_brace])
+    same["generate"] = [f.text for f in finish(out[:, ids.shape[1]:], tok, [tok.eos_token_id], brace)] == \
+        [f.text for f in finish(ref[:, ids.shape[1]:], tok, [tok.eos_token_id], ref_brace)]
+    results[rank] = (partitioned, same, len(calls))
+    torch.distributed.destroy_process_group()
+
+
+def test_zero3_lockstep_gives_the_plain_rows(tiny_model):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(str(tiny_model), port, results), nprocs=2)
+    for rank in (0, 1):
+        partitioned, same, _ = results[rank]
+        assert partitioned, rank
+        assert same == {False: True, True: True, "generate": True}, rank
+    assert results[0][2] == results[1][2]  # every forward on both ranks, though rank 0 has less to do
