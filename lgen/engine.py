@@ -356,10 +356,11 @@ def generate(
             break
         idle = idle or step + 1 == max_new_tokens  # only when synced: otherwise total == max_new_tokens
         if (step + 1) % compact_every == 0:
-            if stop_text is not None and not idle:
-                alive = (~done).nonzero().squeeze(1)
-                done[alive[stop_text(tokens[live[alive], : step + 1])]] = True
             keep = (~done).nonzero().squeeze(1) if not idle else done.new_zeros(0, dtype=torch.long)
+            if stop_text is not None and keep.numel():
+                hit = stop_text(tokens[live[keep], : step + 1])
+                done[keep[hit]] = True
+                keep = keep[~hit]
             if not (_any_rank(keep.numel() > 0, device) if synced else keep.numel() > 0):
                 break  # the one host sync, every compact_every steps
             idle = keep.numel() == 0
