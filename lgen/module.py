@@ -310,8 +310,14 @@ class GenerationModule(LightningModule):
         return records
 
     def _stop_hits(self, generated: torch.Tensor) -> torch.Tensor:
-        """Which rows' text so far holds a stop string (decoded on the host, once per compaction)."""
-        texts = self.tokenizer.batch_decode(generated.tolist(), skip_special_tokens=True,
+        """Which rows' text so far holds a stop string (decoded on the host, once per compaction).
+
+        Only the tail can hold a new one: the tokens since the last check plus room for the longest
+        string (a character can take up to 4 byte-level tokens). A string missed here, e.g. split by
+        special tokens, still cuts the prediction in ``finish``; only the early stop is lost.
+        """
+        tail = self.compact_every + 4 * max(len(s) for s in self.stop_strings) + 4
+        texts = self.tokenizer.batch_decode(generated[:, -tail:].tolist(), skip_special_tokens=True,
                                             clean_up_tokenization_spaces=False)
         hits = [any(s in text for s in self.stop_strings) for text in texts]
         return torch.tensor(hits, dtype=torch.bool, device=generated.device)
