@@ -300,6 +300,7 @@ class GenerationDataModule(LightningDataModule):
         order = list(range(len(lengths)))
         if self.sort_by_length:
             order.sort(key=lambda i: (-lengths[i], i))
+
         def row_tokens(longest: int) -> int:  # one prompt's cache, all its samples
             span = self.resolved_block_size if self.max_new_tokens == "auto" else longest + int(self.max_new_tokens)
             return self.samples * span

@@ -338,5 +338,4 @@ class GenerationModule(LightningModule):
 
     def _synced_gpus(self) -> bool:
         """ZeRO-3 ranks gather each layer's weights together, so all must step until all are done."""
-        trainer = self._trainer
-        return trainer is not None and trainer.world_size > 1 and getattr(trainer.strategy, "zero_stage_3", False)
+        return self._sharded() and self._trainer.world_size > 1

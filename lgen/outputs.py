@@ -59,12 +59,20 @@ def shards(output_dir: str | Path, split: str) -> list[Path]:
     return sorted(p for p in d.iterdir() if (m := SHARD.match(p.name)) and m.group(3) == split)
 
 
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Complete lines only: a last line without its newline was torn by a crash and is skipped."""
+def _complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) of each complete line: a last line without its newline was torn by a
+    crash and is skipped."""
+    offset = 0
     with open(path, "rb") as f:
         for line in f:
+            start, offset = offset, offset + len(line)
             if line.endswith(b"\n") and line.strip():
-                yield json.loads(line)
+                yield start, line
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    for _, line in _complete_lines(path):
+        yield json.loads(line)
 
 
 def torn_bytes(path: Path) -> int:
@@ -194,15 +202,10 @@ def merge(output_dir: str | Path, split: str, expected: int | None = None) -> Pa
     paths = shards(output_dir, split)
     index: dict[RecordKey, tuple[tuple[int, int, int], int, int, int]] = {}  # order, shard, offset, samples
     for s, path in enumerate(paths):
-        offset = 0
-        with open(path, "rb") as f:
-            for line in f:
-                start, offset = offset, offset + len(line)
-                if not (line.endswith(b"\n") and line.strip()):
-                    continue  # a torn last line
-                r = json.loads(line)
-                order = (r["meta"].get("row", 0), r["part"][0], r["seq"][0])
-                index.setdefault(record_key(r), (order, s, start, r["seq"][1]))
+        for start, line in _complete_lines(path):
+            r = json.loads(line)
+            order = (r["meta"].get("row", 0), r["part"][0], r["seq"][0])
+            index.setdefault(record_key(r), (order, s, start, r["seq"][1]))
     if not index:
         raise OutputDirError(f"no {split!r} shards with records in {output_dir}")
     missing = sorted({f"{ident} part {list(part)} seq {k}"
