@@ -5,7 +5,11 @@
 
 The model has random weights built from a config (no download); the tokenizer is SmolLM2's
 (``smollm2-135m-instruct``) so the FSM table has a real 49k vocabulary. Prompts are 128 tokens;
-the step is a one-token forward against a ``DynamicCache``, as in lgen's compact engine.
+``eager ms`` is a one-token forward against a ``DynamicCache`` (transformers' own attention path);
+``graph ms`` is lgen's compact engine step: a CUDA graph over a static cache and a padding mask,
+with grouped-head decode attention (:mod:`lgen.attention`); ``stock ms`` is the same step with
+transformers' own SDPA function (which, before transformers 5.2x, copies the cache to every query
+head when there is a mask).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import argparse
 import time
 
 import torch
-from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lgen import engine, models
 from lgen.stopping import BraceMatchingCriteria
@@ -49,9 +55,10 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--repeat", type=int, default=50)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tokenizer", default="smollm2-135m-instruct", help="for the FSM table: a folder or an alias")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    tok = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(models.resolve(args.tokenizer))
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=4096, **SHAPES[args.shape])
     model = LlamaForCausalLM(config).to(device=args.device, dtype=dtype).eval()
@@ -60,7 +67,9 @@ def main() -> None:
           f"{' ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}, prompt {args.prompt}")
     if args.device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as lgen does: no per-length cuDNN plans
-    print(f"{'batch':>6}{'eager ms':>10}{'graph ms':>10}{'fsm ms':>9}{'fsm/step':>10}")
+    AttentionInterface.register("sdpa_stock", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa_stock", sdpa_mask)
+    print(f"{'batch':>6}{'eager ms':>10}{'stock ms':>10}{'graph ms':>10}{'fsm ms':>9}{'fsm/step':>10}")
     for batch in args.batch:
         with torch.inference_mode():
             ids = torch.randint(0, config.vocab_size, (batch, args.prompt), device=args.device)
@@ -73,15 +82,19 @@ def main() -> None:
                 cache.crop(-1)  # keep the cache the same size for every timed step
 
             step_ms = timed(step, args.device, args.repeat)
-            graphed = engine._Graphed(model, args.repeat * 2 + 8, graph=args.device == "cuda")
-            graphed.prefill(ids, torch.ones_like(ids), 1)
-            graph_ms = timed(lambda: graphed.step(token[:, 0]), args.device, args.repeat)
-            del graphed
+            graph_ms = {}
+            for attention in ("sdpa_stock", "sdpa"):  # lgen's decode attention replaces "sdpa" only
+                model.config._attn_implementation = attention
+                graphed = engine._Graphed(model, args.repeat * 2 + 8, graph=args.device == "cuda")
+                graphed.prefill(ids, torch.ones_like(ids), 1)
+                graph_ms[attention] = timed(lambda: graphed.step(token[:, 0]), args.device, args.repeat)
+                del graphed
             crit = BraceMatchingCriteria(tok, 1, "c")
             crit.reset(batch, torch.device(args.device))
             tokens = torch.randint(0, config.vocab_size, (batch,), device=args.device)
             fsm_ms = timed(lambda: crit.advance(tokens), args.device, args.repeat * 10)
-        print(f"{batch:>6}{step_ms:>10.2f}{graph_ms:>10.2f}{fsm_ms:>9.3f}{fsm_ms / graph_ms:>10.2%}")
+        graph, stock = graph_ms["sdpa"], graph_ms["sdpa_stock"]
+        print(f"{batch:>6}{step_ms:>10.2f}{stock:>10.2f}{graph:>10.2f}{fsm_ms:>9.3f}{fsm_ms / graph:>10.2%}")
 
 
 if __name__ == "__main__":

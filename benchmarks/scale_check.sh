@@ -2,7 +2,7 @@
 # Same greedy records on 1 GPU, on N GPUs with DDP, and under DeepSpeed ZeRO-3 with and without
 # CPU offload; tokens/s of each. Needs N CUDA GPUs and deepspeed.
 #   bash benchmarks/scale_check.sh OUT_DIR N records   # SmolLM2 on the quickstart prompts (uneven ranks)
-#   bash benchmarks/scale_check.sh OUT_DIR N offload   # a 1.1B model that does not fit a capped GPU
+#   bash benchmarks/scale_check.sh OUT_DIR N offload   # a 1.1B float32 model on a GPU capped at 3 GiB (1 rank)
 #   bash benchmarks/scale_check.sh OUT_DIR N speed     # tokens/s of a random 1.1B model, 512 prompts
 # The random models take SmolLM2's tokenizer, or the one in $TOKENIZER (a folder).
 set -euo pipefail
@@ -52,20 +52,24 @@ records)
   lgen "ddp$n" "${q[@]}" --config configs/ddp.yaml --trainer.devices "$n"
   lgen "zero3-$n" "${q[@]}" --config configs/zero3.yaml --trainer.devices "$n"
   lgen "zero3_offload-$n" "${q[@]}" --config configs/zero3_offload.yaml --trainer.devices "$n"
+  # the same in float32, where the GPU kernels DeepSpeed's path takes do not change the sums
+  lgen f32-eager "${q[@]}" --trainer.precision 32-true --model.cuda_graphs false --trainer.devices 1
+  lgen "f32-zero3-$n" "${q[@]}" --config configs/zero3.yaml --trainer.precision 32-true --trainer.devices "$n"
   same plain plain-eager; same plain plain-generate; same plain "ddp$n"
-  same plain-eager "zero3-$n"; same plain-eager "zero3_offload-$n"
+  same plain-eager "zero3-$n"; same plain-eager "zero3_offload-$n"; same f32-eager "f32-zero3-$n"
   speed plain plain-eager plain-generate "ddp$n" "zero3-$n" "zero3_offload-$n" ;;
 offload)
-  # 1.1B parameters in bf16 (2.2 GB) against a GPU capped at 1.5 GiB
+  # 1.1B parameters in float32 (4.4 GB) against a GPU capped at 3 GiB
   rand1b "$out/rand1b"
-  r=(--config configs/quickstart.yaml --model.model_name_or_path "$out/rand1b" --model.max_new_tokens 32)
+  r=(--config configs/quickstart.yaml --model.model_name_or_path "$out/rand1b" --model.max_new_tokens 32
+     --trainer.precision 32-true --model.torch_dtype float32)
   # one ZeRO-3 rank decodes with the compact engine, without CUDA graphs (hooks gather the weights)
-  lgen rand1b-plain "${r[@]}" "${plain[@]}" --model.cuda_graphs false --trainer.devices 1
-  if python3 benchmarks/capped.py 1.5 predict "${r[@]}" "${plain[@]}" "${common[@]}" --trainer.devices 1 \
+  lgen rand1b-plain "${r[@]}" --model.cuda_graphs false --trainer.devices 1
+  if python3 benchmarks/capped.py 3 predict "${r[@]}" "${common[@]}" --trainer.devices 1 \
        --output_dir "$out/rand1b-capped-plain" > "$out/capped-plain.log" 2>&1; then
     echo "CAPPED plain run fitted"; else echo "CAPPED plain run failed: $(grep -o 'OutOfMemoryError.*' "$out/capped-plain.log" | head -c 200)"; fi
-  python3 benchmarks/capped.py 1.5 predict "${r[@]}" --config configs/zero3_offload.yaml "${common[@]}" \
-    --trainer.devices 1 --output_dir "$out/rand1b-capped-zero3_offload"
+  python3 benchmarks/capped.py 3 predict "${r[@]}" --config configs/zero3_offload.yaml --trainer.precision 32-true \
+    "${common[@]}" --trainer.devices 1 --output_dir "$out/rand1b-capped-zero3_offload"
   same rand1b-plain rand1b-capped-zero3_offload
   speed rand1b-plain rand1b-capped-zero3_offload ;;
 speed)

@@ -184,13 +184,13 @@ def main() -> None:
           f"torch {torch.__version__}, transformers {transformers.__version__}, model {args.model}")
     base = {name: s for name, s, *_ in rows}
     seed_preds = rows[0][5] if not args.skip_seed else None
-    print(f"{'way':<15}{'seconds':>9}{'useful tok':>11}{'useful tok/s':>13}{'slot use':>9}{'vs seed':>9}"
+    print(f"{'way':<15}{'seconds':>9}{'useful tok':>11}{'useful tok/s':>13}{'slot use':>10}{'vs seed':>9}"
           f"{'vs generate':>12}{'same as seed':>13}  finish reasons")
     for name, s, useful, slots, reasons, preds in rows:
         same = sum(a == b for a, b in zip(preds, seed_preds)) if seed_preds else None
         vs_seed = f"{base['seed'] / s:.1f}x" if "seed" in base else "-"
         vs_gen = f"{base['lgen-generate'] / s:.2f}x"
-        print(f"{name:<15}{s:>9.2f}{useful:>11}{useful / s:>13.1f}{useful / slots:>9.0%}{vs_seed:>9}{vs_gen:>12}"
+        print(f"{name:<15}{s:>9.2f}{useful:>11}{useful / s:>13.1f}{useful / slots:>10.1%}{vs_seed:>9}{vs_gen:>12}"
               f"{'' if same is None else f'{same}/{len(preds)}':>13}  {reasons or ''}")
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+from lgen.attention import packed_decode
 from lgen.stopping import BraceMatchingCriteria
 
 _SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "num_return_sequences", "max_new_tokens",
@@ -193,8 +194,9 @@ class _Dynamic:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
-        out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_pos,
-                         past_key_values=self.cache, use_cache=True)
+        with packed_decode(self.model):
+            out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_pos,
+                             past_key_values=self.cache, use_cache=True)
         self.next_pos = self.next_pos + 1
         return out.logits[:, -1, :].float()
 
@@ -257,8 +259,9 @@ class _Graphed:
                 self._out = self._forward()
 
     def _forward(self) -> torch.Tensor:
-        out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
-                         past_key_values=self.cache, use_cache=True)
+        with packed_decode(self.model):
+            out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
+                             past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1, :]
 
     def compact(self, keep: torch.Tensor) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList
 
 from lgen import engine as engine_lib
-from lgen import models
+from lgen import models, zero3
 from lgen.stopping import BraceMatchingCriteria, Language, finish
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class GenerationModule(LightningModule):
             # partitioned, loading each weight straight into its shards; it never exists whole on one GPU.
             from transformers.integrations import HfDeepSpeedConfig
 
-            self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
+            self._hf_deepspeed_config = HfDeepSpeedConfig(zero3.inference_config(strategy.config))
         dtype = DTYPES[self.torch_dtype] if self.torch_dtype else None
         kwargs = {"revision": self.model_revision, "token": self.token, "config": self.model_config}
         if dtype is not None:
@@ -228,6 +228,14 @@ class GenerationModule(LightningModule):
         # attention need none.
         if self.device.type == "cuda":
             torch.backends.cuda.enable_cudnn_sdp(False)
+        if self._sharded():
+            self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
+
+    def on_predict_end(self) -> None:
+        hook = getattr(self, "_trace_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._trace_hook = None
 
     def config_dumps(self) -> dict[str, dict[str, Any]]:
         """The JSON files written beside the shards, as the seed wrote them."""

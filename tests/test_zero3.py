@@ -2,12 +2,14 @@
 partitioned, and the lockstep compact engine and synced ``generate`` give the plain model's rows.
 
 Lightning's DeepSpeedStrategy needs CUDA, so this drives DeepSpeed directly, as ``configure_model``
-and the strategy do. Skipped where deepspeed is not installed (``scripts/setup.sh`` installs it when
-it can build it).
+and the strategy do: DeepSpeed wraps an outer module whose one forward runs a whole generation (as
+it wraps the LightningModule), with lgen's ZeRO-3 settings (:mod:`lgen.zero3`). Skipped where
+deepspeed is not installed (``scripts/setup.sh`` installs it when it can build it).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import socket
@@ -17,13 +19,24 @@ import torch
 from conftest import PROMPTS
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import engine
+from lgen import engine, zero3
 from lgen.stopping import BraceMatchingCriteria, finish
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 1,
          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+class Outer(torch.nn.Module):
+    """Stands for the LightningModule: DeepSpeed wraps it, and its forward runs a whole batch."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn(self.model)
 
 
 def _worker(rank: int, folder: str, port: int, results) -> None:
@@ -33,13 +46,22 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     deepspeed.init_distributed(dist_backend="gloo")
+    linear = torch.nn.functional.linear
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
-    keep = HfDeepSpeedConfig(ZERO3)  # noqa: F841 (transformers holds it weakly)
-    sharded = AutoModelForCausalLM.from_pretrained(folder)
+    config = zero3.inference_config(copy.deepcopy(ZERO3))
+    keep = HfDeepSpeedConfig(config)  # noqa: F841 (transformers holds it weakly)
+    sharded = AutoModelForCausalLM.from_pretrained(folder).eval()
     partitioned = all(p.numel() == 0 for p in sharded.parameters())  # each rank holds only its shard
-    model = deepspeed.initialize(model=sharded, config=ZERO3)[0].module.eval()
-    calls = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    ds_engine = deepspeed.initialize(model=Outer(sharded), config=config)[0]
+    # DeepSpeed's training default swaps F.linear process-wide (other GPU kernels, other bf16 rows)
+    # and would also run the plain model below through the swap, hiding any difference
+    linear_kept = torch.nn.functional.linear is linear
+    calls, resets = [], []
+    sharded.register_forward_pre_hook(lambda *_: calls.append(1))
+    coordinator = ds_engine.optimizer.get_param_coordinator()
+    reset = coordinator.reset_step
+    coordinator.reset_step = lambda: (resets.append(1), reset())[1]
+    zero3.step_per_forward(ds_engine, sharded)
     tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
     enc = tok(PROMPTS[:3] if rank == 0 else PROMPTS[3:], return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -56,17 +78,18 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
             return [(f.text, f.reason) for f in finish(out.tokens, tok, [tok.eos_token_id], brace,
                                                         brace_stop=out.brace_stop)]
 
-        same[do_sample] = rows(model, True) == rows(plain, False)
+        same[do_sample] = ds_engine(lambda m: rows(m, True)) == rows(plain, False)
     greedy = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     brace = BraceMatchingCriteria(tok, 1, "c")
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, max_new_tokens=40,
-                         stopping_criteria=[brace], synced_gpus=True)
+    out = ds_engine(lambda m: m.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, max_new_tokens=40,
+                                         stopping_criteria=[brace], synced_gpus=True))
     ref_brace = BraceMatchingCriteria(tok, 1, "c")
     ref = plain.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, max_new_tokens=40,
                          stopping_criteria=[ref_brace])
     same["generate"] = [f.text for f in finish(out[:, ids.shape[1]:], tok, [tok.eos_token_id], brace)] == \
         [f.text for f in finish(ref[:, ids.shape[1]:], tok, [tok.eos_token_id], ref_brace)]
-    results[rank] = (partitioned, same, len(calls))
+    # one ZeRO-3 trace step per model forward (plus one per outer forward, DeepSpeed's own)
+    results[rank] = (partitioned, same, len(calls), linear_kept, len(resets) - 3)
     torch.distributed.destroy_process_group()
 
 
@@ -79,7 +102,9 @@ def test_zero3_lockstep_gives_the_plain_rows(tiny_model):
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(str(tiny_model), port, results), nprocs=2)
     for rank in (0, 1):
-        partitioned, same, _ = results[rank]
+        partitioned, same, forwards, linear_kept, trace_steps = results[rank]
         assert partitioned, rank
+        assert linear_kept, rank
         assert same == {False: True, True: True, "generate": True}, rank
+        assert trace_steps == forwards, rank
     assert results[0][2] == results[1][2]  # every forward on both ranks, though rank 0 has less to do
