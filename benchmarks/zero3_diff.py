@@ -1,0 +1,96 @@
+"""Where a ZeRO-3 model's numbers leave the plain model's: one process, one GPU (or CPU), one rank.
+
+    python benchmarks/zero3_diff.py --device cuda --dtype bfloat16       # needs deepspeed
+    DS_ACCELERATOR=cpu python benchmarks/zero3_diff.py --device cpu
+
+Loads the model twice in the same process, plainly and partitioned under ZeRO-3 with lgen's
+settings (:mod:`lgen.zero3`; DeepSpeed wraps an outer module, as Lightning wraps the
+LightningModule), prefills the quickstart prompts through both and prints the largest difference
+of each decoder layer's output, then greedy-decodes 64 tokens with lgen's compact engine and counts
+identical rows. It also prints the global math settings before and after DeepSpeed is set up, since
+both models run in this one process: a difference here is in DeepSpeed's path itself, no difference
+here but one between separate runs points at process-wide settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from lgen import engine, models, zero3
+
+
+def flags() -> dict[str, object]:
+    m = torch.backends.cuda.matmul
+    return {"bf16_reduced_reduction": m.allow_bf16_reduced_precision_reduction, "tf32": m.allow_tf32,
+            "fp16_reduced_reduction": m.allow_fp16_reduced_precision_reduction,
+            "default_dtype": str(torch.get_default_dtype()), "linear": torch.nn.functional.linear.__module__}
+
+
+class Outer(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn(self.model)
+
+
+def layer_outputs(model: torch.nn.Module, run) -> list[torch.Tensor]:
+    outs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, o: outs.append((o[0] if isinstance(o, tuple) else o).float().cpu()))
+             for layer in model.model.layers]
+    run()
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--prompts", default="configs/data/quickstart.jsonl")
+    args = p.parse_args()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
+                      RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dtype = getattr(torch, args.dtype)
+    path = models.resolve(args.model)
+    print("before deepspeed:", flags())
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    config = zero3.inference_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    if dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    keep = HfDeepSpeedConfig(config)  # noqa: F841 (transformers holds it weakly)
+    sharded = AutoModelForCausalLM.from_pretrained(path).eval()
+    ds_engine = deepspeed.initialize(model=Outer(sharded), config=config)[0]
+    zero3.step_per_forward(ds_engine, sharded)
+    print("after deepspeed: ", flags())
+    prompts = [json.loads(line)["prompt"] for line in open(args.prompts)]
+    enc = tok(prompts, return_tensors="pt", padding=True).to(args.device)
+    with torch.inference_mode():
+        a = layer_outputs(plain, lambda: plain(**enc))
+        b = layer_outputs(sharded, lambda: ds_engine(lambda m: m(**enc)))
+        print("prefill, max |plain - zero3| per layer:", [f"{(x - y).abs().max().item():.3g}" for x, y in zip(a, b)])
+        gen = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+        def decode(m):
+            return engine.generate(m, enc["input_ids"], enc["attention_mask"], gen, 64, [tok.eos_token_id],
+                                   tok.pad_token_id, cuda_graphs=False).tokens
+
+        x, y = decode(plain), ds_engine(decode)
+    print(f"greedy rows identical: {sum(bool(r) for r in (x == y).all(dim=1))}/{len(prompts)}")
+
+
+if __name__ == "__main__":
+    main()
