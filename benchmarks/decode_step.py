@@ -8,8 +8,8 @@ The model has random weights built from a config (no download); the tokenizer is
 ``eager ms`` is a one-token forward against a ``DynamicCache`` (transformers' own attention path);
 ``graph ms`` is lgen's compact engine step: a CUDA graph over a static cache and a padding mask,
 with grouped-head decode attention (:mod:`lgen.attention`); ``stock ms`` is the same step with
-transformers' own SDPA function (which, before transformers 5.2x, copies the cache to every query
-head when there is a mask).
+transformers' own SDPA function (which, in versions without ``pack_gqa``, copies the cache to
+every query head when there is a mask; where transformers has it, both columns run the same code).
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import argparse
 import time
 
 import torch
-from transformers import AttentionInterface, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from lgen import engine, models
+from lgen import attention, engine, models
 from lgen.stopping import BraceMatchingCriteria
 
 SHAPES = {
@@ -54,9 +52,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--repeat", type=int, default=50)
+    p.add_argument("--cache", type=int, default=236, help="positions in the static cache (prompt + room)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tokenizer", default="smollm2-135m-instruct", help="for the FSM table: a folder or an alias")
     args = p.parse_args()
+    if args.cache < args.prompt + args.repeat + 8:
+        p.error("--cache must hold the prompt and every timed step: at least --prompt + --repeat + 8")
     dtype = getattr(torch, args.dtype)
     tok = AutoTokenizer.from_pretrained(models.resolve(args.tokenizer))
     torch.manual_seed(0)
@@ -67,8 +68,6 @@ def main() -> None:
           f"{' ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}, prompt {args.prompt}")
     if args.device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as lgen does: no per-length cuDNN plans
-    AttentionInterface.register("sdpa_stock", sdpa_attention_forward)
-    AttentionMaskInterface.register("sdpa_stock", sdpa_mask)
     print(f"{'batch':>6}{'eager ms':>10}{'stock ms':>10}{'graph ms':>10}{'fsm ms':>9}{'fsm/step':>10}")
     for batch in args.batch:
         with torch.inference_mode():
@@ -83,17 +82,19 @@ def main() -> None:
 
             step_ms = timed(step, args.device, args.repeat)
             graph_ms = {}
-            for attention in ("sdpa_stock", "sdpa"):  # lgen's decode attention replaces "sdpa" only
-                model.config._attn_implementation = attention
-                graphed = engine._Graphed(model, args.repeat * 2 + 8, graph=args.device == "cuda")
+            needed = attention.NEEDED
+            for name, packed in (("stock", False), ("lgen", needed)):
+                attention.NEEDED = packed
+                graphed = engine._Graphed(model, args.cache - args.prompt, graph=args.device == "cuda")
                 graphed.prefill(ids, torch.ones_like(ids), 1)
-                graph_ms[attention] = timed(lambda: graphed.step(token[:, 0]), args.device, args.repeat)
+                graph_ms[name] = timed(lambda: graphed.step(token[:, 0]), args.device, args.repeat)
                 del graphed
+            attention.NEEDED = needed
             crit = BraceMatchingCriteria(tok, 1, "c")
             crit.reset(batch, torch.device(args.device))
             tokens = torch.randint(0, config.vocab_size, (batch,), device=args.device)
             fsm_ms = timed(lambda: crit.advance(tokens), args.device, args.repeat * 10)
-        graph, stock = graph_ms["sdpa"], graph_ms["sdpa_stock"]
+        graph, stock = graph_ms["lgen"], graph_ms["stock"]
         print(f"{batch:>6}{step_ms:>10.2f}{stock:>10.2f}{graph:>10.2f}{fsm_ms:>9.3f}{fsm_ms / graph:>10.2%}")
 
 

@@ -1,12 +1,11 @@
-"""Decode-step attention for grouped key/value heads, without copying the cache per group.
+"""Decode-step attention for grouped key/value heads, without copying the cache per head.
 
-With a mask (left padding needs one), transformers' SDPA path before 5.2x expands every layer's
-key/value cache to all query heads (``repeat_kv``) at every decode step: for a 1B Llama (32 query
-heads over 8 key/value heads) at batch 128 that copy was 73% of the step on an H200 (14.8 ms a
-step; 4.0 ms without it). For one query token the copy is not needed: the query heads that share a
-key/value head can stand in the query-length axis of one SDPA call, and the mask
-(``[rows, 1, 1, keys]``) broadcasts over them. The result is the same attention, computed by the
-same kernel. Newer transformers do this themselves; this keeps older ones as fast.
+With a mask (left padding needs one), transformers' SDPA function in versions without
+``pack_gqa`` (5.17 has none, 5.24 has it) expands every layer's key/value cache to all query heads
+(``repeat_kv``) at every decode step. For a 1B Llama (32 query heads over 8 key/value heads) at
+batch 128 on an H200 that made the CUDA-graph step 14.8 ms; without the copy it is 4.0 ms. For one
+query token the copy is not needed: the query heads that share a key/value head can stand in the
+query-length axis of one SDPA call, and the mask (``[rows, 1, 1, keys]``) broadcasts over them.
 """
 
 from __future__ import annotations
@@ -16,40 +15,47 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.integrations import sdpa_attention
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-NAME = "lgen_sdpa_decode"
+# transformers packs the heads itself where it has ``pack_gqa``
+NEEDED = not hasattr(sdpa_attention, "pack_gqa")
+# arguments attention layers pass that do not change SDPA's result (a sliding window is in the mask)
+_NEUTRAL = {"dropout", "scaling", "position_ids", "sliding_window", "use_cache", "cache_position", "is_causal",
+            "output_attentions"}
 
 
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs):
-    """SDPA with a single query token's grouped heads folded into the query axis; anything else
-    (prefill, no grouping, position biases, dropout) goes to transformers' own SDPA function."""
+                attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA with a single query token's grouped heads folded into the query axis. Anything else
+    (prefill, no grouping, no mask or a per-head one, dropout, softcap, sinks, sparse indices, ...)
+    goes to transformers' own SDPA function."""
     groups = getattr(module, "num_key_value_groups", 1)
-    plain = (query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None
-             or kwargs.get("dropout", 0.0) or attention_mask is None or attention_mask.shape[1] != 1)
-    if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    unusual = any(value is not None and name not in _NEUTRAL for name, value in kwargs.items())
+    if (query.shape[2] != 1 or groups == 1 or unusual or kwargs.get("dropout") or kwargs.get("output_attentions")
+            or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1):
+        return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows, heads, _, dim = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(rows, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(NAME, packed_sdpa)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+        query.reshape(rows, heads // groups, groups, dim), key, value, attn_mask=attention_mask,
+        scale=kwargs.get("scaling"))
+    return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 @contextmanager
-def packed_decode(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, a model configured for SDPA runs :func:`packed_sdpa` instead."""
-    config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+def packed_decode() -> Iterator[None]:
+    """Within the block, attention registered as ``sdpa`` runs :func:`packed_sdpa`.
+
+    The name stays ``sdpa`` (model code that checks it, e.g. for masks, sees no change); only the
+    function behind it is swapped, and put back after. Nothing happens where transformers already
+    packs the heads (``NEEDED`` is false).
+    """
+    if not NEEDED:
         yield
         return
-    config._attn_implementation = NAME
+    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register("sdpa", packed_sdpa)
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        AttentionInterface.register("sdpa", previous)

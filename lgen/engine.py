@@ -194,7 +194,7 @@ class _Dynamic:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
-        with packed_decode(self.model):
+        with packed_decode():
             out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_pos,
                              past_key_values=self.cache, use_cache=True)
         self.next_pos = self.next_pos + 1
@@ -259,7 +259,7 @@ class _Graphed:
                 self._out = self._forward()
 
     def _forward(self) -> torch.Tensor:
-        with packed_decode(self.model):
+        with packed_decode():
             out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
                              past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1, :]

@@ -198,6 +198,11 @@ class GenerationModule(LightningModule):
             eos = self.tokenizer.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
+    def setup(self, stage: str) -> None:
+        # Before configure_model: Lightning builds DeepSpeed's zero.Init from this config around it.
+        if self._sharded():
+            zero3.inference_config(self.trainer.strategy.config)
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -207,7 +212,7 @@ class GenerationModule(LightningModule):
             # partitioned, loading each weight straight into its shards; it never exists whole on one GPU.
             from transformers.integrations import HfDeepSpeedConfig
 
-            self._hf_deepspeed_config = HfDeepSpeedConfig(zero3.inference_config(strategy.config))
+            self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
         dtype = DTYPES[self.torch_dtype] if self.torch_dtype else None
         kwargs = {"revision": self.model_revision, "token": self.token, "config": self.model_config}
         if dtype is not None:

@@ -1,18 +1,20 @@
 """DeepSpeed ZeRO-3 set up for generation rather than training.
 
-Two of DeepSpeed's defaults assume that one forward of the module it wraps is one training step:
+Two DeepSpeed behaviours are meant for training:
 
 * ``memory_efficient_linear`` (on by default) replaces ``torch.nn.functional.linear`` for the whole
-  process with a matmul-based autograd function that saves less for backward. Generation has no
-  backward, and the replacement picks other GPU kernels than ``F.linear``, so bf16 predictions
-  drifted from the same model's plain run (2 of 12 rows on an H200). :func:`inference_config`
-  turns it off unless the user set it.
+  process with an autograd function that saves less for backward. Generation has no backward, and
+  the replacement computes the product another way (``matmul`` with the transposed weight), which
+  on a GPU need not round like ``F.linear`` in bf16. :func:`inference_config` turns it off unless the user
+  set it; it must reach the config before DeepSpeed's ``zero.Init`` is entered (Lightning enters it
+  around ``configure_model``), since that is where the swap happens.
 * ZeRO-3 records the order in which submodules run during one forward of the wrapped module and
   prefetches and releases weights by that trace. Lightning wraps the LightningModule, so one
   "forward" is a whole ``predict_step``: hundreds of model forwards. The trace grows to tens of
   thousands of entries, every weight release scans far along it, and it goes stale whenever a batch
-  runs a different number of steps (SmolLM2, 3 prompts x 48 tokens on CPU: 68 s, then 338 s for the
-  next batch; with the reset below: 68 s and 65 s, on H200 the batch did not finish in 2 minutes).
+  runs a different number of steps (SmolLM2, 3 prompts x 48 tokens, 2 ranks on CPU: 68 s, then
+  338 s for the next batch; with the reset below: 68 s and 65 s. On an H200, one rank had not
+  finished the quickstart's second batch of 12 after 150 s; with the reset 2 ranks do all 3 in 36 s).
   :func:`step_per_forward` starts a new trace at each model forward, as when DeepSpeed wraps the
   model itself.
 """
@@ -32,6 +34,12 @@ def inference_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_per_forward(ds_engine: Any, model: torch.nn.Module) -> RemovableHandle:
-    """Make each forward of ``model`` (inside ``ds_engine``'s module) one ZeRO-3 trace step."""
+    """Make each forward of ``model`` (inside ``ds_engine``'s module) one ZeRO-3 trace step.
+
+    A peft model's ``generate`` calls its base model's, so the hook goes on the base model, which
+    every path runs. While a trace is being recorded, ``reset_step`` checks it against the other
+    ranks (a collective): that is safe because lgen's ranks run the same forwards in lockstep.
+    """
     coordinator = ds_engine.optimizer.get_param_coordinator()
-    return model.register_forward_pre_hook(lambda *_: coordinator.reset_step())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.register_forward_pre_hook(lambda *_: coordinator.reset_step())

@@ -79,3 +79,22 @@ def test_prompt_tuning_refuses_the_compact_engine(word_model, tmp_path, capsys):
               "--data.data_files", str(data), "--data.text_column_name", "prompt", "--output_dir", str(tmp_path / "o"))
     assert rc == 2
     assert "model.engine: compact does not implement ['prompt-learning adapters']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+def test_zero3_trace_step_per_forward_reaches_peft_generate(tiny_model, kind):
+    """peft's generate calls the base model's, so the ZeRO-3 trace reset must hook the base model."""
+    from types import SimpleNamespace
+
+    from lgen import zero3
+
+    config = (LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM") if kind == "lora"
+              else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), config).eval()
+    resets, forwards = [], []
+    coordinator = SimpleNamespace(reset_step=lambda: resets.append(1))
+    zero3.step_per_forward(SimpleNamespace(optimizer=SimpleNamespace(get_param_coordinator=lambda: coordinator)), model)
+    model.get_base_model().register_forward_pre_hook(lambda *_: forwards.append(1))
+    model.generate(input_ids=torch.tensor([[3, 4, 5]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                   max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert len(forwards) == 5 and len(resets) == 5

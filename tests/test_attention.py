@@ -4,52 +4,92 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lgen import attention
+from lgen import attention, engine
+
+ROWS, HEADS, KV_HEADS, KEYS, DIM = 3, 8, 2, 10, 16
+MODULE = SimpleNamespace(num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
 
 
-def test_one_query_token_matches_attention_over_copied_heads():
+@pytest.fixture
+def qkv():
     torch.manual_seed(0)
-    rows, heads, kv_heads, keys, dim = 3, 8, 2, 10, 16
-    q = torch.randn(rows, heads, 1, dim)
-    k, v = torch.randn(rows, kv_heads, keys, dim), torch.randn(rows, kv_heads, keys, dim)
-    mask = torch.zeros(rows, 1, 1, keys)
-    mask[0, ..., :4] = torch.finfo(torch.float32).min  # left padding of row 0
-    mask[2, ..., :7] = torch.finfo(torch.float32).min
-    copied = (k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1))
-    ref = torch.nn.functional.scaled_dot_product_attention(q, *copied, attn_mask=mask, scale=0.25)
-    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
-    out, _ = attention.packed_sdpa(module, q, k, v, mask, scaling=0.25)
-    assert out.shape == (rows, 1, heads, dim)
+    return (torch.randn(ROWS, HEADS, 1, DIM), torch.randn(ROWS, KV_HEADS, KEYS, DIM),
+            torch.randn(ROWS, KV_HEADS, KEYS, DIM))
+
+
+def padding_mask(additive: bool) -> torch.Tensor:
+    keep = torch.ones(ROWS, 1, 1, KEYS, dtype=torch.bool)
+    keep[0, ..., :4] = False  # left padding of rows 0 and 2
+    keep[2, ..., :7] = False
+    return torch.where(keep, 0.0, torch.finfo(torch.float32).min) if additive else keep
+
+
+@pytest.mark.parametrize("additive", [True, False])
+def test_one_query_token_matches_attention_over_copied_heads(qkv, additive):
+    q, k, v = qkv
+    mask = padding_mask(additive)
+    groups = HEADS // KV_HEADS
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), attn_mask=mask, scale=0.25)
+    out, _ = attention.packed_sdpa(MODULE, q, k, v, mask, scaling=0.25, dropout=0.0, position_ids=None)
+    assert out.shape == (ROWS, 1, HEADS, DIM)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
-    # padded keys take no weight: changing them changes nothing
     k2, v2 = k.clone(), v.clone()
-    k2[0, :, :4], v2[0, :, :4] = 100.0, 100.0
-    torch.testing.assert_close(attention.packed_sdpa(module, q, k2, v2, mask, scaling=0.25)[0][0], out[0])
+    k2[0, :, :4], v2[0, :, :4] = 100.0, 100.0  # padded keys take no weight
+    torch.testing.assert_close(attention.packed_sdpa(MODULE, q, k2, v2, mask, scaling=0.25)[0][0], out[0])
 
 
-def test_only_sdpa_models_switch_and_the_setting_comes_back(tiny_model):
+def test_anything_else_goes_to_transformers(qkv):
+    q, k, v = qkv
+    mask = padding_mask(True)
+    prefill = torch.randn(ROWS, HEADS, 4, DIM), torch.randn(ROWS, KV_HEADS, 4, DIM), torch.randn(ROWS, KV_HEADS, 4, DIM)
+    cases = [  # prefill, no mask, a per-head mask
+        (*prefill, None),
+        (q, k, v, None),
+        (q, k, v, mask.expand(ROWS, HEADS, 1, KEYS).contiguous()),
+    ]
+    for args in cases:
+        torch.testing.assert_close(attention.packed_sdpa(MODULE, *args, scaling=0.25)[0],
+                                   sdpa_attention_forward(MODULE, *args, scaling=0.25)[0])
+    with pytest.raises(ValueError, match="softcap"):  # refused, as transformers' own function does
+        attention.packed_sdpa(MODULE, q, k, v, mask, softcap=30.0)
+
+
+def test_the_swap_is_scoped_and_keeps_the_name(tiny_model, monkeypatch):
+    monkeypatch.setattr(attention, "NEEDED", True)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
-    with attention.packed_decode(model):
-        assert model.config._attn_implementation == attention.NAME
-    assert model.config._attn_implementation == "sdpa"
-    eager = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
-    with attention.packed_decode(eager):
-        assert eager.config._attn_implementation == "eager"
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with pytest.raises(RuntimeError):
+        with attention.packed_decode():
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is attention.packed_sdpa
+            assert model.config._attn_implementation == "sdpa"
+            raise RuntimeError
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+    monkeypatch.setattr(attention, "NEEDED", False)  # transformers packs the heads itself
+    with attention.packed_decode():
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
 
 
-def test_decode_step_logits_unchanged(tiny_model):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+def test_engine_decode_steps_match_eager_attention(tiny_model, monkeypatch):
+    """Eager attention copies the heads; the engine's packed steps must give its logits."""
+    monkeypatch.setattr(attention, "NEEDED", True)
+    calls = []
+    packed = attention.packed_sdpa
+    monkeypatch.setattr(attention, "packed_sdpa", lambda *a, **kw: (calls.append(a[1].shape[2]), packed(*a, **kw))[1])
     ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
     mask = (ids > 0).long()
-    with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        step = dict(input_ids=torch.tensor([[9], [9]]), past_key_values=out.past_key_values,
-                    attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1))
-        plain = model(**step).logits
-        out.past_key_values.crop(-1)
-        with attention.packed_decode(model):
-            packed = model(**step).logits
-    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    logits = {}
+    for impl in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl).eval()
+        with torch.inference_mode():
+            stepper = engine._Dynamic(model)
+            stepper.prefill(ids, mask, 1)
+            logits[impl] = torch.stack([stepper.step(torch.tensor([9, 9])) for _ in range(3)])
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-4)
+    assert calls.count(1) == 3 * 2  # 3 decode steps x 2 layers went through the packed function

@@ -218,3 +218,23 @@ def test_auto_batch_tokens_is_no_cap_on_cpu(tiny_model, code_jsonl, tmp_path, ca
         assert lgen(*base_args(tiny_model, code_jsonl, auto, "--data.max_batch_tokens", "auto")) == 0
     assert "max_batch_tokens: auto caps batches on CUDA only; no cap on cpu" in caplog.text
     assert read(auto) == read(plain)
+
+
+def test_zero3_config_is_set_for_generation_before_the_model_is_built(tiny_model):
+    """Lightning enters DeepSpeed's zero.Init (which swaps F.linear when memory_efficient_linear is
+    on) around configure_model, from the strategy's config: setup must have turned it off by then,
+    and leave a value the user set alone."""
+    from types import SimpleNamespace
+
+    from lgen.module import GenerationModule
+
+    module = GenerationModule(str(tiny_model), max_new_tokens=4)
+    for given, expected in (({"stage": 3}, False), ({"stage": 3, "memory_efficient_linear": True}, True)):
+        strategy = SimpleNamespace(zero_stage_3=True, config={"zero_optimization": dict(given)})
+        module._trainer = SimpleNamespace(strategy=strategy, world_size=2)
+        module.setup("predict")
+        assert strategy.config["zero_optimization"]["memory_efficient_linear"] is expected
+    plain = SimpleNamespace(config={"zero_optimization": {"stage": 3}})  # not ZeRO-3: untouched
+    module._trainer = SimpleNamespace(strategy=plain, world_size=1)
+    module.setup("predict")
+    assert plain.config == {"zero_optimization": {"stage": 3}}

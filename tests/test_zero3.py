@@ -13,6 +13,8 @@ import copy
 import importlib.util
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -35,7 +37,7 @@ class Outer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, fn):
+    def forward(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         return fn(self.model)
 
 
@@ -50,7 +52,8 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     config = zero3.inference_config(copy.deepcopy(ZERO3))
     keep = HfDeepSpeedConfig(config)  # noqa: F841 (transformers holds it weakly)
-    sharded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with deepspeed.zero.Init(config_dict_or_path=config):  # as Lightning does around configure_model
+        sharded = AutoModelForCausalLM.from_pretrained(folder).eval()
     partitioned = all(p.numel() == 0 for p in sharded.parameters())  # each rank holds only its shard
     ds_engine = deepspeed.initialize(model=Outer(sharded), config=config)[0]
     # DeepSpeed's training default swaps F.linear process-wide (other GPU kernels, other bf16 rows)
