@@ -1,5 +1,7 @@
-"""Run lgen with this process's GPU memory capped, to show ZeRO-3 offload placing a model that
-does not fit:  python benchmarks/capped.py GIB predict --config ...
+"""Run lgen with only GIB of GPU memory free: a ballast tensor takes the rest first, so lgen (and
+``max_batch_tokens: auto``, which reads the free memory) sees a smaller GPU. Prints the peak memory
+lgen's tensors reached.
+    python benchmarks/capped.py GIB predict --config ...
 """
 
 import sys
@@ -10,6 +12,12 @@ from lgen.cli import main
 
 if __name__ == "__main__":
     gib = float(sys.argv[1])
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, 0)
-    sys.exit(main(sys.argv[2:]))
+    free, _ = torch.cuda.mem_get_info(0)
+    ballast = torch.empty(max(free - int(gib * 2**30), 0), dtype=torch.uint8, device="cuda:0")
+    torch.cuda.reset_peak_memory_stats(0)
+    try:
+        code = main(sys.argv[2:])
+    finally:
+        peak = (torch.cuda.max_memory_allocated(0) - ballast.numel()) / 2**30
+        print(f"CAPPED {gib} GiB free at start; peak of lgen's tensors {peak:.2f} GiB", flush=True)
+    sys.exit(code)

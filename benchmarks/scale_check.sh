@@ -4,6 +4,7 @@
 #   bash benchmarks/scale_check.sh OUT_DIR N records   # SmolLM2 on the quickstart prompts (uneven ranks)
 #   bash benchmarks/scale_check.sh OUT_DIR N offload   # a 1.1B float32 model on a GPU capped at 3 GiB (1 rank)
 #   bash benchmarks/scale_check.sh OUT_DIR N speed     # tokens/s of a random 1.1B model, 512 prompts
+#   bash benchmarks/scale_check.sh OUT_DIR 1 budget    # max_batch_tokens: auto on a GPU with 8 GiB free
 # The random models take SmolLM2's tokenizer, or the one in $TOKENIZER (a folder).
 set -euo pipefail
 out=${1:?OUT_DIR}; n=${2:-2}; part=${3:-records}
@@ -90,4 +91,26 @@ PY
   lgen "1b-zero3_offload-$n" "${s[@]}" --config configs/zero3_offload.yaml --trainer.devices "$n"
   same 1b-plain "1b-ddp$n"
   speed 1b-plain "1b-ddp$n" "1b-zero3-$n" "1b-zero3_offload-$n" ;;
+budget)
+  # long prompts, no row cap: the auto budget alone sizes the batches; twice that budget should not fit
+  [ -d "$out/rand1b" ] || rand1b "$out/rand1b"
+  python3 - "$out/long.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open("configs/data/quickstart.jsonl")]
+with open(sys.argv[1], "w") as f:
+    for k in range(256):
+        r = rows[k % len(rows)]
+        f.write(json.dumps({**r, "task_id": f"{r['task_id']}#{k}", "prompt": r["prompt"] * (8 + k % 8)}) + "\n")
+PY
+  b=(--config configs/quickstart.yaml --model.model_name_or_path "$out/rand1b" --model.max_new_tokens 128
+     --model.use_brace_matching false --data.data_files "$out/long.jsonl" --data.block_size 2048
+     --data.per_device_batch_size 100000 "${plain[@]}" "${common[@]}" --trainer.devices 1)
+  python3 benchmarks/capped.py 8 predict "${b[@]}" --data.max_batch_tokens auto --output_dir "$out/budget-auto" \
+    > "$out/budget-auto.log" 2>&1 || echo "BUDGET auto run failed: $(grep -o 'OutOfMemoryError.*' "$out/budget-auto.log" | head -c 200)"
+  grep -E "auto ->|CAPPED" "$out/budget-auto.log"
+  tokens=$(grep -o 'auto -> [0-9]*' "$out/budget-auto.log" | grep -o '[0-9]*$')
+  if python3 benchmarks/capped.py 8 predict "${b[@]}" --data.max_batch_tokens $((2 * tokens)) \
+      --output_dir "$out/budget-twice" > "$out/budget-twice.log" 2>&1; then echo "BUDGET twice the auto budget also fitted"
+  else echo "BUDGET twice the auto budget failed: $(grep -o 'OutOfMemoryError.*' "$out/budget-twice.log" | head -c 200)"; fi
+  grep CAPPED "$out/budget-twice.log" ;;
 esac
