@@ -31,7 +31,7 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     (prefill, no grouping, no mask or a per-head one, dropout, softcap, sinks, sparse indices, ...)
     goes to transformers' own SDPA function."""
     groups = getattr(module, "num_key_value_groups", 1)
-    unusual = any(value is not None and name not in _NEUTRAL for name, value in kwargs.items())
+    unusual = any(arg is not None and name not in _NEUTRAL for name, arg in kwargs.items())
     if (query.shape[2] != 1 or groups == 1 or unusual or kwargs.get("dropout") or kwargs.get("output_attentions")
             or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1):
         return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
