@@ -225,6 +225,8 @@ class GenerationModule(LightningModule):
             if self.merge_adapter and not self.adapter_config.is_prompt_learning:
                 model = model.merge_and_unload()
         model.eval()
+        if getattr(strategy, "zero_stage_3", False):
+            log.info("ZeRO-3 gathers these blocks whole: %s", zero3.leaf_blocks(model))
         self.model = model
 
     def on_predict_start(self) -> None:

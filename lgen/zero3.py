@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-3 set up for generation rather than training.
 
-Two DeepSpeed behaviours are meant for training:
+Three DeepSpeed behaviours are meant for training:
 
 * ``memory_efficient_linear`` (on by default) replaces ``torch.nn.functional.linear`` for the whole
   process with an autograd function that saves less for backward. Generation has no backward, and
@@ -17,6 +17,11 @@ Two DeepSpeed behaviours are meant for training:
   finished the quickstart's second batch of 12 after 150 s; with the reset 2 ranks do all 3 in 36 s).
   :func:`step_per_forward` starts a new trace at each model forward, as when DeepSpeed wraps the
   model itself.
+* ZeRO-3 hooks every submodule that holds weights (each linear and norm: ~380 per forward of
+  SmolLM2) and gathers and releases weights one submodule at a time. With a few rows per step that
+  Python work, not the maths, sets the pace: a forward of SmolLM2 on CPU took 440 ms under ZeRO-3
+  against 114 ms plain. :func:`leaf_blocks` makes each transformer block one unit (gathered whole,
+  by one pair of hooks): 142 ms. The price is that a whole block's weights are on the GPU at once.
 """
 
 from __future__ import annotations
@@ -43,3 +48,16 @@ def step_per_forward(ds_engine: Any, model: torch.nn.Module) -> RemovableHandle:
     coordinator = ds_engine.optimizer.get_param_coordinator()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.register_forward_pre_hook(lambda *_: coordinator.reset_step())
+
+
+def leaf_blocks(model: torch.nn.Module) -> list[str]:
+    """Make each transformer block (the model's ``_no_split_modules``) one ZeRO-3 unit; call before
+    DeepSpeed wraps the model. Returns the block class names."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    classes = list({type(m) for m in base.modules() if type(m).__name__ in names})
+    if classes:
+        set_z3_leaf_modules(base, classes)
+    return sorted(c.__name__ for c in classes)

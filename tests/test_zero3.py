@@ -55,6 +55,7 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
     with deepspeed.zero.Init(config_dict_or_path=config):  # as Lightning does around configure_model
         sharded = AutoModelForCausalLM.from_pretrained(folder).eval()
     partitioned = all(p.numel() == 0 for p in sharded.parameters())  # each rank holds only its shard
+    blocks = zero3.leaf_blocks(sharded)
     ds_engine = deepspeed.initialize(model=Outer(sharded), config=config)[0]
     # DeepSpeed's training default swaps F.linear process-wide (other GPU kernels, other bf16 rows)
     # and would also run the plain model below through the swap, hiding any difference
@@ -92,7 +93,7 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
     same["generate"] = [f.text for f in finish(out[:, ids.shape[1]:], tok, [tok.eos_token_id], brace)] == \
         [f.text for f in finish(ref[:, ids.shape[1]:], tok, [tok.eos_token_id], ref_brace)]
     # one ZeRO-3 trace step per model forward (plus one per outer forward, DeepSpeed's own)
-    results[rank] = (partitioned, same, len(calls), linear_kept, len(resets) - 3)
+    results[rank] = (partitioned, same, len(calls), linear_kept, len(resets) - 3, blocks)
     torch.distributed.destroy_process_group()
 
 
@@ -105,7 +106,8 @@ def test_zero3_lockstep_gives_the_plain_rows(tiny_model):
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(str(tiny_model), port, results), nprocs=2)
     for rank in (0, 1):
-        partitioned, same, forwards, linear_kept, trace_steps = results[rank]
+        partitioned, same, forwards, linear_kept, trace_steps, blocks = results[rank]
+        assert blocks == ["LlamaDecoderLayer"], rank  # gathered whole, and the rows stay the same
         assert partitioned, rank
         assert linear_kept, rank
         assert same == {False: True, True: True, "generate": True}, rank
