@@ -345,8 +345,10 @@ class GenerationDataModule(LightningDataModule):
             log.info("data.max_batch_tokens: auto caps batches on CUDA only; no cap on %s", module.device.type)
             return None
         free, _ = torch.cuda.mem_get_info(module.device)
-        shortest = self.resolved_block_size if self.max_new_tokens == "auto" else 1 + int(self.max_new_tokens)
-        budget = torch.tensor([token_budget(module.model, free, row_span=shortest)], device=module.device)
+        lengths = [len(ex["input_ids"]) for ex in self.examples] or [1]
+        shortest = self.resolved_block_size if self.max_new_tokens == "auto" else min(lengths) + int(self.max_new_tokens)
+        budget = torch.tensor([token_budget(module.model, free, row_span=shortest, prompt_width=max(lengths))],
+                              device=module.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(budget, op=torch.distributed.ReduceOp.MIN)
         log.info("data.max_batch_tokens: auto -> %d tokens (%.1f GiB free on this rank)", int(budget), free / 2**30)

@@ -226,7 +226,8 @@ class GenerationModule(LightningModule):
                 model = model.merge_and_unload()
         model.eval()
         if getattr(strategy, "zero_stage_3", False):
-            log.info("ZeRO-3 gathers these blocks whole: %s", zero3.leaf_blocks(model))
+            blocks = zero3.leaf_blocks(model, strategy.config)
+            log.info("ZeRO-3 gathers these blocks whole: %s", blocks)
         self.model = model
 
     def on_predict_start(self) -> None:

@@ -50,14 +50,28 @@ def step_per_forward(ds_engine: Any, model: torch.nn.Module) -> RemovableHandle:
     return base.register_forward_pre_hook(lambda *_: coordinator.reset_step())
 
 
-def leaf_blocks(model: torch.nn.Module) -> list[str]:
-    """Make each transformer block (the model's ``_no_split_modules``) one ZeRO-3 unit; call before
-    DeepSpeed wraps the model. Returns the block class names."""
+def leaf_blocks(model: torch.nn.Module, config: dict[str, Any]) -> list[str]:
+    """Make each block the model keeps whole (``_no_split_modules``, e.g. its decoder layers) one
+    ZeRO-3 unit; call before DeepSpeed wraps the model. Returns the class names made units.
+
+    Left as DeepSpeed has it: where the DeepSpeed config names its own ``leaf_module``s, where
+    parameters are offloaded to NVMe (a unit is read in one go, beyond the default swap buffers),
+    and for a class whose instance holds more than ``stage3_max_live_parameters``.
+    """
     from deepspeed.utils import set_z3_leaf_modules
 
+    zero = config.get("zero_optimization", {})
+    if "leaf_module" in zero or (zero.get("offload_param") or {}).get("device") == "nvme":
+        return []
+    cap = int(zero.get("stage3_max_live_parameters", 10**9))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
-    classes = list({type(m) for m in base.modules() if type(m).__name__ in names})
+    size: dict[type, int] = {}
+    for module in base.modules():
+        if type(module).__name__ in names:
+            numel = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+            size[type(module)] = max(size.get(type(module), 0), numel)
+    classes = [cls for cls, numel in size.items() if numel <= cap]
     if classes:
         set_z3_leaf_modules(base, classes)
     return sorted(c.__name__ for c in classes)

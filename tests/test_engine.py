@@ -130,7 +130,7 @@ def test_synced_ranks_run_the_same_number_of_forwards(tiny_model, tmp_path):
     assert gpt0 == gpt1 == 2 * 14  # twice (eager, graph stepper): prefill + 13 steps, on both ranks
 
 
-def test_token_budget_counts_cache_twice_prefill_activations_and_row_scores(lm):
+def test_token_budget_counts_cache_twice_prefill_activations_mask_and_row_scores(lm):
     model, _ = lm  # 2 layers, 2 KV heads of 16, hidden 64, MLP 128, float32
     assert engine.cache_bytes_per_token(model) == 2 * 2 * 2 * 16 * 4
     per_token = 2 * 512 + (3 * 128 + 4 * 64) * 4
@@ -139,3 +139,5 @@ def test_token_budget_counts_cache_twice_prefill_activations_and_row_scores(lm):
     vocab = model.config.vocab_size  # rows of at least 10 tokens each carry vocabulary-wide scores
     with_rows = per_token + -(-vocab * 40 // 10)
     assert engine.token_budget(model, free_bytes=with_rows * 1000, share=1.0, row_span=10) == 1000
+    with_mask = with_rows + 8 * 50  # prompts up to 50 tokens: the prefill's mask
+    assert engine.token_budget(model, free_bytes=with_mask * 1000, share=1.0, row_span=10, prompt_width=50) == 1000

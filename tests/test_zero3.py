@@ -55,8 +55,11 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
     with deepspeed.zero.Init(config_dict_or_path=config):  # as Lightning does around configure_model
         sharded = AutoModelForCausalLM.from_pretrained(folder).eval()
     partitioned = all(p.numel() == 0 for p in sharded.parameters())  # each rank holds only its shard
-    blocks = zero3.leaf_blocks(sharded)
+    blocks = zero3.leaf_blocks(sharded, config)
     ds_engine = deepspeed.initialize(model=Outer(sharded), config=config)[0]
+    # inside a block nothing is hooked: DeepSpeed gathers the block's weights with one pair of hooks
+    inner_hooks = sum(len(m._forward_pre_hooks) for m in sharded.model.layers[0].modules()
+                      if m is not sharded.model.layers[0])
     # DeepSpeed's training default swaps F.linear process-wide (other GPU kernels, other bf16 rows)
     # and would also run the plain model below through the swap, hiding any difference
     linear_kept = torch.nn.functional.linear is linear
@@ -93,7 +96,7 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
     same["generate"] = [f.text for f in finish(out[:, ids.shape[1]:], tok, [tok.eos_token_id], brace)] == \
         [f.text for f in finish(ref[:, ids.shape[1]:], tok, [tok.eos_token_id], ref_brace)]
     # one ZeRO-3 trace step per model forward (plus one per outer forward, DeepSpeed's own)
-    results[rank] = (partitioned, same, len(calls), linear_kept, len(resets) - 3, blocks)
+    results[rank] = (partitioned, same, len(calls), linear_kept, len(resets) - 3, blocks, inner_hooks)
     torch.distributed.destroy_process_group()
 
 
@@ -106,10 +109,25 @@ def test_zero3_lockstep_gives_the_plain_rows(tiny_model):
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(str(tiny_model), port, results), nprocs=2)
     for rank in (0, 1):
-        partitioned, same, forwards, linear_kept, trace_steps, blocks = results[rank]
-        assert blocks == ["LlamaDecoderLayer"], rank  # gathered whole, and the rows stay the same
+        partitioned, same, forwards, linear_kept, trace_steps, blocks, inner_hooks = results[rank]
+        assert blocks == ["LlamaDecoderLayer"] and inner_hooks == 0, rank  # and the rows stay the same
         assert partitioned, rank
         assert linear_kept, rank
         assert same == {False: True, True: True, "generate": True}, rank
         assert trace_steps == forwards, rank
     assert results[0][2] == results[1][2]  # every forward on both ranks, though rank 0 has less to do
+
+
+def test_blocks_left_to_deepspeed_where_whole_ones_would_not_fit(tiny_model):
+    block = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).model.layers[0].parameters())
+    cases = [
+        ({"stage": 3}, ["LlamaDecoderLayer"]),
+        ({"stage": 3, "stage3_max_live_parameters": block}, ["LlamaDecoderLayer"]),
+        ({"stage": 3, "stage3_max_live_parameters": block - 1}, []),  # one block is more than may be live
+        ({"stage": 3, "offload_param": {"device": "nvme"}}, []),  # read in one go past the swap buffers
+        ({"stage": 3, "leaf_module": {"classes": ["LlamaMLP"]}}, []),  # the user's own choice
+    ]
+    for zero, expected in cases:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        assert zero3.leaf_blocks(model, {"zero_optimization": zero}) == expected, zero
+        assert getattr(model.model.layers[0], "_z3_leaf", False) == bool(expected), zero
