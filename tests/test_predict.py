@@ -238,3 +238,24 @@ def test_zero3_config_is_set_for_generation_before_the_model_is_built(tiny_model
     module._trainer = SimpleNamespace(strategy=plain, world_size=1)
     module.setup("predict")
     assert plain.config == {"zero_optimization": {"stage": 3}}
+
+
+def test_zero3_trace_hook_lives_for_the_predict_run(tiny_model):
+    """Under ZeRO-3 each model forward starts a new DeepSpeed trace step, from predict start to end."""
+    from types import SimpleNamespace
+
+    from lgen.module import GenerationModule
+
+    module = GenerationModule(str(tiny_model), max_new_tokens=4)
+    module.model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    resets = []
+    coordinator = SimpleNamespace(reset_step=lambda: resets.append(1))
+    engine = SimpleNamespace(optimizer=SimpleNamespace(get_param_coordinator=lambda: coordinator))
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True, model=engine), world_size=2)
+    ids = torch.tensor([[3, 4, 5]])
+    module.on_predict_start()
+    module.model(input_ids=ids)
+    module.model(input_ids=ids)
+    module.on_predict_end()
+    module.model(input_ids=ids)
+    assert len(resets) == 2
