@@ -29,6 +29,19 @@ print(f"SPEED {pathlib.Path(sys.argv[1]).name}: world {s['world_size']}, {s['rec
       f"wall {s['wall_seconds']} s, {s['tokens_per_second']} tok/s")
 PY
 done; }
+# copies FILE N LONG: the quickstart prompts N times over (ids "<id>#<copy>"); LONG=1 repeats
+# the k-th copy's prompt text 8 + k % 8 times
+copies() { python3 - "$@" <<'PY'
+import json, sys
+path, n, long = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+rows = [json.loads(l) for l in open("configs/data/quickstart.jsonl")]
+with open(path, "w") as f:
+    for k in range(n):
+        for r in rows:
+            prompt = r["prompt"] * (8 + k % 8) if long else r["prompt"]
+            f.write(json.dumps({**r, "task_id": f"{r['task_id']}#{k}", "prompt": prompt}) + "\n")
+PY
+}
 rand1b() { python3 - "$1" <<'PY'
 import os, sys, torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -75,14 +88,7 @@ offload)
   speed rand1b-plain rand1b-capped-zero3_offload ;;
 speed)
   [ -d "$out/rand1b" ] || rand1b "$out/rand1b"
-  python3 - "$out/prompts512.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open("configs/data/quickstart.jsonl")]
-with open(sys.argv[1], "w") as f:
-    for k in range(16):
-        for r in rows:
-            f.write(json.dumps({**r, "task_id": f"{r['task_id']}#{k}"}) + "\n")
-PY
+  copies "$out/prompts512.jsonl" 16 0
   s=(--config configs/quickstart.yaml --model.model_name_or_path "$out/rand1b" --model.max_new_tokens 128
      --model.use_brace_matching false --data.data_files "$out/prompts512.jsonl" --data.per_device_batch_size 128)
   lgen 1b-plain "${s[@]}" "${plain[@]}" --trainer.devices 1
@@ -94,14 +100,7 @@ PY
 budget)
   # long prompts, no row cap: the auto budget alone sizes the batches and must fit
   [ -d "$out/rand1b" ] || rand1b "$out/rand1b"
-  python3 - "$out/long.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open("configs/data/quickstart.jsonl")]
-with open(sys.argv[1], "w") as f:
-    for k in range(256):
-        r = rows[k % len(rows)]
-        f.write(json.dumps({**r, "task_id": f"{r['task_id']}#{k}", "prompt": r["prompt"] * (8 + k % 8)}) + "\n")
-PY
+  copies "$out/long.jsonl" 8 1
   b=(--config configs/quickstart.yaml --model.model_name_or_path "$out/rand1b" --model.max_new_tokens 128
      --model.use_brace_matching false --data.data_files "$out/long.jsonl" --data.block_size 2048
      --data.per_device_batch_size 100000 "${plain[@]}" "${common[@]}" --trainer.devices 1)

@@ -206,13 +206,13 @@ class GenerationModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if getattr(strategy, "zero_stage_3", False):
+        sharded = self._sharded()
+        if sharded:
             # ZeRO-3: transformers sees this (weakly referenced) config and builds the model already
             # partitioned, loading each weight straight into its shards; it never exists whole on one GPU.
             from transformers.integrations import HfDeepSpeedConfig
 
-            self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
+            self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
         dtype = DTYPES[self.torch_dtype] if self.torch_dtype else None
         kwargs = {"revision": self.model_revision, "token": self.token, "config": self.model_config}
         if dtype is not None:
@@ -225,8 +225,8 @@ class GenerationModule(LightningModule):
             if self.merge_adapter and not self.adapter_config.is_prompt_learning:
                 model = model.merge_and_unload()
         model.eval()
-        if getattr(strategy, "zero_stage_3", False):
-            blocks = zero3.leaf_blocks(model, strategy.config)
+        if sharded:
+            blocks = zero3.leaf_blocks(model, self.trainer.strategy.config)
             log.info("ZeRO-3 gathers these blocks whole: %s", blocks)
         self.model = model
 

@@ -5,8 +5,8 @@ Three DeepSpeed behaviours are meant for training:
 * ``memory_efficient_linear`` (on by default) replaces ``torch.nn.functional.linear`` for the whole
   process with an autograd function that saves less for backward. Generation has no backward, and
   the replacement computes the product another way (``matmul`` with the transposed weight), which
-  on a GPU need not round like ``F.linear`` in bf16. :func:`inference_config` turns it off unless the user
-  set it; it must reach the config before DeepSpeed's ``zero.Init`` is entered (Lightning enters it
+  on a GPU need not round like ``F.linear`` in bf16. :func:`inference_config` turns it off unless
+  the user set it; it must reach the config before DeepSpeed's ``zero.Init`` is entered (Lightning enters it
   around ``configure_model``), since that is where the swap happens.
 * ZeRO-3 records the order in which submodules run during one forward of the wrapped module and
   prefetches and releases weights by that trace. Lightning wraps the LightningModule, so one
@@ -32,6 +32,11 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def inference_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` (a DeepSpeed config dict, changed in place) with ``F.linear`` left alone."""
     config.setdefault("zero_optimization", {}).setdefault("memory_efficient_linear", False)
@@ -46,8 +51,7 @@ def step_per_forward(ds_engine: Any, model: torch.nn.Module) -> RemovableHandle:
     ranks (a collective): that is safe because lgen's ranks run the same forwards in lockstep.
     """
     coordinator = ds_engine.optimizer.get_param_coordinator()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.register_forward_pre_hook(lambda *_: coordinator.reset_step())
+    return _base(model).register_forward_pre_hook(lambda *_: coordinator.reset_step())
 
 
 def leaf_blocks(model: torch.nn.Module, config: dict[str, Any]) -> list[str]:
@@ -64,7 +68,7 @@ def leaf_blocks(model: torch.nn.Module, config: dict[str, Any]) -> list[str]:
     if "leaf_module" in zero or (zero.get("offload_param") or {}).get("device") == "nvme":
         return []
     cap = int(zero.get("stage3_max_live_parameters", 10**9))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     names = set(getattr(base, "_no_split_modules", None) or ())
     size: dict[type, int] = {}
     for module in base.modules():
