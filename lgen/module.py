@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList
 
 from lgen import engine as engine_lib
-from lgen import models, zero3
+from lgen import models, precision, zero3
 from lgen.stopping import BraceMatchingCriteria, Language, finish
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,8 @@ class GenerationModule(LightningModule):
         # attention need none.
         if self.device.type == "cuda":
             torch.backends.cuda.enable_cudnn_sdp(False)
+        # Lightning's bf16-true/16-true cast (and ZeRO-3's zero.Init) rounded the rotary frequencies
+        precision.rotary_in_float32(self.model)
         if self._sharded():
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
 

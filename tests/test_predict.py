@@ -63,6 +63,21 @@ def test_records_match_plain_generate_cut_by_the_reference(tiny_model, code_json
     assert reasons == {"brace_matching", "stop", "length"}  # the fixture exercises every rule
 
 
+def test_bf16_true_records_keep_float32_rotary_frequencies(tiny_model, code_jsonl, tmp_path):
+    """Lightning's bf16-true casts every buffer; lgen puts the rotary frequencies back in float32,
+    so each row is what transformers' own bf16 model generates (one row per batch: no padding)."""
+    out = tmp_path / "out"
+    assert lgen(*base_args(tiny_model, code_jsonl, out, "--trainer.precision", "bf16-true",
+                           "--model.torch_dtype", "bfloat16", "--data.per_device_batch_size", "1")) == 0
+    records = {r["id"]: r for r in read(out)}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).eval()
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for i, prompt in enumerate(PROMPTS):
+        record = records[f"t/{i}"]
+        assert (record["prediction"], record["finish_reason"]) == expected_record(model, tok, prompt), i
+
+
 def test_record_fields_shards_and_config_dumps(tiny_model, code_jsonl, tmp_path):
     out = tmp_path / "out"
     assert lgen(*base_args(tiny_model, code_jsonl, out, "--data.dataset_config_name", "java")) == 0
@@ -241,7 +256,8 @@ def test_zero3_config_is_set_for_generation_before_the_model_is_built(tiny_model
 
 
 def test_zero3_trace_hook_lives_for_the_predict_run(tiny_model):
-    """Under ZeRO-3 each model forward starts a new DeepSpeed trace step, from predict start to end."""
+    """Under ZeRO-3 each model forward starts a new DeepSpeed trace step, from predict start to end;
+    predict start also puts back the float32 rotary frequencies that zero.Init rounded."""
     from types import SimpleNamespace
 
     from lgen.module import GenerationModule
@@ -253,7 +269,11 @@ def test_zero3_trace_hook_lives_for_the_predict_run(tiny_model):
     engine = SimpleNamespace(optimizer=SimpleNamespace(get_param_coordinator=lambda: coordinator))
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True, model=engine), world_size=2)
     ids = torch.tensor([[3, 4, 5]])
+    rotary = module.model.model.rotary_emb
+    exact = rotary.inv_freq.clone()
+    rotary.inv_freq = rotary.inv_freq.to(torch.bfloat16)  # as zero.Init leaves it
     module.on_predict_start()
+    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, exact)
     module.model(input_ids=ids)
     module.model(input_ids=ids)
     module.on_predict_end()

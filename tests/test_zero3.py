@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-3 on CPU (DeepSpeed's CPU accelerator, 2 gloo processes): the model is built
-partitioned, and the lockstep compact engine and synced ``generate`` give the plain model's rows.
+partitioned, and the lockstep compact engine and synced ``generate`` give the plain model's rows in
+bf16 (the precision of ``bf16-true``).
 
 Lightning's DeepSpeedStrategy needs CUDA, so this drives DeepSpeed directly, as ``configure_model``
 and the strategy do: DeepSpeed wraps an outer module whose one forward runs a whole generation (as
@@ -21,7 +22,7 @@ import torch
 from conftest import PROMPTS
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import engine, zero3
+from lgen import engine, precision, zero3
 from lgen.stopping import BraceMatchingCriteria, finish
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
@@ -49,11 +50,16 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     linear = torch.nn.functional.linear
-    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
-    config = zero3.inference_config(copy.deepcopy(ZERO3))
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    config = zero3.inference_config({**copy.deepcopy(ZERO3), "bf16": {"enabled": True}})  # as bf16-true
     keep = HfDeepSpeedConfig(config)  # noqa: F841 (transformers holds it weakly)
     with deepspeed.zero.Init(config_dict_or_path=config):  # as Lightning does around configure_model
         sharded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    # zero.Init made the rotary frequencies bf16 too; on_predict_start recomputes them in float32
+    ours, theirs = sharded.model.rotary_emb, plain.model.rotary_emb
+    rotary = (ours.inv_freq.dtype, precision.rotary_in_float32(sharded), precision.rotary_in_float32(sharded),
+              all(torch.equal(getattr(ours, n), getattr(theirs, n)) and getattr(ours, n).dtype == torch.float32
+                  for n in ("inv_freq", "original_inv_freq")))
     partitioned = all(p.numel() == 0 for p in sharded.parameters())  # each rank holds only its shard
     blocks = zero3.leaf_blocks(sharded, config)
     ds_engine = deepspeed.initialize(model=Outer(sharded), config=config)[0]
@@ -96,7 +102,7 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
     same["generate"] = [f.text for f in finish(out[:, ids.shape[1]:], tok, [tok.eos_token_id], brace)] == \
         [f.text for f in finish(ref[:, ids.shape[1]:], tok, [tok.eos_token_id], ref_brace)]
     # one ZeRO-3 trace step per model forward (plus one per outer forward, DeepSpeed's own)
-    results[rank] = (partitioned, same, len(calls), linear_kept, len(resets) - 3, blocks, inner_hooks)
+    results[rank] = (partitioned, same, len(calls), linear_kept, len(resets) - 3, blocks, inner_hooks, rotary)
     torch.distributed.destroy_process_group()
 
 
@@ -109,7 +115,8 @@ def test_zero3_lockstep_gives_the_plain_rows(tiny_model):
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(str(tiny_model), port, results), nprocs=2)
     for rank in (0, 1):
-        partitioned, same, forwards, linear_kept, trace_steps, blocks, inner_hooks = results[rank]
+        partitioned, same, forwards, linear_kept, trace_steps, blocks, inner_hooks, rotary = results[rank]
+        assert rotary == (torch.bfloat16, 1, 0, True), rank  # fixed once, then the plain model's exactly
         assert blocks == ["LlamaDecoderLayer"] and inner_hooks == 0, rank  # and the rows stay the same
         assert partitioned, rank
         assert linear_kept, rank
@@ -131,3 +138,4 @@ def test_blocks_left_to_deepspeed_where_whole_ones_would_not_fit(tiny_model):
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
         assert zero3.leaf_blocks(model, {"zero_optimization": zero}) == expected, zero
         assert getattr(model.model.layers[0], "_z3_leaf", False) == bool(expected), zero
+
