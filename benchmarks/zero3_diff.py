@@ -6,10 +6,12 @@
 Loads the model twice in the same process, plainly and partitioned under ZeRO-3 with lgen's
 settings (:mod:`lgen.zero3`; DeepSpeed wraps an outer module, as Lightning wraps the
 LightningModule), prefills the quickstart prompts through both and prints the largest difference
-of each decoder layer's output, then greedy-decodes 64 tokens with lgen's compact engine and counts
-identical rows. It also prints the global math settings before and after DeepSpeed is set up, since
-both models run in this one process: a difference here is in DeepSpeed's path itself, no difference
-here but one between separate runs points at process-wide settings.
+of each decoder layer's output and of each part of the first layer, then greedy-decodes 64 tokens
+with lgen's compact engine and counts identical rows. It also prints the global math settings
+before and after DeepSpeed is set up and each model's buffer dtypes. Both models run in this one
+process: a difference here is in DeepSpeed's path itself, no difference here but one between
+separate runs points at process-wide settings. ``--keep-rotary`` skips lgen's float32 rotary
+frequencies (:mod:`lgen.precision`) to show what ``zero.Init`` alone does to them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import engine, models, zero3
+from lgen import engine, models, precision, zero3
 
 
 def flags() -> dict[str, object]:
@@ -50,12 +52,33 @@ def layer_outputs(model: torch.nn.Module, run) -> list[torch.Tensor]:
     return outs
 
 
+def first_layer_parts(model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
+    """The embedding's and rotary embedding's outputs and each submodule's in the first decoder layer."""
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            outs[name] = (output[0] if isinstance(output, tuple) else output).float().cpu()
+        return hook
+
+    named = [("embed_tokens", model.model.embed_tokens), ("rotary_emb (cos)", model.model.rotary_emb)]
+    named += [(f"layers.0.{n}" if n else "layers.0", m) for n, m in model.model.layers[0].named_modules()]
+    hooks = [m.register_forward_hook(keep(n)) for n, m in named]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--prompts", default="configs/data/quickstart.jsonl")
+    p.add_argument("--keep-rotary", action="store_true", help="leave the rotary frequencies as zero.Init made them")
     args = p.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                       RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -67,12 +90,17 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tok.pad_token is None:  # as lgen.module does
+        tok.pad_token = tok.eos_token
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     config = zero3.inference_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
     if dtype == torch.bfloat16:
         config["bf16"] = {"enabled": True}
     keep = HfDeepSpeedConfig(config)  # noqa: F841 (transformers holds it weakly)
-    sharded = AutoModelForCausalLM.from_pretrained(path).eval()
+    with deepspeed.zero.Init(config_dict_or_path=config):  # as Lightning enters it around configure_model
+        sharded = AutoModelForCausalLM.from_pretrained(path).eval()
+    if not args.keep_rotary:
+        precision.rotary_in_float32(sharded)
     ds_engine = deepspeed.initialize(model=Outer(sharded), config=config)[0]
     zero3.step_per_forward(ds_engine, sharded)
     print("after deepspeed: ", flags())
@@ -82,6 +110,11 @@ def main() -> None:
         a = layer_outputs(plain, lambda: plain(**enc))
         b = layer_outputs(sharded, lambda: ds_engine(lambda m: m(**enc)))
         print("prefill, max |plain - zero3| per layer:", [f"{(x - y).abs().max().item():.3g}" for x, y in zip(a, b)])
+        pa = first_layer_parts(plain, lambda: plain(**enc))
+        pb = first_layer_parts(sharded, lambda: ds_engine(lambda m: m(**enc)))
+        print("first layer, max |plain - zero3|:", {n: f"{(x - pb[n]).abs().max().item():.3g}" for n, x in pa.items()})
+        print("buffers, plain:", {n: str(b.dtype) for n, b in plain.named_buffers()},
+              "zero3:", {n: str(b.dtype) for n, b in sharded.named_buffers()})
         gen = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
         def decode(m):
