@@ -2,7 +2,7 @@
 # Same greedy records on 1 GPU, on N GPUs with DDP, and under DeepSpeed ZeRO-3 with and without
 # CPU offload; tokens/s of each. Needs N CUDA GPUs and deepspeed.
 #   bash benchmarks/scale_check.sh OUT_DIR N records   # SmolLM2 on the quickstart prompts (uneven ranks)
-#   bash benchmarks/scale_check.sh OUT_DIR N offload   # a 1.1B float32 model with 3 GiB of GPU memory free (1 rank)
+#   bash benchmarks/scale_check.sh OUT_DIR N offload   # a 1.1B float32 model with 4 GiB of GPU memory free (1 rank)
 #   bash benchmarks/scale_check.sh OUT_DIR N speed     # tokens/s of a random 1.1B model, 512 prompts
 #   bash benchmarks/scale_check.sh OUT_DIR 1 budget    # max_batch_tokens: auto on a GPU with 8 GiB free
 # The random models take SmolLM2's tokenizer, or the one in $TOKENIZER (a folder).
@@ -73,16 +73,16 @@ records)
   same plain-eager "zero3-$n"; same plain-eager "zero3_offload-$n"; same f32-eager "f32-zero3-$n"
   speed plain plain-eager plain-generate "ddp$n" "zero3-$n" "zero3_offload-$n" ;;
 offload)
-  # 1.1B parameters in float32 (4.4 GB) with 3 GiB of GPU memory left free
+  # 1.1B parameters in float32 (4.4 GB) with 4 GiB of GPU memory left free: the weights alone do not fit
   rand1b "$out/rand1b"
   r=(--config configs/quickstart.yaml --model.model_name_or_path "$out/rand1b" --model.max_new_tokens 32
      --trainer.precision 32-true --model.torch_dtype float32)
   # one ZeRO-3 rank decodes with the compact engine, without CUDA graphs (hooks gather the weights)
   lgen rand1b-plain "${r[@]}" --model.cuda_graphs false --trainer.devices 1
-  if python3 benchmarks/capped.py 3 predict "${r[@]}" "${common[@]}" --trainer.devices 1 \
+  if python3 benchmarks/capped.py 4 predict "${r[@]}" "${common[@]}" --trainer.devices 1 \
        --output_dir "$out/rand1b-capped-plain" > "$out/capped-plain.log" 2>&1; then
     echo "CAPPED plain run fitted"; else echo "CAPPED plain run failed: $(grep -o 'OutOfMemoryError.*' "$out/capped-plain.log" | head -c 200)"; fi
-  python3 benchmarks/capped.py 3 predict "${r[@]}" --config configs/zero3_offload.yaml --trainer.precision 32-true \
+  python3 benchmarks/capped.py 4 predict "${r[@]}" --config configs/zero3_offload.yaml --trainer.precision 32-true \
     "${common[@]}" --trainer.devices 1 --output_dir "$out/rand1b-capped-zero3_offload"
   same rand1b-plain rand1b-capped-zero3_offload
   speed rand1b-plain rand1b-capped-zero3_offload ;;
