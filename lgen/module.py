@@ -130,6 +130,7 @@ class GenerationModule(LightningModule):
         self.cuda_graphs = cuda_graphs
         self.seed = seed
         self.model = None
+        self._float32: dict[str, torch.Tensor] = {}  # see configure_model
         self.progress: Counter = Counter()
 
     @staticmethod
@@ -228,6 +229,8 @@ class GenerationModule(LightningModule):
         if sharded:
             blocks = zero3.leaf_blocks(model, self.trainer.strategy.config)
             log.info("ZeRO-3 gathers these blocks whole: %s", blocks)
+        else:  # what is float32 in a bf16 model is so on purpose; the precision's cast comes next
+            self._float32 = precision.float32_tensors(model)
         self.model = model
 
     def on_predict_start(self) -> None:
@@ -236,7 +239,8 @@ class GenerationModule(LightningModule):
         # attention need none.
         if self.device.type == "cuda":
             torch.backends.cuda.enable_cudnn_sdp(False)
-        # Lightning's bf16-true/16-true cast (and ZeRO-3's zero.Init) rounded the rotary frequencies
+        # Lightning's bf16-true/16-true cast (and ZeRO-3's zero.Init) rounded what transformers keeps in float32
+        precision.restore_float32(self.model, self._float32)
         precision.rotary_in_float32(self.model)
         if self._sharded():
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
