@@ -42,18 +42,8 @@ class Outer(torch.nn.Module):
         return fn(self.model)
 
 
-def layer_outputs(model: torch.nn.Module, run) -> list[torch.Tensor]:
-    outs: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, o: outs.append((o[0] if isinstance(o, tuple) else o).float().cpu()))
-             for layer in model.model.layers]
-    run()
-    for h in hooks:
-        h.remove()
-    return outs
-
-
-def first_layer_parts(model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
-    """The embedding's and rotary embedding's outputs and each submodule's in the first decoder layer."""
+def outputs(named: list[tuple[str, torch.nn.Module]], run) -> dict[str, torch.Tensor]:
+    """Each named module's (first) output during ``run()``."""
     outs: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -61,8 +51,6 @@ def first_layer_parts(model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
             outs[name] = (output[0] if isinstance(output, tuple) else output).float().cpu()
         return hook
 
-    named = [("embed_tokens", model.model.embed_tokens), ("rotary_emb (cos)", model.model.rotary_emb)]
-    named += [(f"layers.0.{n}" if n else "layers.0", m) for n, m in model.model.layers[0].named_modules()]
     hooks = [m.register_forward_hook(keep(n)) for n, m in named]
     try:
         run()
@@ -70,6 +58,16 @@ def first_layer_parts(model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
         for h in hooks:
             h.remove()
     return outs
+
+
+def layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(f"layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+
+
+def first_layer_parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The embedding, the rotary embedding (its cosines) and each submodule of the first decoder layer."""
+    named = [("embed_tokens", model.model.embed_tokens), ("rotary_emb (cos)", model.model.rotary_emb)]
+    return named + [(f"layers.0.{n}" if n else "layers.0", m) for n, m in model.model.layers[0].named_modules()]
 
 
 def main() -> None:
@@ -107,12 +105,11 @@ def main() -> None:
     prompts = [json.loads(line)["prompt"] for line in open(args.prompts)]
     enc = tok(prompts, return_tensors="pt", padding=True).to(args.device)
     with torch.inference_mode():
-        a = layer_outputs(plain, lambda: plain(**enc))
-        b = layer_outputs(sharded, lambda: ds_engine(lambda m: m(**enc)))
-        print("prefill, max |plain - zero3| per layer:", [f"{(x - y).abs().max().item():.3g}" for x, y in zip(a, b)])
-        pa = first_layer_parts(plain, lambda: plain(**enc))
-        pb = first_layer_parts(sharded, lambda: ds_engine(lambda m: m(**enc)))
-        print("first layer, max |plain - zero3|:", {n: f"{(x - pb[n]).abs().max().item():.3g}" for n, x in pa.items()})
+        for title, named in (("per layer", layers), ("first layer", first_layer_parts)):
+            a = outputs(named(plain), lambda: plain(**enc))
+            b = outputs(named(sharded), lambda: ds_engine(lambda m: m(**enc)))
+            diffs = {n: f"{(x - b[n]).abs().max().item():.3g}" for n, x in a.items()}
+            print(f"prefill, max |plain - zero3| {title}:", diffs)
         print("buffers, plain:", {n: str(b.dtype) for n, b in plain.named_buffers()},
               "zero3:", {n: str(b.dtype) for n, b in sharded.named_buffers()})
         gen = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

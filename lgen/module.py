@@ -131,6 +131,7 @@ class GenerationModule(LightningModule):
         self.seed = seed
         self.model = None
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
+        self._trace_hook: torch.utils.hooks.RemovableHandle | None = None  # ZeRO-3, during predict
         self.progress: Counter = Counter()
 
     @staticmethod
@@ -246,9 +247,8 @@ class GenerationModule(LightningModule):
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
 
     def on_predict_end(self) -> None:
-        hook = getattr(self, "_trace_hook", None)
-        if hook is not None:
-            hook.remove()
+        if self._trace_hook is not None:
+            self._trace_hook.remove()
             self._trace_hook = None
 
     def config_dumps(self) -> dict[str, dict[str, Any]]:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+from lgen.models import base_model
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +61,7 @@ def rotary_in_float32(model: torch.nn.Module) -> int:
     transformers' own initialiser for these buffers (``_init_weights``, which picks the module's
     rope variant) does the computing, into buffers made float32 first.
     """
-    base = _base(model)
+    base = base_model(model)
     fixed = 0
     for module in base.modules():
         freq = getattr(module, "inv_freq", None)

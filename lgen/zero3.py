@@ -31,10 +31,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from lgen.models import base_model
 
 
 def inference_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +48,7 @@ def step_per_forward(ds_engine: Any, model: torch.nn.Module) -> RemovableHandle:
     ranks (a collective): that is safe because lgen's ranks run the same forwards in lockstep.
     """
     coordinator = ds_engine.optimizer.get_param_coordinator()
-    return _base(model).register_forward_pre_hook(lambda *_: coordinator.reset_step())
+    return base_model(model).register_forward_pre_hook(lambda *_: coordinator.reset_step())
 
 
 def leaf_blocks(model: torch.nn.Module, config: dict[str, Any]) -> list[str]:
@@ -68,7 +65,7 @@ def leaf_blocks(model: torch.nn.Module, config: dict[str, Any]) -> list[str]:
     if "leaf_module" in zero or (zero.get("offload_param") or {}).get("device") == "nvme":
         return []
     cap = int(zero.get("stage3_max_live_parameters", 10**9))
-    base = _base(model)
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or ())
     size: dict[type, int] = {}
     for module in base.modules():
