@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -140,6 +141,15 @@ def merge_main(argv: list[str]) -> int:
     return 0
 
 
+def _close_process_group() -> None:
+    """End the run's process group on every rank together. Left to interpreter exit, rank 0 (which
+    hosts the rendezvous store and writes the summary last) can exit first, and the other ranks'
+    NCCL watchdogs then print store connection errors with C++ stack traces after a good run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # lgen's batch sampler is the plan itself; Lightning's advice about drop_last does not apply
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                               "use_distributed_sampler": False},
             parser_kwargs={"prog": "lgen"},
         )
+        _close_process_group()
     except (ConfigError, outputs.OutputDirError, FileNotFoundError, OSError, ValueError) as err:
         print(f"lgen: error: {err}", file=sys.stderr)
         return 2
