@@ -55,6 +55,13 @@ def main() -> None:
     p.add_argument("--cache", type=int, default=236, help="positions in the static cache (prompt + room)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tokenizer", default="smollm2-135m-instruct", help="for the FSM table: a folder or an alias")
+    p.add_argument("--compile", choices=["auto", "static", "dynamic"],
+                   help="also time lgen's step with its decoder layers compiled (model.torch_compile): shapes "
+                        "as lgen compiles them (auto: static, then symbolic once they change), static, or "
+                        "dynamic from the start; 'compiled ms' per step, 'compile s' to build it")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timings, profile 5 of lgen's steps run without a graph: kernels per step, "
+                        "their summed GPU time and the costliest kernels")
     args = p.parse_args()
     if args.cache < args.prompt + args.repeat + 8:
         p.error("--cache must hold the prompt and every timed step: at least --prompt + --repeat + 8")
@@ -96,6 +103,69 @@ def main() -> None:
             fsm_ms = timed(lambda: crit.advance(tokens), args.device, args.repeat * 10)
         graph, stock = graph_ms["lgen"], graph_ms["stock"]
         print(f"{batch:>6}{step_ms:>10.2f}{stock:>10.2f}{graph:>10.2f}{fsm_ms:>9.3f}{fsm_ms / graph:>10.2%}")
+        if args.profile:
+            with torch.inference_mode():
+                profile(model, ids, token, args.cache - args.prompt, args.device)
+    if args.compile:
+        compiled(model, config, args)
+
+
+def compiled(model: torch.nn.Module, config: LlamaConfig, args: argparse.Namespace) -> None:
+    """lgen's graph step with the decoder layers compiled (after every uncompiled timing: from here
+    on every forward of the layers runs compiled code): ms per step, seconds to compile and capture
+    a new batch size, and the largest logit difference from the uncompiled step."""
+    print(f"{'batch':>6}{'compiled ms':>13}{'compile s':>11}{'max diff':>10}   ({args.compile} shapes)")
+    graph = args.device == "cuda"
+    room = args.cache - args.prompt
+    with torch.inference_mode():
+        inputs, expected = {}, {}
+        for batch in args.batch:
+            ids = torch.randint(0, config.vocab_size, (batch, args.prompt), device=args.device)
+            plain = engine._Graphed(model, room, graph=graph)
+            plain.prefill(ids, torch.ones_like(ids), 1)
+            inputs[batch], expected[batch] = ids, plain.step(ids[:, -1])
+            del plain
+        engine.compile_layers(model, dynamic={"auto": None, "static": False, "dynamic": True}[args.compile])
+        for batch, ids in inputs.items():
+            t0 = time.perf_counter()
+            graphed = engine._Graphed(model, room, graph=graph)
+            graphed.prefill(ids, torch.ones_like(ids), 1)
+            got = graphed.step(ids[:, -1])
+            if graph:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            diff = (got - expected[batch]).abs().max().item()
+            ms = timed(lambda: graphed.step(ids[:, -1]), args.device, args.repeat)
+            print(f"{batch:>6}{ms:>13.2f}{seconds:>11.1f}{diff:>10.3g}")
+            del graphed
+
+
+def profile(model: torch.nn.Module, ids: torch.Tensor, token: torch.Tensor, room: int, device: str) -> None:
+    """Kernels per step and where the GPU time goes, over 5 eager steps of lgen's static-cache step
+    (a graph replays the same kernels without the launch gaps)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    steps = 5
+    graphed = engine._Graphed(model, room, graph=False)
+    graphed.prefill(ids, torch.ones_like(ids), 1)
+    for _ in range(3):
+        graphed.step(token[:, 0])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            graphed.step(token[:, 0])
+        if device == "cuda":
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.device_time for e in kernels)
+    print(f"  profile: {len(kernels) / steps:.0f} kernels per step, {total_us / steps / 1000:.2f} ms of GPU time a step")
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    for name, times in top:
+        print(f"  {sum(times) / steps / 1000:8.3f} ms {len(times) / steps:5.0f}x  {name[:110]}")
 
 
 if __name__ == "__main__":

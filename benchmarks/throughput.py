@@ -110,13 +110,13 @@ def run_seed(model, tok, prompts, max_new_tokens, batch_size, device):
     return time.perf_counter() - t0, preds, useful, slots
 
 
-def run_lgen(path, prompts, max_new_tokens, engine, batch_size, dtype, device, data_file: Path):
+def run_lgen(path, prompts, max_new_tokens, engine, batch_size, dtype, device, data_file: Path, torch_compile=False):
     import lightning as L
 
     from lgen.writer import JsonlWriter
 
     module = GenerationModule(path, max_new_tokens, use_brace_matching=True, brace_matching_start_level=1,
-                              torch_dtype=dtype, engine=engine)
+                              torch_dtype=dtype, engine=engine, torch_compile=torch_compile)
     module.configure_model()  # load outside the timed region, as for the seed
     data = GenerationDataModule(data_files=str(data_file), mode="complete", text_column_name="prompt",
                                 per_device_batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=2048)
@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--seed-batch-size", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=256, help="lgen's per_device_batch_size")
     p.add_argument("--skip-seed", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="add a run with model.torch_compile (CUDA only; compile time counts in its seconds)")
     args = p.parse_args()
 
     path = models.resolve(args.model)
@@ -172,9 +174,12 @@ def main() -> None:
                                                 args.device)
         rows.append(("seed", s, useful, slots, None, seed_preds))
     del model
-    for name, engine in (("lgen-generate", "generate"), ("lgen", "compact")):
+    ways = [("lgen-generate", "generate", False), ("lgen", "compact", False)]
+    if args.compile:
+        ways.append(("lgen-compiled", "compact", True))
+    for name, engine, torch_compile in ways:
         s, preds, useful, slots, reasons = run_lgen(path, prompts, args.max_new_tokens, engine, args.batch_size,
-                                                    args.dtype, args.device, data_file)
+                                                    args.dtype, args.device, data_file, torch_compile)
         rows.append((name, s, useful, slots, reasons, preds))
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -192,6 +197,10 @@ def main() -> None:
         vs_gen = f"{base['lgen-generate'] / s:.2f}x"
         print(f"{name:<15}{s:>9.2f}{useful:>11}{useful / s:>13.1f}{useful / slots:>10.1%}{vs_seed:>9}{vs_gen:>12}"
               f"{'' if same is None else f'{same}/{len(preds)}':>13}  {reasons or ''}")
+    if args.compile:
+        preds = {name: p for name, *_, p in rows}
+        same = sum(a == b for a, b in zip(preds["lgen-compiled"], preds["lgen"]))
+        print(f"lgen-compiled: {same}/{len(preds['lgen'])} predictions identical to lgen")
 
 
 if __name__ == "__main__":

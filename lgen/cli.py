@@ -88,6 +88,7 @@ class LgenCLI(LightningCLI):
         config_text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
         self.writer = JsonlWriter(out, split, done, config_text, fingerprint, merge=cfg.merge)
         self.trainer = self.instantiate_trainer()
+        model.check_strategy(self.trainer.strategy)
 
     def instantiate_trainer(self, **kwargs: Any):
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]

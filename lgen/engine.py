@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from lgen.attention import packed_decode
+from lgen.models import base_model
 from lgen.stopping import BraceMatchingCriteria
 
 _SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "num_return_sequences", "max_new_tokens",
@@ -164,6 +165,32 @@ class SlotCache:
         return SlotCache([k[rows] for k in self.k], [v[rows] for v in self.v], self.write_at)
 
 
+def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
+    """``torch.compile`` each decoder layer (the classes a transformers model lists in
+    ``_no_split_modules``) for :class:`_Graphed`'s decode steps, which then replay fused kernels.
+
+    Compiling the layers, not the whole model, keeps the compiled code small: dynamo traces each
+    layer (its cache index is a constant) and inductor's graph cache serves the copies. ``dynamic``
+    is ``torch.compile``'s: by default the first batch shape compiles static and the next makes the
+    sizes that changed (rows, cache length) symbolic, so later batches reuse that graph. Everything
+    else runs eagerly: ``_Graphed`` runs its prefill with compiled code set aside. Returns the
+    number of layers compiled.
+    """
+    names = set(getattr(base_model(model), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"model.torch_compile: {type(base_model(model)).__name__} names no decoder layer classes "
+                         "(_no_split_modules), so there is nothing to compile; set model.torch_compile: false")
+    for layer in layers:
+        if layer._compiled_call_impl is None:  # a second predict on the same model keeps its graphs
+            layer.compile(dynamic=dynamic)
+    return len(layers)
+
+
+# a compiled layer's graphs: at least one per layer (dynamo's default limit is 8 per function)
+_RECOMPILES = {"recompile_limit": 4096, "accumulated_recompile_limit": 1 << 16}
+
+
 def _bucket(rows: int, least: int) -> int:
     """The smallest of 8, 12, 16, 24, 32, 48, ... (at least ``least``) that holds ``rows``."""
     size = 1 << max(rows - 1, 0).bit_length()  # next power of two
@@ -234,8 +261,9 @@ class _Graphed:
         prefill_mask = torch.cat([prefill_mask, allowed.new_zeros(rows, 1, width, self.max_new_tokens)], dim=-1)
         prefill_mask = prefill_mask & causal | torch.eye(width, self.length, dtype=torch.bool, device=device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=torch.where(prefill_mask, 0.0, neg).to(dtype),
-                         position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with torch.compiler.set_stance("force_eager"):  # one width per batch: compiling would not pay
+            out = self.model(input_ids=input_ids, attention_mask=torch.where(prefill_mask, 0.0, neg).to(dtype),
+                             position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
         decode_mask = torch.cat([allowed, allowed.new_zeros(rows, self.max_new_tokens)], dim=-1)
         next_pos = positions[:, -1:] + 1
@@ -265,7 +293,7 @@ class _Graphed:
                 self._out = self._forward()
 
     def _forward(self) -> torch.Tensor:
-        with packed_decode():
+        with packed_decode(), torch._dynamo.config.patch(**_RECOMPILES):
             out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
                              past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1, :]

@@ -58,6 +58,8 @@ class GenerationModule(LightningModule):
         compact_every: steps between drops of finished rows (each drop costs one host sync).
         cuda_graphs: on CUDA, the compact engine replays each decode step from a CUDA graph over a
             static cache (one capture per batch bucket: 8, 12, 16, 24, 32, ...); off: eager steps.
+        torch_compile: ``torch.compile`` the decoder layers for those CUDA-graph steps (fused
+            kernels, a faster step); compiling takes a minute or more, so it pays on long runs only.
         seed: linked from ``seed_everything``; seeds each row's samples.
     """
 
@@ -83,6 +85,7 @@ class GenerationModule(LightningModule):
         engine: Literal["auto", "compact", "generate"] = "auto",
         compact_every: int = 4,
         cuda_graphs: bool = True,
+        torch_compile: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -128,6 +131,11 @@ class GenerationModule(LightningModule):
             raise ValueError(f"model.compact_every must be >= 1, got {compact_every}")
         self.compact_every = compact_every
         self.cuda_graphs = cuda_graphs
+        if torch_compile and (self.engine != "compact" or not cuda_graphs):
+            raise ValueError("model.torch_compile compiles the compact engine's CUDA-graph decode steps: it needs "
+                             f"engine compact and cuda_graphs: true (here engine {self.engine}, cuda_graphs: "
+                             f"{cuda_graphs}{', for ' + str(missing) if missing else ''}); set torch_compile: false")
+        self.torch_compile = torch_compile
         self.seed = seed
         self.model = None
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
@@ -204,6 +212,13 @@ class GenerationModule(LightningModule):
         # Before configure_model: Lightning builds DeepSpeed's zero.Init from this config around it.
         if self._sharded():
             zero3.inference_config(self.trainer.strategy.config)
+        self.check_strategy(self.trainer.strategy)
+
+    def check_strategy(self, strategy: Any) -> None:
+        """Refuse settings the trainer's strategy cannot run (the CLI asks before any file is written)."""
+        if self.torch_compile and (strategy.root_device.type != "cuda" or getattr(strategy, "zero_stage_3", False)):
+            raise ValueError("model.torch_compile needs a CUDA device without ZeRO-3 (the CUDA-graph decode steps "
+                             "it compiles run only there); set torch_compile: false")
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -243,6 +258,8 @@ class GenerationModule(LightningModule):
         # Lightning's bf16-true/16-true cast (and ZeRO-3's zero.Init) rounded what transformers keeps in float32
         precision.restore_float32(self.model, self._float32)
         precision.rotary_in_float32(self.model)
+        if self.torch_compile:
+            log.info("torch.compile: %d decoder layers", engine_lib.compile_layers(self.model))
         if self._sharded():
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
 

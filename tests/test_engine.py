@@ -141,3 +141,32 @@ def test_token_budget_counts_cache_twice_prefill_activations_mask_and_row_scores
     assert engine.token_budget(model, free_bytes=with_rows * 1000, share=1.0, row_span=10) == 1000
     with_mask = with_rows + 8 * 50  # prompts up to 50 tokens: the prefill's mask
     assert engine.token_budget(model, free_bytes=with_mask * 1000, share=1.0, row_span=10, prompt_width=50) == 1000
+
+
+def test_compiled_layers_give_the_uncompiled_tokens_and_reuse_their_graphs(tiny_model):
+    from torch._dynamo.utils import counters
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()  # its own copy: compiling changes it
+    tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="left")
+    config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    # three batches of different widths and sizes; compaction moves each through smaller buckets
+    batches = [batch(tok, PROMPTS * 2), batch(tok, PROMPTS[:3]), batch(tok, PROMPTS[3:] * 3)]
+
+    def run():
+        return [engine.generate(model, ids, mask, config, 24, [tok.eos_token_id], tok.pad_token_id,
+                                BraceMatchingCriteria(tok, 1, "c"), compact_every=2, cuda_graphs=True).tokens
+                for ids, mask in batches]
+
+    expected = run()
+    layers = model.config.num_hidden_layers
+    counters.clear()
+    try:
+        assert engine.compile_layers(model) == layers
+        got = run()
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert [t.tolist() for t in got] == [t.tolist() for t in expected]
+    # per layer: static, then the rows symbolic (a compaction), then the cache length (a wider batch);
+    # 3 batches through 4 buckets reuse those, rather than compiling per batch or bucket
+    assert graphs == 3 * layers, graphs

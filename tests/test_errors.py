@@ -36,6 +36,12 @@ def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
     (["--model.generation_kwargs", "{do_sample: true, temperature: 0}"], ["sampling needs temperature > 0, got 0"]),
     (["--model.generation_kwargs", "{max_new_tokens: 5}"], ["set model.max_new_tokens instead of max_new_tokens"]),
     (["--model.stop_strings", "['x</s>']"], ["model.stop_strings: ['x</s>'] contain special tokens", "eos_token_id"]),
+    (["--model.torch_compile", "true", "--model.engine", "generate"],
+     ["model.torch_compile", "engine generate", "set torch_compile: false"]),
+    (["--model.torch_compile", "true", "--model.cuda_graphs", "false"], ["model.torch_compile", "cuda_graphs: False"]),
+    (["--model.torch_compile", "true", "--model.generation_kwargs", "{num_beams: 2}"],
+     ["model.torch_compile", "for ['num_beams']"]),
+    (["--model.torch_compile", "true"], ["model.torch_compile needs a CUDA device without ZeRO-3"]),
 ])
 def test_bad_settings(capsys, tiny_model, code_jsonl, tmp_path, extra, words):
     code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)
