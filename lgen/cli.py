@@ -143,11 +143,11 @@ def merge_main(argv: list[str]) -> int:
 
 
 def _close_process_group() -> None:
-    """End the run's process group on every rank together. Left to interpreter exit, rank 0 (which
+    """End this rank's process group when its run is done. Left to interpreter exit, rank 0 (which
     hosts the rendezvous store and writes the summary last) can exit first, and the other ranks'
-    NCCL watchdogs then print store connection errors with C++ stack traces after a good run."""
+    NCCL watchdogs then print store connection errors with C++ stack traces after a good run. No
+    barrier: a rank whose rank-0-only work failed must not leave the others waiting."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

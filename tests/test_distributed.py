@@ -116,7 +116,7 @@ def test_sampled_rows_do_not_depend_on_batch_or_ranks(tiny_model, tmp_path):
 
 
 def test_a_finished_run_ends_its_process_group(tmp_path):
-    """All ranks leave together: rank 0 hosts the store, and a rank still in the group when it
+    """Each rank ends its group: rank 0 hosts the store, and a rank still in the group when it
     exits gets store errors from NCCL's watchdog after a good run."""
     from lgen.cli import _close_process_group
 
