@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from lgen.attention import packed_decode
-from lgen.models import base_model
+from lgen.models import base_model, whole_blocks
 from lgen.stopping import BraceMatchingCriteria
 
 _SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "num_return_sequences", "max_new_tokens",
@@ -176,8 +176,7 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
     else runs eagerly: ``_Graphed`` runs its prefill with compiled code set aside. Returns the
     number of layers compiled.
     """
-    names = set(getattr(base_model(model), "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = whole_blocks(model)
     if not layers:
         raise ValueError(f"model.torch_compile: {type(base_model(model)).__name__} names no decoder layer classes "
                          "(_no_split_modules), so there is nothing to compile; set model.torch_compile: false")
@@ -187,7 +186,8 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
     return len(layers)
 
 
-# a compiled layer's graphs: at least one per layer (dynamo's default limit is 8 per function)
+# a compiled layer's graphs: up to 3 per layer (static, then symbolic rows, then symbolic cache length),
+# all under one function, whose default limit is 8
 _RECOMPILES = {"recompile_limit": 4096, "accumulated_recompile_limit": 1 << 16}
 
 

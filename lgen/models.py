@@ -30,6 +30,14 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def whole_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks a transformers model keeps whole (the classes it lists in ``_no_split_modules``,
+    its decoder layers for a causal LM), in module order."""
+    base = base_model(model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
 def cache_dir() -> Path:
     """``$LGEN_CACHE``, else ``$XDG_CACHE_HOME/lgen``, else ``~/.cache/lgen``."""
     if "LGEN_CACHE" in os.environ:

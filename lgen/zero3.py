@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from lgen.models import base_model
+from lgen.models import base_model, whole_blocks
 
 
 def inference_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -65,14 +65,11 @@ def leaf_blocks(model: torch.nn.Module, config: dict[str, Any]) -> list[str]:
     if "leaf_module" in zero or (zero.get("offload_param") or {}).get("device") == "nvme":
         return []
     cap = int(zero.get("stage3_max_live_parameters", 10**9))
-    base = base_model(model)
-    names = set(getattr(base, "_no_split_modules", None) or ())
     size: dict[type, int] = {}
-    for module in base.modules():
-        if type(module).__name__ in names:
-            numel = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-            size[type(module)] = max(size.get(type(module), 0), numel)
+    for module in whole_blocks(model):
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        size[type(module)] = max(size.get(type(module), 0), numel)
     classes = [cls for cls, numel in size.items() if numel <= cap]
     if classes:
-        set_z3_leaf_modules(base, classes)
+        set_z3_leaf_modules(base_model(model), classes)
     return sorted(c.__name__ for c in classes)
