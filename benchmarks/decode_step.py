@@ -20,8 +20,10 @@ import time
 import torch
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from lgen import attention, engine, models
-from lgen.stopping import BraceMatchingCriteria
+from lgen import attention, models
+from lgen.braces import token_table
+from lgen.steppers import GraphStepper, cache_argument, compile_layers
+from lgen.stopping import BraceMatching
 
 SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -80,27 +82,26 @@ def main() -> None:
         with torch.inference_mode():
             ids = torch.randint(0, config.vocab_size, (batch, args.prompt), device=args.device)
             cache = DynamicCache(config=config)
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            arg = cache_argument(model)
+            model(input_ids=ids, use_cache=True, logits_to_keep=1, **{arg: cache})
             token = ids[:, -1:]
 
             def step():
-                model(input_ids=token, past_key_values=cache, use_cache=True)
+                model(input_ids=token, use_cache=True, **{arg: cache})
                 cache.crop(-1)  # keep the cache the same size for every timed step
 
             step_ms = timed(step, args.device, args.repeat)
             graph_ms = {}
-            needed = attention.NEEDED
-            for name, packed in (("stock", False), ("lgen", needed)):
-                attention.NEEDED = packed
-                graphed = engine._Graphed(model, args.cache - args.prompt, graph=args.device == "cuda")
-                graphed.prefill(ids, torch.ones_like(ids), 1)
-                graph_ms[name] = timed(lambda: graphed.step(token[:, 0]), args.device, args.repeat)
-                del graphed
-            attention.NEEDED = needed
-            crit = BraceMatchingCriteria(tok, 1, "c")
-            crit.reset(batch, torch.device(args.device))
+            for name, packed in (("stock", False), ("lgen", attention.packing_needed())):
+                stepper = GraphStepper(model, args.cache - args.prompt, graph=args.device == "cuda")
+                stepper.prefill(ids, torch.ones_like(ids), 1)
+                with attention.packed_decode(packed):
+                    graph_ms[name] = timed(lambda s=stepper: s.step(token[:, 0]), args.device, args.repeat)
+                del stepper
+            rule = BraceMatching(token_table(tok, "c"), start_level=1, language="c")
+            rule.start(batch, torch.device(args.device), args.repeat * 20)
             tokens = torch.randint(0, config.vocab_size, (batch,), device=args.device)
-            fsm_ms = timed(lambda: crit.advance(tokens), args.device, args.repeat * 10)
+            fsm_ms = timed(lambda: rule.advance(tokens), args.device, args.repeat * 10)
         graph, stock = graph_ms["lgen"], graph_ms["stock"]
         print(f"{batch:>6}{step_ms:>10.2f}{stock:>10.2f}{graph:>10.2f}{fsm_ms:>9.3f}{fsm_ms / graph:>10.2%}")
         if args.profile:
@@ -119,25 +120,28 @@ def compiled(model: torch.nn.Module, config: LlamaConfig, args: argparse.Namespa
     room = args.cache - args.prompt
     with torch.inference_mode():
         inputs, expected = {}, {}
+        packed = attention.packing_needed()
         for batch in args.batch:
             ids = torch.randint(0, config.vocab_size, (batch, args.prompt), device=args.device)
-            plain = engine._Graphed(model, room, graph=graph)
+            plain = GraphStepper(model, room, graph=graph)
             plain.prefill(ids, torch.ones_like(ids), 1)
-            inputs[batch], expected[batch] = ids, plain.step(ids[:, -1])
+            with attention.packed_decode(packed):
+                inputs[batch], expected[batch] = ids, plain.step(ids[:, -1])
             del plain
-        engine.compile_layers(model, dynamic={"auto": None, "static": False, "dynamic": True}[args.compile])
+        compile_layers(model, dynamic={"auto": None, "static": False, "dynamic": True}[args.compile])
         for batch, ids in inputs.items():
             t0 = time.perf_counter()
-            graphed = engine._Graphed(model, room, graph=graph)
-            graphed.prefill(ids, torch.ones_like(ids), 1)
-            got = graphed.step(ids[:, -1])
-            if graph:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            diff = (got - expected[batch]).abs().max().item()
-            ms = timed(lambda: graphed.step(ids[:, -1]), args.device, args.repeat)
+            stepper = GraphStepper(model, room, graph=graph)
+            stepper.prefill(ids, torch.ones_like(ids), 1)
+            with attention.packed_decode(packed):
+                got = stepper.step(ids[:, -1])
+                if graph:
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+                diff = (got - expected[batch]).abs().max().item()
+                ms = timed(lambda s=stepper, i=ids: s.step(i[:, -1]), args.device, args.repeat)
             print(f"{batch:>6}{ms:>13.2f}{seconds:>11.1f}{diff:>10.3g}")
-            del graphed
+            del stepper
 
 
 def profile(model: torch.nn.Module, ids: torch.Tensor, token: torch.Tensor, room: int, device: str) -> None:
@@ -147,19 +151,21 @@ def profile(model: torch.nn.Module, ids: torch.Tensor, token: torch.Tensor, room
     from torch.profiler import profile as torch_profile
 
     steps = 5
-    graphed = engine._Graphed(model, room, graph=False)
-    graphed.prefill(ids, torch.ones_like(ids), 1)
-    for _ in range(3):
-        graphed.step(token[:, 0])
+    stepper = GraphStepper(model, room, graph=False)
+    stepper.prefill(ids, torch.ones_like(ids), 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
-        for _ in range(steps):
-            graphed.step(token[:, 0])
-        if device == "cuda":
-            torch.cuda.synchronize()
+    with attention.packed_decode(attention.packing_needed()):
+        for _ in range(3):
+            stepper.step(token[:, 0])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                stepper.step(token[:, 0])
+            if device == "cuda":
+                torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.device_time for e in kernels)
-    print(f"  profile: {len(kernels) / steps:.0f} kernels per step, {total_us / steps / 1000:.2f} ms of GPU time a step")
+    print(f"  profile: {len(kernels) / steps:.0f} kernels per step, "
+          f"{total_us / steps / 1000:.2f} ms of GPU time a step")
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         by_name.setdefault(e.name, []).append(e.device_time)

@@ -13,9 +13,8 @@ import argparse
 from throughput import rust_prompts
 from transformers import GenerationConfig
 
-from lgen import engine
+from lgen.engine import CompactEngine
 from lgen.module import GenerationModule
-from lgen.stopping import BraceMatchingCriteria
 
 
 def main() -> None:
@@ -25,18 +24,16 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--compact-every", type=int, default=4)
     args = p.parse_args()
-    module = GenerationModule(args.model, args.max_new_tokens)
+    module = GenerationModule(args.model, args.max_new_tokens, use_brace_matching=True, brace_matching_start_level=1)
     module.configure_model()
     tok, eos = module.tokenizer, module.eos_token_ids
     enc = tok(rust_prompts(args.prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     config = GenerationConfig(do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    out = engine.generate(module.model, enc["input_ids"], enc["attention_mask"], config, args.max_new_tokens, eos,
-                          tok.pad_token_id, BraceMatchingCriteria(tok, 1, "c"), compact_every=args.compact_every,
-                          cuda_graphs=True)
-    useful = 0
-    for row, brace_step in zip(out.tokens.tolist(), out.brace_stop.tolist()):
-        end = next((j for j, t in enumerate(row) if t in eos), None)
-        useful += brace_step + 1 if brace_step >= 0 else (end + 1 if end is not None else args.max_new_tokens)
+    rules = module.stop_rules()
+    engine = CompactEngine(config, pad_token_id=tok.pad_token_id, compact_every=args.compact_every, cuda_graphs=True)
+    out = engine.run(module.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                     rules=rules, row_keys=None)
+    useful = sum(f.tokens for f in rules.finish(out.tokens, out.stop_rule, out.stop_step, tok))
     print(f"{args.prompts} prompts, max_new_tokens {args.max_new_tokens}, compact_every {args.compact_every}: "
           f"{useful} useful tokens / {out.slots} slots = {useful / out.slots:.1%}")
 

@@ -112,8 +112,16 @@ def run_seed(model, tok, prompts, max_new_tokens, batch_size, device):
 
 def run_lgen(path, prompts, max_new_tokens, engine, batch_size, dtype, device, data_file: Path, torch_compile=False):
     import lightning as L
+    from lightning.pytorch.callbacks import Callback
 
+    from lgen.outputs import OutputDir
     from lgen.writer import JsonlWriter
+
+    class Slots(Callback):
+        total = 0
+
+        def on_predict_batch_end(self, trainer, pl_module, outputs, *args):
+            self.total += outputs.slots
 
     module = GenerationModule(path, max_new_tokens, use_brace_matching=True, brace_matching_start_level=1,
                               torch_dtype=dtype, engine=engine, torch_compile=torch_compile)
@@ -124,7 +132,8 @@ def run_lgen(path, prompts, max_new_tokens, engine, batch_size, dtype, device, d
     out = Path(tempfile.mkdtemp())
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        use_distributed_sampler=False, callbacks=[JsonlWriter(str(out), "test")])
+                        use_distributed_sampler=False,
+                        callbacks=[JsonlWriter(OutputDir(out, "test")), slots := Slots()])
     sync(device)
     t0 = time.perf_counter()
     trainer.predict(module, datamodule=data, return_predictions=False)
@@ -133,7 +142,7 @@ def run_lgen(path, prompts, max_new_tokens, engine, batch_size, dtype, device, d
     records = sorted((json.loads(x) for x in (out / "00001-of-00001.test.jsonl").read_text().splitlines()),
                      key=lambda r: r["id"])
     summary = json.loads((out / "summary.json").read_text())
-    return seconds, [r["prediction"] for r in records], summary["generated_tokens"], module.progress["slots"], \
+    return seconds, [r["prediction"] for r in records], summary["generated_tokens"], slots.total, \
         summary["finish_reasons"]
 
 

@@ -23,7 +23,9 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import engine, models, precision, zero3
+from lgen import models, precision, zero3
+from lgen.engine import CompactEngine
+from lgen.stopping import EndOfSequence, Length, StopRules
 
 
 def flags() -> dict[str, object]:
@@ -115,8 +117,9 @@ def main() -> None:
         gen = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
         def decode(m):
-            return engine.generate(m, enc["input_ids"], enc["attention_mask"], gen, 64, [tok.eos_token_id],
-                                   tok.pad_token_id, cuda_graphs=False).tokens
+            rules = StopRules([EndOfSequence([tok.eos_token_id]), Length()])
+            return CompactEngine(gen, pad_token_id=tok.pad_token_id).run(
+                m, enc["input_ids"], enc["attention_mask"], max_new_tokens=64, rules=rules, row_keys=None).tokens
 
         x, y = decode(plain), ds_engine(decode)
     print(f"greedy rows identical: {sum(bool(r) for r in (x == y).all(dim=1))}/{len(prompts)}")

@@ -1,11 +1,10 @@
 """Decode-step attention for grouped key/value heads, without copying the cache per head.
 
 With a mask (left padding needs one), transformers' SDPA function in versions without
-``pack_gqa`` (5.17 has none, 5.24 has it) expands every layer's key/value cache to all query heads
-(``repeat_kv``) at every decode step. For a 1B Llama (32 query heads over 8 key/value heads) at
-batch 128 on an H200 that made the CUDA-graph step 14.8 ms; without the copy it is 4.0 ms. For one
-query token the copy is not needed: the query heads that share a key/value head can stand in the
-query-length axis of one SDPA call, and the mask (``[rows, 1, 1, keys]``) broadcasts over them.
+``pack_gqa`` expands every layer's key/value cache to all query heads (``repeat_kv``) at every
+decode step. For one query token the copy is not needed: the query heads that share a key/value
+head can stand in the query-length axis of one SDPA call, and the mask (``[rows, 1, 1, keys]``)
+broadcasts over them. ``docs/performance.md`` has the measured difference.
 """
 
 from __future__ import annotations
@@ -18,11 +17,15 @@ from transformers import AttentionInterface
 from transformers.integrations import sdpa_attention
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-# transformers packs the heads itself where it has ``pack_gqa``
-NEEDED = not hasattr(sdpa_attention, "pack_gqa")
 # arguments attention layers pass that do not change SDPA's result (a sliding window is in the mask)
 _NEUTRAL = {"dropout", "scaling", "position_ids", "sliding_window", "use_cache", "cache_position", "is_causal",
             "output_attentions"}
+
+
+def packing_needed() -> bool:
+    """Whether this transformers copies the cache per head (it packs the heads itself where its
+    SDPA function has ``pack_gqa``)."""
+    return not hasattr(sdpa_attention, "pack_gqa")
 
 
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -43,14 +46,14 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 
 @contextmanager
-def packed_decode() -> Iterator[None]:
-    """Within the block, attention registered as ``sdpa`` runs :func:`packed_sdpa`.
+def packed_decode(enabled: bool) -> Iterator[None]:
+    """Within the block (one batch's decoding), attention registered as ``sdpa`` runs
+    :func:`packed_sdpa`; the previous function is put back after, also on an error.
 
-    The name stays ``sdpa`` (model code that checks it, e.g. for masks, sees no change); only the
-    function behind it is swapped, and put back after. Nothing happens where transformers already
-    packs the heads (``NEEDED`` is false).
+    The name stays ``sdpa``, so model code that checks it (e.g. to build masks) sees no change; only
+    the function behind it is swapped. Nothing happens unless ``enabled`` (see :func:`packing_needed`).
     """
-    if not NEEDED:
+    if not enabled:
         yield
         return
     previous = ALL_ATTENTION_FUNCTIONS["sdpa"]

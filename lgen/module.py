@@ -1,23 +1,24 @@
-"""Batches to records: load a causal LM in ``configure_model`` and call ``generate`` in ``predict_step``."""
+"""Batches to records: load a causal LM in ``configure_model``, generate in ``predict_step``."""
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import engine as engine_lib
-from lgen import models, precision, zero3
-from lgen.stopping import BraceMatchingCriteria, Language, finish
+from lgen import budget, models, precision, records, sampling, zero3
+from lgen.braces import Language, token_table
+from lgen.data import Batch
+from lgen.engine import CompactEngine, Engine, GenerateEngine
+from lgen.errors import ConfigError
+from lgen.steppers import compile_layers
+from lgen.stopping import BraceMatching, EndOfSequence, Length, StopRules, StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class GenerationModule(LightningModule):
 
     Args:
         model_name_or_path: a local folder, a Hub name, or an alias (``smollm2-135m-instruct``).
+        max_new_tokens: tokens to generate per prompt, or ``auto`` (complete mode: fill ``block_size``).
         config_name: model config to use instead of the model's own.
         tokenizer_name: tokenizer to use instead of the model's own.
         use_fast_tokenizer: use the Rust-backed tokenizer.
@@ -44,7 +46,6 @@ class GenerationModule(LightningModule):
         generation_config_file: a ``generation_config.json`` that replaces the model's own.
         generation_kwargs: settings applied on top of that generation config (e.g. ``do_sample``,
             ``temperature``, ``top_p``, ``num_return_sequences``), so a config file can ask for sampling.
-        max_new_tokens: tokens to generate per prompt, or ``auto`` (complete mode: fill ``block_size``).
         use_brace_matching: stop a sequence when the brace opened before it closes.
         brace_matching_start_level: brace level at the start of generation (1 if the prompt ends in ``{``).
         brace_matching_language: lexer rules for braces in strings and comments: ``c``, ``python``, ``plain``.
@@ -102,7 +103,7 @@ class GenerationModule(LightningModule):
         self.stop_strings = list(stop_strings or [])
         self.keep_stop_string = keep_stop_string
         if brace_matching_start_level < 0:
-            raise ValueError(f"model.brace_matching_start_level must be >= 0, got {brace_matching_start_level}")
+            raise ConfigError(f"model.brace_matching_start_level must be >= 0, got {brace_matching_start_level}")
         for key, name in (("model.model_name_or_path", model_name_or_path), ("model.config_name", config_name),
                           ("model.tokenizer_name", tokenizer_name),
                           ("model.adapter_name_or_path", adapter_name_or_path),
@@ -111,57 +112,46 @@ class GenerationModule(LightningModule):
                 models.check_exists(name, key)
         self.path = models.resolve(model_name_or_path)
         hub = {"revision": model_revision, "token": token}
-        self.tokenizer = self._load(AutoTokenizer.from_pretrained, models.resolve(tokenizer_name or model_name_or_path),
-                                    "model.tokenizer_name" if tokenizer_name else "model.model_name_or_path",
-                                    use_fast=use_fast_tokenizer, **hub)
+        self.tokenizer = models.load(AutoTokenizer.from_pretrained,
+                                     models.resolve(tokenizer_name or model_name_or_path),
+                                     "model.tokenizer_name" if tokenizer_name else "model.model_name_or_path",
+                                     use_fast=use_fast_tokenizer, **hub)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model_config = self._load(AutoConfig.from_pretrained, models.resolve(config_name or model_name_or_path),
-                                       "model.config_name" if config_name else "model.model_name_or_path", **hub)
-        self.adapter_config = self._load_adapter_config() if adapter_name_or_path else None
+        self.model_config = models.load(AutoConfig.from_pretrained, models.resolve(config_name or model_name_or_path),
+                                        "model.config_name" if config_name else "model.model_name_or_path", **hub)
+        self.adapter_config = models.adapter_config(adapter_name_or_path, token) if adapter_name_or_path else None
         self.generation_config = self._generation_config(generation_config_file, generation_kwargs or {}, hub)
-        missing = engine_lib.unsupported(self.generation_config)
+        missing = CompactEngine.unsupported(self.generation_config)
         if self.adapter_config is not None and self.adapter_config.is_prompt_learning:
             missing.append("prompt-learning adapters")  # virtual tokens go through peft's generate
         if engine == "compact" and missing:
-            raise ValueError(f"model.engine: compact does not implement {missing}; use engine: generate or auto")
-        self.engine = "compact" if engine == "compact" or (engine == "auto" and not missing) else "generate"
+            raise ConfigError(f"model.engine: compact does not implement {missing}; use engine: generate or auto")
+        self.engine_name = "compact" if engine == "compact" or (engine == "auto" and not missing) else "generate"
         if compact_every < 1:
-            raise ValueError(f"model.compact_every must be >= 1, got {compact_every}")
+            raise ConfigError(f"model.compact_every must be >= 1, got {compact_every}")
         self.compact_every = compact_every
         self.cuda_graphs = cuda_graphs
-        if torch_compile and (self.engine != "compact" or not cuda_graphs):
-            raise ValueError("model.torch_compile compiles the compact engine's CUDA-graph decode steps: it needs "
-                             f"engine compact and cuda_graphs: true (here engine {self.engine}, cuda_graphs: "
-                             f"{cuda_graphs}{', for ' + str(missing) if missing else ''}); set torch_compile: false")
+        if torch_compile and (self.engine_name != "compact" or not cuda_graphs):
+            raise ConfigError("model.torch_compile compiles the compact engine's CUDA-graph decode steps: it needs "
+                              f"engine compact and cuda_graphs: true (here engine {self.engine_name}, cuda_graphs: "
+                              f"{cuda_graphs}{', for ' + str(missing) if missing else ''}); set torch_compile: false")
         self.torch_compile = torch_compile
         self.seed = seed
         self.model = None
+        self.engine: Engine | None = None  # built in on_predict_start, when the device is known
+        self.sharded = self.synced = False  # set in setup, from the strategy
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
         self._trace_hook: torch.utils.hooks.RemovableHandle | None = None  # ZeRO-3, during predict
-        self.progress: Counter = Counter()
-
-    @staticmethod
-    def _load(fn, name: str, key: str, **kwargs: Any) -> Any:
-        try:
-            return fn(name, **kwargs)
-        except OSError as err:
-            raise models.hub_error(name, key, err) from err
-
-    def _load_adapter_config(self):
-        from peft import PeftConfig
-
-        return self._load(PeftConfig.from_pretrained, self.adapter_name_or_path, "model.adapter_name_or_path",
-                          token=self.token)
+        self._cudnn_sdp: bool | None = None  # the process's setting, put back after predict
 
     def _generation_config(self, file: str | None, overrides: dict[str, Any], hub: dict[str, Any]) -> GenerationConfig:
         if file is not None:
-            path = Path(file)
             try:
-                config = GenerationConfig.from_dict(json.loads(path.read_text()))
+                config = GenerationConfig.from_dict(json.loads(Path(file).read_text()))
             except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"model.generation_config_file={file!r} is not a readable JSON file: {err}") from err
+                raise ConfigError(f"model.generation_config_file={file!r} is not a readable JSON file: {err}") from err
         else:
             try:
                 config = GenerationConfig.from_pretrained(self.path, **hub)
@@ -169,14 +159,14 @@ class GenerationModule(LightningModule):
                 config = GenerationConfig.from_model_config(self.model_config)
         for key in ("max_new_tokens", "max_length"):
             if key in overrides:
-                raise ValueError(f"model.generation_kwargs: set model.max_new_tokens instead of {key}")
+                raise ConfigError(f"model.generation_kwargs: set model.max_new_tokens instead of {key}")
         unknown = config.update(**overrides)
         if unknown:
-            raise ValueError(f"model.generation_kwargs: {sorted(unknown)} are not generation settings "
-                             "(see transformers.GenerationConfig)")
+            raise ConfigError(f"model.generation_kwargs: {sorted(unknown)} are not generation settings "
+                              "(see transformers.GenerationConfig)")
         if config.do_sample and config.temperature is not None and config.temperature <= 0:
-            raise ValueError(f"model.generation_kwargs / generation_config_file: sampling needs temperature > 0, "
-                             f"got {config.temperature}; for greedy decoding set do_sample: false")
+            raise ConfigError(f"model.generation_kwargs / generation_config_file: sampling needs temperature > 0, "
+                              f"got {config.temperature}; for greedy decoding set do_sample: false")
         if config.num_return_sequences is None:
             config.num_return_sequences = 1
         if config.pad_token_id is None:
@@ -186,9 +176,9 @@ class GenerationModule(LightningModule):
             self.stop_strings = list(dict.fromkeys(self.stop_strings + given))
         special = [t for t in self.stop_strings if any(sp in t for sp in self.tokenizer.all_special_tokens)]
         if special:
-            raise ValueError(f"model.stop_strings: {special} contain special tokens, which are left out of the "
-                             "decoded text; to stop on a special token add its id to eos_token_id "
-                             "(model.generation_kwargs) instead")
+            raise ConfigError(f"model.stop_strings: {special} contain special tokens, which are left out of the "
+                              "decoded text; to stop on a special token add its id to eos_token_id "
+                              "(model.generation_kwargs) instead")
         config.stop_strings = self.stop_strings or None
         return config
 
@@ -208,41 +198,50 @@ class GenerationModule(LightningModule):
             eos = self.tokenizer.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
+    def stop_rules(self) -> StopRules:
+        """This run's stopping rules, in precedence order (see :mod:`lgen.stopping`)."""
+        rules = []
+        if self.use_brace_matching:
+            rules.append(BraceMatching(token_table(self.tokenizer, self.brace_matching_language),
+                                       start_level=self.brace_matching_start_level,
+                                       language=self.brace_matching_language))
+        if self.stop_strings:
+            rules.append(StopStrings(self.stop_strings, self.tokenizer, keep=self.keep_stop_string))
+        return StopRules([*rules, EndOfSequence(self.eos_token_ids), Length()])
+
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        self.sharded = zero3.is_zero3(strategy)
+        self.synced = zero3.lockstep(strategy)
         # Before configure_model: Lightning builds DeepSpeed's zero.Init from this config around it.
-        if self._sharded():
-            zero3.inference_config(self.trainer.strategy.config)
-        self.check_strategy(self.trainer.strategy)
+        if self.sharded:
+            zero3.inference_config(strategy.config)
+        self.check_strategy(strategy)
 
     def check_strategy(self, strategy: Any) -> None:
         """Refuse settings the trainer's strategy cannot run (the CLI asks before any file is written)."""
-        if self.torch_compile and (strategy.root_device.type != "cuda" or getattr(strategy, "zero_stage_3", False)):
-            raise ValueError("model.torch_compile needs a CUDA device without ZeRO-3 (the CUDA-graph decode steps "
-                             "it compiles run only there); set torch_compile: false")
+        if self.torch_compile and (strategy.root_device.type != "cuda" or zero3.is_zero3(strategy)):
+            raise ConfigError("model.torch_compile needs a CUDA device without ZeRO-3 (the CUDA-graph decode steps "
+                              "it compiles run only there); set torch_compile: false")
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        sharded = self._sharded()
-        if sharded:
+        if self.sharded:
             # ZeRO-3: transformers sees this (weakly referenced) config and builds the model already
             # partitioned, loading each weight straight into its shards; it never exists whole on one GPU.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
-        dtype = DTYPES[self.torch_dtype] if self.torch_dtype else None
         kwargs = {"revision": self.model_revision, "token": self.token, "config": self.model_config}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        model = self._load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path", **kwargs)
+        if self.torch_dtype:
+            kwargs["dtype"] = DTYPES[self.torch_dtype]
+        model = models.load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path", **kwargs)
         if self.adapter_name_or_path:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, self.adapter_name_or_path, token=self.token)
-            if self.merge_adapter and not self.adapter_config.is_prompt_learning:
-                model = model.merge_and_unload()
+            model = models.load_adapter(model, self.adapter_name_or_path, self.token,
+                                        merge=self.merge_adapter and not self.adapter_config.is_prompt_learning)
         model.eval()
-        if sharded:
+        if self.sharded:
             blocks = zero3.leaf_blocks(model, self.trainer.strategy.config)
             log.info("ZeRO-3 gathers these blocks whole: %s", blocks)
         else:  # what is float32 in a bf16 model is so on purpose; the precision's cast comes next
@@ -250,26 +249,53 @@ class GenerationModule(LightningModule):
         self.model = model
 
     def on_predict_start(self) -> None:
-        # cuDNN's attention builds an execution plan for every new key length, i.e. for every
-        # decode step of an eager loop (seen: ~80 ms each on an H100); flash and memory-efficient
-        # attention need none.
         if self.device.type == "cuda":
+            # cuDNN's attention builds an execution plan for every new key length, i.e. for every
+            # decode step of an eager loop; flash and memory-efficient attention need none.
+            self._cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
             torch.backends.cuda.enable_cudnn_sdp(False)
         # Lightning's bf16-true/16-true cast (and ZeRO-3's zero.Init) rounded what transformers keeps in float32
         precision.restore_float32(self.model, self._float32)
         precision.rotary_in_float32(self.model)
         if self.torch_compile:
-            log.info("torch.compile: %d decoder layers", engine_lib.compile_layers(self.model))
-        if self._sharded():
+            try:
+                log.info("torch.compile: %d decoder layers", compile_layers(self.model))
+            except ValueError as err:
+                raise ConfigError(f"model.torch_compile: {err}, so there is nothing to compile; "
+                                  "set model.torch_compile: false") from err
+        if self.sharded:
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
+        if self.engine_name == "compact":
+            self.engine = CompactEngine(
+                self.generation_config, pad_token_id=self.generation_config.pad_token_id,
+                compact_every=self.compact_every, synced=self.synced,
+                cuda_graphs=self.cuda_graphs and self.device.type == "cuda" and not self.sharded)
+        else:
+            self.engine = GenerateEngine(self.generation_config, synced=self.synced)
 
     def on_predict_end(self) -> None:
         if self._trace_hook is not None:
             self._trace_hook.remove()
             self._trace_hook = None
+        if self._cudnn_sdp is not None:
+            torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp)
+            self._cudnn_sdp = None
+
+    def token_budget(self, prompt_lengths: list[int], row_span: int) -> int | None:
+        """``max_batch_tokens: auto``: the batch tokens that fit in the memory this device has left
+        after the weights, the least over all ranks (the plan must be global); None (no cap) off CUDA."""
+        if self.device.type != "cuda":
+            log.info("data.max_batch_tokens: auto caps batches on CUDA only; no cap on %s", self.device.type)
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        mine = budget.token_budget(self.model, free, row_span=row_span, prompt_width=max(prompt_lengths, default=1))
+        least = int(self.trainer.strategy.reduce(torch.tensor(mine, device=self.device),
+                                                 reduce_op=torch.distributed.ReduceOp.MIN))
+        log.info("data.max_batch_tokens: auto -> %d tokens (%.1f GiB free on this rank)", least, free / 2**30)
+        return least
 
     def config_dumps(self) -> dict[str, dict[str, Any]]:
-        """The JSON files written beside the shards, as the seed wrote them."""
+        """The JSON files written beside the shards, as run_gen.py wrote them."""
         dumps = {
             "model_config.json": self.model_config.to_dict(),
             "model_config_diff.json": self.model_config.to_diff_dict(),
@@ -291,90 +317,22 @@ class GenerationModule(LightningModule):
             "stop_strings": [self.stop_strings, self.keep_stop_string],
         }
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, Any]]:
-        """Generate for one batch; return one record per (example, sample), or none for a padding batch."""
-        if batch["padding"] and not self._synced_gpus():
-            return []  # only synced generation (ZeRO-3) needs every rank to step
-        criteria = StoppingCriteriaList()
-        brace = None
-        if self.use_brace_matching:
-            brace = BraceMatchingCriteria(self.tokenizer, self.brace_matching_start_level, self.brace_matching_language)
-            criteria.append(brace)
+    def predict_step(self, batch: Batch, batch_idx: int = 0) -> records.BatchRecords:
+        """Generate for one batch: one record per (example, sample); none for a padding batch, which
+        only synced ranks (ZeRO-3) run, to join the other ranks' forwards."""
+        if batch.padding and not self.synced:
+            return records.BatchRecords()
+        samples = self.num_return_sequences
+        keys = None
+        if self.generation_config.do_sample:
+            keys = sampling.row_keys(self.seed, batch.examples, samples, self.device)
+        rules = self.stop_rules()
         start = time.perf_counter()
-        if self.engine == "compact":
-            out = engine_lib.generate(
-                self.model, batch["input_ids"], batch["attention_mask"], self.generation_config,
-                batch["max_new_tokens"], self.eos_token_ids, self.generation_config.pad_token_id, brace,
-                self.row_keys(batch["examples"]) if self.generation_config.do_sample else None, self.compact_every,
-                cuda_graphs=self.cuda_graphs and self.device.type == "cuda" and not self._sharded(),
-                stop_text=self._stop_hits if self.stop_strings else None, synced=self._synced_gpus())
-            generated, brace_stop = out.tokens, out.brace_stop
-            self.progress["slots"] += out.slots
-        else:
-            config = copy.deepcopy(self.generation_config)
-            config.max_new_tokens = batch["max_new_tokens"]
-            output = self.model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                generation_config=config,
-                stopping_criteria=criteria,
-                tokenizer=self.tokenizer if self.stop_strings else None,
-                synced_gpus=self._synced_gpus(),
-            )
-            generated, brace_stop = output[:, batch["input_ids"].shape[1]:], None
-            self.progress["slots"] += generated.numel()
-        finished = finish(generated, self.tokenizer, self.eos_token_ids, brace, self.stop_strings,
-                          self.keep_stop_string, brace_stop)
+        out = self.engine.run(self.model, batch.input_ids, batch.attention_mask, max_new_tokens=batch.max_new_tokens,
+                              rules=rules, row_keys=keys)
+        finished = rules.finish(out.tokens, out.stop_rule, out.stop_step, self.tokenizer)
         seconds = time.perf_counter() - start
-        if batch["padding"]:
-            return []
-        self.progress["records"] += len(finished)
-        self.progress["tokens"] += sum(f.tokens for f in finished)
-        n = self.num_return_sequences
-        records = []
-        for r, done in enumerate(finished):
-            ex = batch["examples"][r // n]
-            records.append({
-                "id": ex["id"],
-                "part": list(ex["part"]),
-                "seq": [r % n + 1, n],
-                "prompt": self.tokenizer.decode(ex["prompt_ids"], skip_special_tokens=False),
-                "reference": ex["reference"],
-                "prediction": done.text,
-                "finish_reason": done.reason,
-                "meta": ex["meta"],
-                **ex["keep"],
-                "_lgen": {"tokens": done.tokens, "row": ex["row"], "seconds": seconds / len(finished)},
-            })
-        return records
-
-    def _stop_hits(self, generated: torch.Tensor) -> torch.Tensor:
-        """Which rows' text so far holds a stop string (decoded on the host, once per compaction).
-
-        Only the tail can hold a new one: the tokens since the last check plus room for the longest
-        string (a character can take up to 4 byte-level tokens). A string missed here, e.g. split by
-        special tokens, still cuts the prediction in ``finish``; only the early stop is lost.
-        """
-        tail = self.compact_every + 4 * max(len(s) for s in self.stop_strings) + 4
-        texts = self.tokenizer.batch_decode(generated[:, -tail:].tolist(), skip_special_tokens=True,
-                                            clean_up_tokenization_spaces=False)
-        hits = [any(s in text for s in self.stop_strings) for text in texts]
-        return torch.tensor(hits, dtype=torch.bool, device=generated.device)
-
-    def row_keys(self, examples: list[dict[str, Any]]) -> torch.Tensor:
-        """One int64 per output row from (seed, id, part, seq): the row's sampling stream."""
-        n = self.num_return_sequences
-        keys = []
-        for ex in examples:
-            for k in range(1, n + 1):
-                text = json.dumps([self.seed, ex["id"], list(ex["part"]), k], sort_keys=True, default=str)
-                keys.append(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True))
-        return torch.tensor(keys, dtype=torch.int64, device=self.device)
-
-    def _sharded(self) -> bool:
-        """ZeRO-3 gathers weights in forward hooks, which a CUDA graph cannot replay."""
-        return self._trainer is not None and getattr(self._trainer.strategy, "zero_stage_3", False)
-
-    def _synced_gpus(self) -> bool:
-        """ZeRO-3 ranks gather each layer's weights together, so all must step until all are done."""
-        return self._sharded() and self._trainer.world_size > 1
+        if batch.padding:
+            return records.BatchRecords()
+        return records.BatchRecords(records.build(batch.examples, finished, samples=samples, tokenizer=self.tokenizer),
+                                    [f.tokens for f in finished], seconds, out.slots)

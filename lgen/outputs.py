@@ -23,17 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lgen.errors import OutputDirError
+from lgen.records import ExampleKey, RecordKey, complete_examples, record_key
+
 log = logging.getLogger(__name__)
 
 SHARD = re.compile(r"^(\d{5})-of-(\d{5})\.(.+)\.jsonl$")
 MERGED = re.compile(r"^merged\.(.+)\.jsonl$")
 OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json", "generation_config_diff.json",
          "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json"}
-RecordKey = tuple[str, tuple[int, ...], int]  # (id as JSON, part, seq index)
-
-
-class OutputDirError(RuntimeError):
-    """The output directory cannot be used as asked; the message says why and what to do."""
 
 
 def shard_name(rank: int, world_size: int, split: str) -> str:
@@ -44,14 +42,6 @@ def is_owned(name: str) -> bool:
     return name in OWNED or bool(SHARD.match(name) or MERGED.match(name)) or name.endswith(".lgen-tmp")
 
 
-def id_key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
-def record_key(record: dict[str, Any]) -> RecordKey:
-    return id_key(record["id"]), tuple(record["part"]), int(record["seq"][0])
-
-
 def shards(output_dir: str | Path, split: str) -> list[Path]:
     d = Path(output_dir)
     if not d.is_dir():
@@ -59,7 +49,7 @@ def shards(output_dir: str | Path, split: str) -> list[Path]:
     return sorted(p for p in d.iterdir() if (m := SHARD.match(p.name)) and m.group(3) == split)
 
 
-def _complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line) of each complete line: a last line without its newline was torn by a
     crash and is skipped."""
     offset = 0
@@ -71,7 +61,7 @@ def _complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    for _, line in _complete_lines(path):
+    for _, line in complete_lines(path):
         yield json.loads(line)
 
 
@@ -185,50 +175,36 @@ def done_keys(output_dir: str | Path, split: str) -> set[RecordKey]:
     return keys
 
 
-def complete_examples(keys: set[RecordKey], num_return_sequences: int) -> set[tuple[str, tuple[int, ...]]]:
-    """(id, part) pairs whose every sample is written."""
-    seqs: dict[tuple[str, tuple[int, ...]], set[int]] = {}
-    for ident, part, seq in keys:
-        seqs.setdefault((ident, part), set()).add(seq)
-    return {k for k, s in seqs.items() if s >= set(range(1, num_return_sequences + 1))}
 
+class OutputDir:
+    """One run's view of ``output_dir`` for one split: what earlier runs wrote there, and whether
+    this run may add to it.
 
-def merge(output_dir: str | Path, split: str, expected: int | None = None) -> Path:
-    """Write ``merged.{split}.jsonl``: every record once, in dataset order (row, window, sample).
-
-    Memory stays small on large outputs: a first pass keeps only each record's order and place
-    (shard, byte offset); the second copies the lines in order, as they were written.
+    :meth:`prepare` runs before any model loads: it refuses a directory made with other settings,
+    clears it when asked (rank 0 only; with ``overwrite`` every rank starts from nothing), drops torn
+    last lines, and reads the keys already written, by any rank of any earlier run.
     """
-    paths = shards(output_dir, split)
-    index: dict[RecordKey, tuple[tuple[int, int, int], int, int, int]] = {}  # order, shard, offset, samples
-    for s, path in enumerate(paths):
-        for start, line in _complete_lines(path):
-            r = json.loads(line)
-            order = (r["meta"].get("row", 0), r["part"][0], r["seq"][0])
-            index.setdefault(record_key(r), (order, s, start, r["seq"][1]))
-    if not index:
-        raise OutputDirError(f"no {split!r} shards with records in {output_dir}")
-    missing = sorted({f"{ident} part {list(part)} seq {k}"
-                      for (ident, part, _), (*_, samples) in index.items()
-                      for k in range(1, samples + 1) if (ident, part, k) not in index})
-    if expected is not None and len(index) < expected:
-        missing.append(f"{expected - len(index)} records in all (summary.json expects {expected})")
-    if missing:
-        raise OutputDirError(f"cannot merge {output_dir}: missing {', '.join(missing[:10])}; "
-                             "rerun the same lgen predict command to generate them")
-    out = Path(output_dir) / f"merged.{split}.jsonl"
-    tmp = out.with_name(out.name + ".lgen-tmp")
-    sources = [open(path, "rb") for path in paths]
-    try:
-        with open(tmp, "wb") as f:
-            for _, s, start, _ in sorted(index.values()):
-                sources[s].seek(start)
-                f.write(sources[s].readline())
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        for source in sources:
-            source.close()
-    os.replace(tmp, out)
-    log.info("merged %d records into %s", len(index), out)
-    return out
+
+    def __init__(self, path: str | Path, split: str) -> None:
+        self.path, self.split = Path(path), split
+        self.done: set[RecordKey] = set()
+        self.fingerprint: dict[str, Any] = {}
+
+    def prepare(self, fingerprint: dict[str, Any], *, overwrite: bool, rank: int, samples: int) -> set[ExampleKey]:
+        """Get the directory ready for this run; returns the (id, part) pairs whose every sample
+        (``samples`` of them) is already written, which this run skips."""
+        self.fingerprint = fingerprint
+        if overwrite:
+            if rank == 0:
+                clear_output_dir(self.path)
+            self.done = set()
+            return set()
+        if self.path.is_dir():
+            check_fingerprint(self.path, fingerprint)
+            if rank == 0:
+                for shard in shards(self.path, self.split):
+                    drop_torn_tail(shard)
+        self.done = done_keys(self.path, self.split)
+        if self.done:
+            log.info("resuming: %d records already in %s are skipped", len(self.done), self.path)
+        return complete_examples(self.done, samples)

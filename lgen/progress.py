@@ -8,6 +8,8 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from lgen.records import BatchRecords
+
 
 class GenerationProgressBar(TQDMProgressBar):
     """Batches as the bar, with ``records``, ``tokens`` and ``tok/s`` beside it."""
@@ -15,12 +17,13 @@ class GenerationProgressBar(TQDMProgressBar):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_predict_start(trainer, pl_module)
         self._t0 = time.perf_counter()
+        self._records = self._tokens = 0
 
-    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: BatchRecords, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        seen = getattr(pl_module, "progress", {})
+        self._records += len(outputs.records)
+        self._tokens += sum(outputs.tokens)
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         self.predict_progress_bar.set_postfix(
-            records=seen.get("records", 0), tokens=seen.get("tokens", 0),
-            tok_s=f"{seen.get('tokens', 0) / elapsed:.1f}", refresh=False)
+            records=self._records, tokens=self._tokens, tok_s=f"{self._tokens / elapsed:.1f}", refresh=False)

@@ -8,7 +8,6 @@ import os
 import platform
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +15,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lgen import outputs
+from lgen.merge import merge
+from lgen.records import BatchRecords, record_key
 
 log = logging.getLogger(__name__)
 
@@ -24,26 +25,21 @@ class JsonlWriter(BasePredictionWriter):
     """Append each batch's records to ``{rank+1:05d}-of-{world:05d}.{split}.jsonl``.
 
     A crash loses at most the batch in flight: every batch is written with one ``write``, flushed
-    and fsynced. Records whose (id, part, seq) is in ``done`` (written by an earlier run) are never
+    and fsynced. Records whose (id, part, seq) an earlier run wrote (``output.done``) are never
     written again.
 
     Args:
-        output_dir: the output directory (checked and, if asked, cleared by the CLI beforehand).
-        split: the dataset split; it names the shards.
-        done: keys already written, from :func:`lgen.outputs.done_keys`.
+        output: the output directory, prepared by the CLI before the run (``OutputDir.prepare``).
         config_text: the resolved lgen config, written as ``lgen_config.yaml``.
-        fingerprint: settings that decide the output, written as ``fingerprint.json``.
         merge: write ``merged.{split}.jsonl`` when the run ends.
     """
 
-    def __init__(self, output_dir: str, split: str, done: set | None = None, config_text: str = "",
-                 fingerprint: dict[str, Any] | None = None, merge: bool = False) -> None:
+    def __init__(self, output: outputs.OutputDir, *, config_text: str = "", merge: bool = False) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
-        self.split = split
-        self.done = set(done or ())
+        self.output = output
+        self.output_dir = output.path
+        self.split = output.split
         self.config_text = config_text
-        self.fingerprint = fingerprint or {}
         self.merge = merge
         self._file = None
         self.stats: Counter = Counter()
@@ -56,7 +52,8 @@ class JsonlWriter(BasePredictionWriter):
                 outputs.write_json(self.output_dir / name, data)
             if self.config_text:
                 outputs.write_json(self.output_dir / "lgen_config.yaml", self.config_text)
-            outputs.write_json(self.output_dir / "fingerprint.json", self.fingerprint)
+            outputs.write_json(self.output_dir / "fingerprint.json", self.output.fingerprint)
+        self.done = set(self.output.done)
         path = self.output_dir / outputs.shard_name(trainer.global_rank, trainer.world_size, self.split)
         if path.exists():
             outputs.drop_torn_tail(path)
@@ -64,20 +61,19 @@ class JsonlWriter(BasePredictionWriter):
         self.path = path
         self._start = time.perf_counter()
 
-    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: list[dict[str, Any]],
+    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: BatchRecords,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         lines = []
-        for record in prediction:
-            info = record.pop("_lgen")
-            key = outputs.record_key(record)
+        for record, tokens in zip(prediction.records, prediction.tokens):
+            key = record_key(record)
             if key in self.done:
                 self.stats["records_skipped_done"] += 1
                 continue
             self.done.add(key)
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
             self.stats["records_written"] += 1
-            self.stats["generated_tokens"] += info["tokens"]
-            self.stats["generation_seconds"] += info["seconds"]
+            self.stats["generated_tokens"] += tokens
+            self.stats["generation_seconds"] += prediction.seconds / len(prediction.records)
             self.reasons[record["finish_reason"]] += 1
         if lines:
             self._file.write("".join(lines).encode("utf-8"))
@@ -124,7 +120,7 @@ class JsonlWriter(BasePredictionWriter):
                 logger.save()
         log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if k != "versions"}))
         if self.merge:
-            outputs.merge(self.output_dir, self.split, summary.get("records_expected"))
+            merge(self.output_dir, self.split, summary.get("records_expected"))
 
 
 def _gather(obj: Any, trainer: Trainer) -> list[Any]:

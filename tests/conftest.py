@@ -110,3 +110,59 @@ def code_jsonl(tmp_path) -> Path:
         for i, p in enumerate(PROMPTS):
             f.write(json.dumps({"task_id": f"t/{i}", "prompt": p, "lang": "c" if i % 2 else "rust"}) + "\n")
     return path
+
+
+def encode(tok, prompts: list[str]):
+    """Left-padded ids and mask of ``prompts``."""
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def code_rules(tok, *, brace: bool = True):
+    """Brace matching from level 1 (C family), EOS and length: the rules of a code completion run."""
+    from lgen.braces import token_table
+    from lgen.stopping import BraceMatching, EndOfSequence, Length, StopRules
+
+    head = [BraceMatching(token_table(tok, "c"), start_level=1, language="c")] if brace else []
+    return StopRules([*head, EndOfSequence([tok.eos_token_id]), Length()])
+
+
+def decoded(rules, out, tok) -> list[tuple[str, str]]:
+    """(prediction, finish_reason) of each row an engine generated."""
+    return [(f.text, f.reason) for f in rules.finish(out.tokens, out.stop_rule, out.stop_step, tok)]
+
+
+def compact(tok, config, **options):
+    """The compact engine for ``config``, padding with the tokenizer's pad token."""
+    from lgen.engine import CompactEngine
+
+    return CompactEngine(config, pad_token_id=tok.pad_token_id, **options)
+
+
+def lgen(*args: str) -> int:
+    """``lgen predict`` in this process, on the CPU (also on a GPU machine), without a progress bar."""
+    from lgen.cli import main
+
+    return main(["predict", *args, "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"])
+
+
+def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """Complete-mode code completion of ``code_jsonl``-style rows: brace matching from level 1."""
+    return ["--model.model_name_or_path", str(model), "--model.max_new_tokens", "40",
+            "--model.use_brace_matching", "true", "--model.brace_matching_start_level", "1",
+            "--data.data_files", str(data), "--data.mode", "complete", "--data.text_column_name", "prompt",
+            "--data.id_column_name", "task_id", "--data.keep_columns", "[lang]", "--data.per_device_batch_size", "4",
+            "--output_dir", str(out), *extra]
+
+
+def read(out: Path, name: str = "00001-of-00001.test.jsonl") -> list[dict]:
+    """The records of one shard."""
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+def prompts_file(path: Path, n: int) -> Path:
+    """``n`` rows ``{"task_id": "t/i", "prompt": ...}``, cycling through PROMPTS (some with trailing spaces)."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"task_id": f"t/{i}", "prompt": PROMPTS[i % len(PROMPTS)] + " " * (i % 3)}) + "\n")
+    return path

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, base_args, lgen, read
 from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
-from test_predict import base_args, lgen, read
 from transformers import AutoModelForCausalLM
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lgen import attention, engine
+from lgen import attention, steppers
 
 ROWS, HEADS, KV_HEADS, KEYS, DIM = 3, 8, 2, 10, 16
 MODULE = SimpleNamespace(num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
@@ -45,7 +45,7 @@ def test_one_query_token_matches_attention_over_copied_heads(qkv, additive):
     torch.testing.assert_close(attention.packed_sdpa(MODULE, q, k2, v2, mask, scaling=0.25)[0][0], out[0])
 
 
-def test_anything_else_goes_to_transformers(qkv):
+def test_anything_else_goes_to_transformers(qkv, monkeypatch):
     q, k, v = qkv
     mask = padding_mask(True)
     prefill = torch.randn(ROWS, HEADS, 4, DIM), torch.randn(ROWS, KV_HEADS, 4, DIM), torch.randn(ROWS, KV_HEADS, 4, DIM)
@@ -57,28 +57,29 @@ def test_anything_else_goes_to_transformers(qkv):
     for args in cases:
         torch.testing.assert_close(attention.packed_sdpa(MODULE, *args, scaling=0.25)[0],
                                    sdpa_attention_forward(MODULE, *args, scaling=0.25)[0])
-    with pytest.raises(ValueError, match="softcap"):  # refused, as transformers' own function does
-        attention.packed_sdpa(MODULE, q, k, v, mask, softcap=30.0)
+    # an argument that changes the result (here a softcap) is left to transformers, whatever its version does with it
+    seen = []
+    monkeypatch.setattr(attention.sdpa_attention, "sdpa_attention_forward",
+                        lambda *args, **kwargs: (seen.append(kwargs), ("transformers", None))[1])
+    assert attention.packed_sdpa(MODULE, q, k, v, mask, softcap=30.0, scaling=0.25) == ("transformers", None)
+    assert seen == [{"softcap": 30.0, "scaling": 0.25}]
 
 
-def test_the_swap_is_scoped_and_keeps_the_name(tiny_model, monkeypatch):
-    monkeypatch.setattr(attention, "NEEDED", True)
+def test_the_swap_is_scoped_and_keeps_the_name(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
     before = ALL_ATTENTION_FUNCTIONS["sdpa"]
     with pytest.raises(RuntimeError):
-        with attention.packed_decode():
+        with attention.packed_decode(True):
             assert ALL_ATTENTION_FUNCTIONS["sdpa"] is attention.packed_sdpa
             assert model.config._attn_implementation == "sdpa"
             raise RuntimeError
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
-    monkeypatch.setattr(attention, "NEEDED", False)  # transformers packs the heads itself
-    with attention.packed_decode():
+    with attention.packed_decode(False):  # where transformers packs the heads itself
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
 
 
 def test_engine_decode_steps_match_eager_attention(tiny_model, monkeypatch):
     """Eager attention copies the heads; the engine's packed steps must give its logits."""
-    monkeypatch.setattr(attention, "NEEDED", True)
     calls = []
     packed = attention.packed_sdpa
     monkeypatch.setattr(attention, "packed_sdpa", lambda *a, **kw: (calls.append(a[1].shape[2]), packed(*a, **kw))[1])
@@ -88,8 +89,9 @@ def test_engine_decode_steps_match_eager_attention(tiny_model, monkeypatch):
     for impl in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl).eval()
         with torch.inference_mode():
-            stepper = engine._Dynamic(model)
+            stepper = steppers.EagerStepper(model)
             stepper.prefill(ids, mask, 1)
-            logits[impl] = torch.stack([stepper.step(torch.tensor([9, 9])) for _ in range(3)])
+            with attention.packed_decode(True):
+                logits[impl] = torch.stack([stepper.step(torch.tensor([9, 9])) for _ in range(3)])
     torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-4)
     assert calls.count(1) == 3 * 2  # 3 decode steps x 2 layers went through the packed function

@@ -5,7 +5,8 @@ import json
 import pytest
 from conftest import make_word_tokenizer
 
-from lgen.data import ConfigError, GenerationDataModule
+from lgen.data import GenerationDataModule
+from lgen.errors import ConfigError, DataError
 
 
 def words(a: int, b: int) -> str:
@@ -88,12 +89,12 @@ def test_complete_mode_truncates_left_and_drops_long_rows(tok, tmp_path):
     assert dm.stats["rows_dropped"] == {"prompt + reference > block_size - 1": 1}
     # auto: each batch gets block_size - its longest prompt
     batch = dm.collate([(False, dm.examples[0]), (False, dm.examples[1])])
-    assert batch["max_new_tokens"] == 8 - 4
-    assert batch["input_ids"].tolist() == [tok.convert_tokens_to_ids(["w1", "w2", "w3", "w4"]),
+    assert batch.max_new_tokens == 8 - 4
+    assert batch.input_ids.tolist() == [tok.convert_tokens_to_ids(["w1", "w2", "w3", "w4"]),
                                            [tok.pad_token_id] * 2 + tok.convert_tokens_to_ids(["w0", "w1"])]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     alone = dm.collate([(False, dm.examples[1])])
-    assert alone["max_new_tokens"] == 8 - 2
+    assert alone.max_new_tokens == 8 - 2
 
 
 def test_complete_mode_without_reference(tok, tmp_path):
@@ -111,8 +112,10 @@ def test_plan_is_sorted_capped_and_dealt_whole(tok, tmp_path):
     assert dm.plan() == [[1, 5], [3, 2], [0, 6, 4]]
     assert dm.rank_batches(0, 2) == [[1, 5], [0, 6, 4]]
     assert dm.rank_batches(1, 2) == [[3, 2]]
-    assert dm.rank_batches(1, 2, equalize=True) == [[3, 2], [-1]]
     assert dm.rank_batches(3, 4) == [[-1]]
+    dm.lockstep = True  # ZeRO-3 ranks: the same number of batches each
+    assert dm.rank_batches(1, 2) == [[3, 2], [-1]]
+    dm.lockstep = False
     dm.samples = 2  # each prompt's samples take cache room too: rows x 2 x (longest + 3) <= 16
     assert dm.plan() == [[1], [5], [3], [2], [0], [6], [4]]
     dm.samples, dm.max_new_tokens, dm.resolved_block_size = 1, "auto", 8  # auto fills block_size: rows x 8
@@ -127,7 +130,7 @@ def test_done_examples_are_skipped(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 3)}, {"text": words(3, 9)}])
     dm = GenerationDataModule(data_files=path, mode="complete", block_size=10, max_new_tokens=6)
     dm.connect(tok)
-    dm.done = {("0", (1, 1))}
+    dm.skip({("0", (1, 1))})
     dm.setup()
     assert [ex["id"] for ex in dm.examples] == [1]
     assert dm.stats["examples_skipped_done"] == 1
@@ -162,7 +165,7 @@ def test_length_settings_are_checked_before_loading(tok, kw, message):
 
 def test_all_rows_dropped_is_an_error(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 3)}])
-    with pytest.raises(ConfigError, match="every row was dropped"):
+    with pytest.raises(DataError, match="every row was dropped"):
         module(tok, path, block_size=8, max_new_tokens=2)
 
 

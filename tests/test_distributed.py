@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_outputs import prompts_file
+from conftest import prompts_file
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo over loopback")
 
@@ -82,6 +82,7 @@ def test_two_nodes_over_loopback(tiny_model, one_process, tmp_path):
     assert records(out) == expected
 
 
+@pytest.mark.slow
 def test_fewer_rows_than_ranks(tiny_model, tmp_path):
     data = prompts_file(tmp_path / "p.jsonl", 1)
     single, double = tmp_path / "one", tmp_path / "two"
@@ -91,6 +92,7 @@ def test_fewer_rows_than_ranks(tiny_model, tmp_path):
     assert (double / "00002-of-00002.test.jsonl").read_text() == ""
 
 
+@pytest.mark.slow
 def test_sampled_rows_do_not_depend_on_batch_or_ranks(tiny_model, tmp_path):
     """Each (id, part, seq) draws from its own stream: alone, in a batch of 8, or on 2 processes
     (with brace matching and a stop string ending rows at different steps)."""

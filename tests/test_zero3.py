@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, code_rules, compact, decoded, encode
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import engine, precision, zero3
-from lgen.stopping import BraceMatchingCriteria, finish
+from lgen import precision, zero3
+from lgen.engine import GenerateEngine
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
 
@@ -76,8 +76,7 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
     coordinator.reset_step = lambda: (resets.append(1), reset())[1]
     zero3.step_per_forward(ds_engine, sharded)
     tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    enc = tok(PROMPTS[:3] if rank == 0 else PROMPTS[3:], return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = encode(tok, PROMPTS[:3] if rank == 0 else PROMPTS[3:])
     keys = torch.arange(ids.shape[0]) + 10 * rank
     same = {}
     for do_sample in (False, True):
@@ -85,27 +84,26 @@ def _worker(rank: int, folder: str, port: int, results) -> None:
                                   pad_token_id=tok.pad_token_id)
 
         def rows(m, synced):
-            brace = BraceMatchingCriteria(tok, 1, "c")
-            out = engine.generate(m, ids, mask, config, 24 if rank == 0 else 40, [tok.eos_token_id],
-                                  tok.pad_token_id, brace, keys, compact_every=2, cuda_graphs=False, synced=synced)
-            return [(f.text, f.reason) for f in finish(out.tokens, tok, [tok.eos_token_id], brace,
-                                                        brace_stop=out.brace_stop)]
+            rules = code_rules(tok)
+            out = compact(tok, config, compact_every=2, synced=synced).run(
+                m, ids, mask, max_new_tokens=24 if rank == 0 else 40, rules=rules, row_keys=keys)
+            return decoded(rules, out, tok)
 
         same[do_sample] = ds_engine(lambda m: rows(m, True)) == rows(plain, False)
     greedy = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    brace = BraceMatchingCriteria(tok, 1, "c")
-    out = ds_engine(lambda m: m.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, max_new_tokens=40,
-                                         stopping_criteria=[brace], synced_gpus=True))
-    ref_brace = BraceMatchingCriteria(tok, 1, "c")
-    ref = plain.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, max_new_tokens=40,
-                         stopping_criteria=[ref_brace])
-    same["generate"] = [f.text for f in finish(out[:, ids.shape[1]:], tok, [tok.eos_token_id], brace)] == \
-        [f.text for f in finish(ref[:, ids.shape[1]:], tok, [tok.eos_token_id], ref_brace)]
+
+    def generated(m, synced):
+        rules = code_rules(tok)
+        out = GenerateEngine(greedy, synced=synced).run(m, ids, mask, max_new_tokens=40, rules=rules, row_keys=None)
+        return decoded(rules, out, tok)
+
+    same["generate"] = ds_engine(lambda m: generated(m, True)) == generated(plain, False)
     # one ZeRO-3 trace step per model forward (plus one per outer forward, DeepSpeed's own)
     results[rank] = (partitioned, same, len(calls), linear_kept, len(resets) - 3, blocks, inner_hooks, rotary)
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_zero3_lockstep_gives_the_plain_rows(tiny_model):
     import torch.multiprocessing as mp
 

@@ -1,0 +1,38 @@
+"""How many batch tokens fit in the memory a device has left: the ``max_batch_tokens: auto`` budget."""
+
+from __future__ import annotations
+
+import torch
+
+
+def kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of the model's cache."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, heads, head_dim
+
+
+def cache_bytes_per_token(model: torch.nn.Module) -> int:
+    """Key and value bytes one token takes across all layers."""
+    layers, heads, head_dim = kv_layout(model)
+    return 2 * layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def token_budget(model: torch.nn.Module, free_bytes: int, *, share: float = 0.8, row_span: int | None = None,
+                 prompt_width: int = 0) -> int:
+    """Batch tokens (prompt + new tokens, every sample) that fit in ``share`` of ``free_bytes``.
+
+    Per token: the cache twice (a compaction copies the live rows' cache before the old one is
+    freed), the prefill's widest activations (the MLP's gate, up and product, and a few hidden-size
+    tensors) and its attention mask (``prompt_width`` entries of up to 8 bytes in its making). Per
+    row (one sample): scores over the vocabulary (the logits, a float32 copy, and sampling's
+    temporaries, ~40 bytes a token id), spread over ``row_span``, the fewest tokens a row holds.
+    """
+    cfg = model.config.get_text_config(decoder=True)
+    elem = next(model.parameters()).element_size()
+    width = 3 * (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size) + 4 * cfg.hidden_size
+    per_token = 2 * cache_bytes_per_token(model) + width * elem + 8 * prompt_width
+    if row_span:
+        per_token += -(-cfg.vocab_size * 40 // row_span)  # ceiling
+    return int(free_bytes * share) // per_token

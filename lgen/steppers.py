@@ -1,0 +1,211 @@
+"""Decode steppers: how the compact engine runs a batch's prefill and each decode step.
+
+A stepper owns a batch's key/value cache. ``prefill`` runs the prompts and returns the first
+logits (repeated for each prompt's samples: the prompt runs once); ``step`` feeds one token per
+row and returns the next logits; ``compact`` keeps only the given rows.
+
+* :class:`EagerStepper` steps eagerly over transformers' ``DynamicCache``.
+* :class:`GraphStepper` steps over a :class:`SlotCache` of fixed shape, so a step can be captured
+  once as a CUDA graph and replayed; rows leave by moving to a smaller bucket of rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from lgen.budget import kv_layout
+from lgen.models import base_model, whole_blocks
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which the model's forward takes its cache: ``cache`` in the transformers
+    releases that deprecate ``past_key_values`` (removed in 5.40), ``past_key_values`` before."""
+    params = inspect.signature(base_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class SlotCache:
+    """A KV cache of fixed shape per layer (``[rows, kv_heads, length, head_dim]``) written at the
+    positions held in the device tensor ``write_at``: nothing in a decode step depends on host
+    values, so the step can be captured once as a CUDA graph and replayed. It implements the part
+    of transformers' ``Cache`` interface that attention layers call (``update``)."""
+
+    is_compileable = True
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], write_at: torch.Tensor) -> None:
+        self.k, self.v, self.write_at = k, v, write_at
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.k[layer_idx].index_copy_(2, self.write_at, key_states)
+        self.v[layer_idx].index_copy_(2, self.write_at, value_states)
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def select(self, rows: torch.Tensor) -> SlotCache:
+        return SlotCache([k[rows] for k in self.k], [v[rows] for v in self.v], self.write_at)
+
+
+def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
+    """``torch.compile`` each decoder layer (the classes a transformers model lists in
+    ``_no_split_modules``) for :class:`GraphStepper`'s decode steps, which then replay fused kernels.
+
+    Compiling the layers, not the whole model, keeps the compiled code small: dynamo traces each
+    layer (its cache index is a constant) and inductor's graph cache serves the copies. ``dynamic``
+    is ``torch.compile``'s: by default the first batch shape compiles static and the next makes the
+    sizes that changed (rows, cache length) symbolic, so later batches reuse that graph. Everything
+    else runs eagerly: the prefill runs with compiled code set aside. Returns the number of layers
+    compiled; raises ``ValueError`` for a model that names no decoder layer classes.
+    """
+    layers = whole_blocks(model)
+    if not layers:
+        raise ValueError(f"{type(base_model(model)).__name__} names no decoder layer classes (_no_split_modules)")
+    for layer in layers:
+        if layer._compiled_call_impl is None:  # a second predict on the same model keeps its graphs
+            layer.compile(dynamic=dynamic)
+    return len(layers)
+
+
+# a compiled layer's graphs: up to 3 per layer (static, then symbolic rows, then symbolic cache length),
+# all under one function, whose default limit is 8
+_RECOMPILES = {"recompile_limit": 4096, "accumulated_recompile_limit": 1 << 16}
+
+
+def bucket(rows: int, least: int) -> int:
+    """The smallest of 8, 12, 16, 24, 32, 48, ... (at least ``least``) that holds ``rows``."""
+    size = 1 << max(rows - 1, 0).bit_length()  # next power of two
+    if size // 4 * 3 >= rows:
+        size = size // 4 * 3
+    return max(least, size)
+
+
+class EagerStepper:
+    """Eager steps over a ``DynamicCache``; compaction selects the live rows of the cache."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.cache_arg = cache_argument(model)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> torch.Tensor:
+        self.cache = DynamicCache(config=self.model.config)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        logits = out.logits[:, -1, :].float()
+        if samples > 1:
+            self.cache.batch_repeat_interleave(samples)
+            logits, attention_mask, positions = (t.repeat_interleave(samples, dim=0)
+                                                 for t in (logits, attention_mask, positions))
+        self.mask, self.next_pos = attention_mask, positions[:, -1:] + 1
+        return logits
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor | None:
+        """Keep the rows ``keep``; returns the slot of each kept row (None: nothing changed)."""
+        if keep.numel() == self.mask.shape[0]:
+            return None
+        self.cache.batch_select_indices(keep)
+        self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
+        return keep
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_pos,
+                         use_cache=True, **{self.cache_arg: self.cache})
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1, :].float()
+
+
+class GraphStepper:
+    """Steps over a :class:`SlotCache` replayed from a CUDA graph (``graph=False``: run eagerly, for
+    tests on CPU). Rows are dropped by moving to a smaller bucket (powers of two and 1.5 times
+    them: 192 -> 128 -> 96 -> ... -> ``min_rows``), with one capture per bucket; padding slots
+    repeat a live row and are ignored."""
+
+    def __init__(self, model: torch.nn.Module, max_new_tokens: int, *, graph: bool, min_rows: int = 8) -> None:
+        self.model, self.max_new_tokens, self.graph, self.min_rows = model, max_new_tokens, graph, min_rows
+        self.cache_arg = cache_argument(model)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> torch.Tensor:
+        rows, width = input_ids.shape
+        device = input_ids.device
+        dtype = next(self.model.parameters()).dtype
+        self.length = width + self.max_new_tokens
+        layers, heads, head_dim = kv_layout(self.model)
+        shape = (rows, heads, self.length, head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        cache = SlotCache(k, v, torch.arange(width, device=device))
+        # additive masks: 0 where a query may look, the dtype's minimum elsewhere
+        neg = torch.finfo(dtype).min
+        allowed = attention_mask.bool()
+        causal = torch.ones(width, self.length, dtype=torch.bool, device=device).tril()
+        prefill_mask = allowed[:, None, None, :].expand(rows, 1, width, width)
+        prefill_mask = torch.cat([prefill_mask, allowed.new_zeros(rows, 1, width, self.max_new_tokens)], dim=-1)
+        prefill_mask = prefill_mask & causal | torch.eye(width, self.length, dtype=torch.bool, device=device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.compiler.set_stance("force_eager"):  # one width per batch: compiling would not pay
+            out = self.model(input_ids=input_ids, attention_mask=torch.where(prefill_mask, 0.0, neg).to(dtype),
+                             position_ids=positions, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+        logits = out.logits[:, -1, :].float()
+        decode_mask = torch.cat([allowed, allowed.new_zeros(rows, self.max_new_tokens)], dim=-1)
+        next_pos = positions[:, -1:] + 1
+        if samples > 1:
+            cache = cache.select(torch.arange(rows, device=device).repeat_interleave(samples))
+            logits, decode_mask, next_pos = (t.repeat_interleave(samples, dim=0)
+                                             for t in (logits, decode_mask, next_pos))
+        self._setup(cache, torch.where(decode_mask, 0.0, neg).to(dtype)[:, None, None, :], next_pos,
+                    torch.full((1,), width, dtype=torch.long, device=device))
+        return logits
+
+    def _setup(self, cache: SlotCache, mask: torch.Tensor, next_pos: torch.Tensor, write_at: torch.Tensor) -> None:
+        """Static buffers for a bucket; its step is captured at the next ``step``."""
+        self.cache = SlotCache(cache.k, cache.v, write_at)
+        self.mask, self.next_pos, self.write_at = mask.contiguous(), next_pos.contiguous(), write_at
+        self.token = torch.zeros((mask.shape[0], 1), dtype=torch.long, device=mask.device)
+        self._graph = None
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up, as CUDA graph capture requires; it writes what the replay writes
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._out = self._forward()
+
+    def _forward(self) -> torch.Tensor:
+        with torch._dynamo.config.patch(**_RECOMPILES):
+            out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
+                             use_cache=True, **{self.cache_arg: self.cache})
+        return out.logits[:, -1, :]
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor | None:
+        """Keep the rows ``keep`` (padded to a bucket by repeating the last); returns the row each
+        slot now holds (None: the bucket stays)."""
+        rows = self.mask.shape[0]
+        size = bucket(int(keep.numel()), self.min_rows)
+        if size >= rows:
+            return None
+        sel = torch.cat([keep, keep[-1:].expand(size - keep.numel())])
+        self._setup(self.cache.select(sel), self.mask[sel], self.next_pos[sel], self.write_at)
+        return sel
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token[:, None])
+        self.mask.index_fill_(3, self.write_at, 0.0)  # the new token sees itself
+        if self.graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            logits = self._out
+        else:
+            logits = self._forward()
+        self.write_at.add_(1)
+        self.next_pos.add_(1)
+        return logits.float()
