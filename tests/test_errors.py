@@ -12,7 +12,6 @@ import pytest
 
 from lgen.cli import main
 
-
 ARGS = ["predict", "--model.max_new_tokens", "8", "--data.text_column_name", "prompt", "--data.mode", "complete",
         "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
 
