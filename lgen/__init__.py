@@ -1,3 +1,3 @@
 """lgen: batch text and code generation with Hugging Face causal LMs on PyTorch Lightning."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

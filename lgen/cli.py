@@ -1,45 +1,135 @@
-"""The ``lgen`` command: ``lgen predict`` and ``lgen merge``, and how errors reach the user.
+"""The ``lgen`` command: dispatches to ``predict`` and ``merge``, keeps a run's output quiet, and
+decides how errors reach the user.
 
-What the user must fix (:class:`lgen.errors.UserError`) is printed as one line, exit code 2; any
-other exception is a bug and keeps its traceback.
+What the user must fix (:class:`lgen.errors.UserError`) is printed as one line, exit code 2; a run
+stopped by a signal or one that ended with records missing exits with its own code
+(:mod:`lgen.errors`); any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import sys
 import warnings
-from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from lgen import outputs
-from lgen.errors import LgenError
-from lgen.merge import merge
+import lgen
+from lgen.errors import Incomplete, Interrupted, LgenError
 
-log = logging.getLogger("lgen")
+COMMANDS = {
+    "predict": "generate completions for a dataset and write them as JSONL shards (lgen predict --help)",
+    "merge": "merge an output directory's shards into one JSONL file in dataset order (lgen merge --help)",
+}
+USAGE = f"""usage: lgen <command> [options]
+
+Batch text and code generation with Hugging Face causal language models, on PyTorch Lightning.
+
+commands:
+{chr(10).join(f"  {name:<9}{purpose}" for name, purpose in COMMANDS.items())}
+
+  lgen predict --config configs/quickstart.yaml     run a config
+  lgen merge out/quickstart                          one file, in dataset order
+
+lgen {lgen.__version__}"""
+
+# third-party loggers whose INFO lines a user cannot act on (device availability, seeds, tips)
+QUIET = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+         "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda", "DeepSpeed", "datasets",
+         "transformers", "huggingface_hub")
+NOISE = (".*custom batch sampler.*", ".*treespec, LeafSpec.*", ".*LightningCLI's args parameter.*",
+         ".*does not have many workers.*", ".*Position ids are not supported.*", ".*No seed found.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"lgen {lgen.__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"lgen: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)} (lgen --help)",
+              file=sys.stderr)
+        return 2
+    with quiet():
+        try:
+            return merge_main(rest) if command == "merge" else predict_main(rest)
+        except Interrupted as err:
+            print(f"lgen: {err}; run the same command again to resume", file=sys.stderr)
+            return err.exit_code
+        except LgenError as err:
+            print(f"lgen: error: {err}", file=sys.stderr)
+            return err.exit_code
+
+
+def predict_main(args: list[str]) -> int:
+    from lgen.data import GenerationDataModule
+    from lgen.module import GenerationModule
+    from lgen.predict import LgenCLI
+
+    cli = LgenCLI(GenerationModule, GenerationDataModule, args=args, run=False, save_config_callback=None,
+                  auto_configure_optimizers=False, seed_everything_default=0,
+                  parser_kwargs={"prog": "lgen predict", "description": COMMANDS["predict"].split(" (")[0]})
+    try:
+        cli.predict()
+    except Interrupted as err:
+        raise Interrupted(err.signum, f"{err}{_so_far(cli.writer.summary, cli.output.path)}") from None
+    finally:
+        _close_process_group()
+    summary = cli.writer.summary
+    if cli.writer.shortfall:
+        raise Incomplete(f"{cli.writer.shortfall} records of this run's batches were not written"
+                         f"{_so_far(summary, cli.output.path)}; run the same command again to generate them")
+    if summary:
+        print(describe(summary, cli.output.path, ran=bool(cli.datamodule.todo)), file=sys.stderr)
+    return 0
+
+
+def _so_far(summary: dict[str, Any], output_dir: Any) -> str:
+    return f" ({summary['records']} of {summary['records_expected']} records are in {output_dir})" if summary else ""
+
+
+def describe(summary: dict[str, Any], output_dir: Any, *, ran: bool = True) -> str:
+    """Where the records are and what this run did (if it ran), in one or two lines."""
+    run = summary["runs"][-1]
+    reasons = ", ".join(f"{n} {reason}" for reason, n in
+                        sorted(summary["finish_reasons"].items(), key=lambda kv: -kv[1]))
+    done = f"{summary['records']} of {summary['records_expected']} records in {output_dir}"
+    if summary["records_missing"]:
+        done += f" ({summary['records_missing']} missing)"
+    if not ran:
+        return f"lgen: {done}: {reasons}"
+    this_run = (f"this run: {run['records_written']} records, {run['generated_tokens']} tokens in "
+                f"{run['wall_seconds']:.1f} s ({run['tokens_per_second'] or 0:.1f} tokens/s)")
+    return f"lgen: {done}: {reasons}\nlgen: {this_run}; details in {output_dir}/summary.json"
 
 
 def merge_main(argv: list[str]) -> int:
+    from lgen.merge import merge, splits
+
     parser = argparse.ArgumentParser(prog="lgen merge", description="Merge the shards of an output directory "
-                                     "into merged.{split}.jsonl, in dataset order, each record once.")
+                                     "into merged.{split}.jsonl, in dataset order, each record once. Fails when "
+                                     "records are missing, naming how many.")
     parser.add_argument("output_dir")
     parser.add_argument("--split", help="the split to merge (default: the only one there)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="merge the records there are, even when some are missing")
     args = parser.parse_args(argv)
-    splits = sorted({m.group(3) for p in Path(args.output_dir).glob("*.jsonl") if (m := outputs.SHARD.match(p.name))})
     split = args.split
     if split is None:
-        if len(splits) != 1:
-            parser.error(f"{args.output_dir} holds shards of splits {splits}; choose one with --split")
-        split = splits[0]
-    summary = Path(args.output_dir) / "summary.json"
-    expected = None
-    if summary.is_file():
-        expected = json.loads(summary.read_text()).get("records_expected")
-    path = merge(args.output_dir, split, expected)
-    print(path)
+        found = splits(args.output_dir)
+        if len(found) != 1:
+            parser.error(f"{args.output_dir} holds no shards" if not found else
+                         f"{args.output_dir} holds shards of splits {found}; choose one with --split")
+        split = found[0]
+    print(merge(args.output_dir, split, allow_partial=args.allow_partial))
     return 0
 
 
@@ -52,33 +142,52 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # lgen's batch sampler is the plan itself; Lightning's advice about drop_last does not apply
-    warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        if args and args[0] == "merge":
-            return merge_main(args[1:])
-        from lgen.data import GenerationDataModule
-        from lgen.module import GenerationModule
-        from lgen.predict import LgenCLI
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"lgen: {level}{record.getMessage()}"
 
-        LgenCLI(
-            GenerationModule,
-            GenerationDataModule,
-            args=argv,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-            trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-                              "use_distributed_sampler": False},
-            parser_kwargs={"prog": "lgen"},
-        )
-        _close_process_group()
-    except LgenError as err:
-        print(f"lgen: error: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """For one command: lgen's own messages as ``lgen: ...`` lines, third-party INFO lines and
+    progress bars that a user cannot act on left out, known harmless warnings filtered. Everything
+    is put back after, so calling ``main`` from Python leaves the process as it was."""
+    import datasets
+    import transformers
+
+    root = logging.getLogger("lgen")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    saved = [(root, root.level, root.propagate)] + [(logging.getLogger(n), logging.getLogger(n).level, None)
+                                                     for n in QUIET]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its read errors come back as lgen's, with the fix
+    bars = (datasets.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled())
+    datasets.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers_level = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            for message in NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        root.removeHandler(handler)
+        for logger, level, propagate in saved:
+            logger.setLevel(level)
+            if propagate is not None:
+                logger.propagate = propagate
+        if bars[0]:
+            datasets.utils.logging.enable_progress_bar()
+        if bars[1]:
+            transformers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.set_verbosity(transformers_level)
 
 
 if __name__ == "__main__":

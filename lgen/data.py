@@ -14,7 +14,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 from lgen import records
 from lgen.errors import ConfigError, DataError
 from lgen.plan import PADDING, PlannedBatches, deal, plan_batches
-from lgen.sources import load_split
+from lgen.sources import load_split, local_files
 from lgen.windows import Windowing, make_examples
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,9 @@ class GenerationDataModule(LightningDataModule):
         max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``.
         subsamples: in strided mode, keep this many randomly chosen windows per row (seeded).
         sort_by_length: plan batches longest-first (much less padding); records are the same rows.
+        sample_by: how a text file (``.txt``, or ``dataset_name: text``) is cut into rows: ``line``,
+            ``paragraph`` (blank-line separated) or ``document`` (one row per file). Strided mode
+            wants long rows: ``paragraph`` or ``document``.
         mode: ``complete`` (one prompt per row) or ``strided`` (windows over long texts); ``auto``
             picks complete when ``reference_column_name`` is set, as run_gen.py did. Complete mode
             without a reference column suits prompt-only sets (HumanEval-style); references are "".
@@ -96,6 +98,7 @@ class GenerationDataModule(LightningDataModule):
         max_window_size: int | None = None,
         subsamples: int | None = None,
         sort_by_length: bool = True,
+        sample_by: Literal["line", "paragraph", "document"] = "line",
         mode: Literal["auto", "complete", "strided"] = "auto",
         max_new_tokens: int | Literal["auto"] | None = None,
         seed: int = 0,
@@ -130,6 +133,7 @@ class GenerationDataModule(LightningDataModule):
         self.max_window_size = max_window_size
         self.subsamples = subsamples
         self.sort_by_length = sort_by_length
+        self.sample_by = sample_by
         self.mode = mode
         self.max_new_tokens = max_new_tokens
         self.seed = seed
@@ -141,8 +145,9 @@ class GenerationDataModule(LightningDataModule):
         self.lockstep = False
         self.done: set[records.ExampleKey] = set()
         # filled in by setup
-        self.examples: list[dict[str, Any]] | None = None
+        self.examples: list[dict[str, Any]] | None = None  # every prompt of the split, in dataset order
         self.stats: dict[str, Any] = {}
+        self._todo: list[dict[str, Any]] | None = None  # the examples this run generates
 
     @property
     def complete_mode(self) -> bool:
@@ -200,26 +205,43 @@ class GenerationDataModule(LightningDataModule):
     def skip(self, done: Iterable[records.ExampleKey]) -> None:
         """Leave out the examples whose every record an earlier run wrote (resume)."""
         self.done = set(done)
+        self._todo = None
+
+    @property
+    def todo(self) -> list[dict[str, Any]]:
+        """The examples this run generates: all, less those :meth:`skip` named."""
+        assert self.examples is not None, "setup first"
+        if self._todo is None:
+            self._todo = [ex for ex in self.examples if records.example_key(ex) not in self.done]
+            self.stats["examples_skipped_done"] = len(self.examples) - len(self._todo)
+        return self._todo
+
+    def example_keys(self) -> list[records.ExampleKey]:
+        """(id, part) of every prompt of the split, in dataset order: what a complete output holds."""
+        assert self.examples is not None, "setup first"
+        return [records.example_key(ex) for ex in self.examples]
 
     def settings(self) -> dict[str, Any]:
-        """The data settings that decide the prompts, plus a content hash of local files (for the
-        output directory's fingerprint)."""
-        files = {}
-        for f in self.data_files or []:
-            p = Path(f)
-            if p.is_file():
-                h = hashlib.sha256()
-                with open(p, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-                files[f] = h.hexdigest()
-        return {
+        """The data settings that decide the prompts, for the output directory's fingerprint. Local
+        files count by content (a SHA-256 each, in reading order), not by path, so the same data
+        given by another path, or from another directory, resumes."""
+        files = []
+        for path in local_files(self.data_files or []):
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            files.append(h.hexdigest())
+        settings = {
             "dataset_name": self.dataset_name, "dataset_config_name": self.dataset_config_name,
-            "dataset_revision": self.dataset_revision, "data_files": files or self.data_files,
+            "dataset_revision": self.dataset_revision, "data_files": files or None,
             "text_column_name": self.text_column_name, "reference_column_name": self.reference_column_name,
             "id_column_name": self.id_column_name, "mode": self.mode, "block_size": self.resolved_block_size,
             "max_window_size": self.resolved_window, "subsamples": self.subsamples,
         }
+        if self.sample_by != "line":  # absent from fingerprints written before the option existed
+            settings["sample_by"] = self.sample_by
+        return settings
 
     # ---- loading and preprocessing ---------------------------------------------------------------
 
@@ -227,7 +249,8 @@ class GenerationDataModule(LightningDataModule):
         """The raw split, as a ``datasets.Dataset``."""
         return load_split(dataset_name=self.dataset_name, data_files=self.data_files,
                           config_name=self.dataset_config_name, split=self.dataset_split,
-                          revision=self.dataset_revision, streaming=self.streaming, token=self.token)
+                          revision=self.dataset_revision, streaming=self.streaming, token=self.token,
+                          sample_by=self.sample_by)
 
     def _check_columns(self, columns: list[str]) -> None:
         if not columns:
@@ -271,20 +294,48 @@ class GenerationDataModule(LightningDataModule):
             log.info("no data.id_column_name: the row index is the id")
         kept = processed.filter(lambda d: not d, input_columns="drop")
         if len(kept) == 0:
-            raise DataError(f"every row was dropped by the length filters ({dict(drops)}); raise data.block_size "
-                            "or lower data.max_window_size / model.max_new_tokens")
+            raise DataError(f"every row was dropped by the length filters ({dict(drops)}); {self._drop_hint()}")
         examples = []
-        self.pad_example = None  # what padding batches run (a rank with no work still steps)
+        truncated = 0
         for ex in kept:
             ex.pop("drop")
+            truncated += ex.pop("truncated")
             ex["keep"] = {c: ex.pop(f"keep.{c}") for c in self.keep_columns}
             ex["meta"] = {"subset": self.dataset_config_name, "row": ex["row"]}
-            self.pad_example = self.pad_example or ex
-            if records.example_key(ex) not in self.done:
-                examples.append(ex)
-        self.stats = {"rows_read": len(raw), "rows_dropped": dict(drops), "examples": len(kept),
-                      "examples_skipped_done": len(kept) - len(examples)}
+            examples.append(ex)
+        self._check_unique(examples)
+        if truncated:
+            log.warning("%d of %d prompts are longer than max_window_size=%d tokens and keep only their last %d, "
+                        "as run_gen.py did; raise data.block_size (or data.max_window_size) to keep more",
+                        truncated, len(examples), self.resolved_window, self.resolved_window)
+        self.stats = {"rows_read": len(raw), "rows_dropped": dict(drops), "examples": len(examples),
+                      "prompts_truncated": truncated}
+        self.pad_example = examples[0]  # what padding batches run (a rank with no work still steps)
         self.examples = examples
+        self._todo = None
+
+    def _drop_hint(self) -> str:
+        if self.complete_mode:
+            return "raise data.block_size or lower model.max_new_tokens"
+        hint = "rows must hold at least max_window_size + max_new_tokens tokens: lower data.max_window_size"
+        if self.sample_by == "line" and (self.dataset_name == "text" or any(
+                str(f).endswith(".txt") for f in self.data_files or [])):
+            hint += ("; a text file is read one row per line, so for longer rows set data.sample_by: paragraph "
+                     "(blank-line separated) or document")
+        return hint
+
+    def _check_unique(self, examples: list[dict[str, Any]]) -> None:
+        """Refuse ids that name several rows: their records would share a key, and resume and the
+        writer would keep only one of them."""
+        counts = Counter(records.example_key(ex) for ex in examples)
+        repeated = [(key, n) for key, n in counts.items() if n > 1]
+        if repeated:
+            shown = ", ".join(f"{ident}{'' if part == (1, 1) else f' part {list(part)}'} ({n} times)"
+                              for (ident, part), n in repeated[:3])
+            raise DataError(f"data.id_column_name={self.id_column_name!r} does not identify the rows: "
+                            f"{len(repeated)} ids appear more than once ({shown}{', ...' if len(repeated) > 3 else ''})"
+                            "; choose a column whose values are unique, or leave data.id_column_name unset to use "
+                            "the row index")
 
     # ---- planning and loading --------------------------------------------------------------------
 
@@ -294,9 +345,9 @@ class GenerationDataModule(LightningDataModule):
         return self.samples * span
 
     def plan(self) -> list[list[int]]:
-        """All batches, as lists of example indices, in the order they run. Depends only on the data."""
-        assert self.examples is not None
-        return plan_batches([len(ex["input_ids"]) for ex in self.examples], batch_size=self.per_device_batch_size,
+        """All batches, as lists of indices into :attr:`todo`, in the order they run. Depends only on
+        the data and the settings."""
+        return plan_batches([len(ex["input_ids"]) for ex in self.todo], batch_size=self.per_device_batch_size,
                          batch_tokens=self.batch_tokens, row_tokens=self._row_tokens,
                          sort_by_length=self.sort_by_length)
 
@@ -307,12 +358,12 @@ class GenerationDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if self.max_batch_tokens == "auto" and self.token_budget is not None:
-            lengths = [len(ex["input_ids"]) for ex in self.examples] or [1]
+            lengths = [len(ex["input_ids"]) for ex in self.todo] or [1]
             shortest = (self.resolved_block_size if self.max_new_tokens == "auto"
                         else min(lengths) + int(self.max_new_tokens))
             self.batch_tokens = self.token_budget(lengths, shortest)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(_Examples(self.examples, self.pad_example),
+        return DataLoader(_Examples(self.todo, self.pad_example),
                           batch_sampler=PlannedBatches(self.rank_batches(rank, world)),
                           collate_fn=self.collate, num_workers=0)
 

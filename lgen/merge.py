@@ -7,42 +7,58 @@ import logging
 import os
 from pathlib import Path
 
-from lgen.errors import OutputDirError
-from lgen.outputs import complete_lines, shards
+from lgen.errors import Incomplete, OutputDirError
+from lgen.outputs import SHARD, complete_lines, read_expected, shards
 from lgen.records import RecordKey, record_key
 
 log = logging.getLogger(__name__)
 
 
-def merge(output_dir: str | Path, split: str, expected: int | None = None) -> Path:
+def splits(output_dir: str | Path) -> list[str]:
+    """The splits with shards in ``output_dir``."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        raise OutputDirError(f"{output_dir} does not exist" if not d.exists() else f"{output_dir} is not a directory")
+    return sorted({m.group(3) for p in d.iterdir() if (m := SHARD.match(p.name))})
+
+
+def merge(output_dir: str | Path, split: str, *, allow_partial: bool = False) -> Path:
     """Write ``merged.{split}.jsonl``: every record once, in dataset order (row, window, sample).
 
-    Memory stays small on large outputs: a first pass keeps only each record's order and place
-    (shard, byte offset); the second copies the lines in order, as they were written.
+    The records a complete output holds come from ``expected.{split}.json``, which every run writes
+    when it starts. A missing record fails the merge, naming how many are missing, unless
+    ``allow_partial``; then what there is is merged. Memory stays small on large outputs: a first
+    pass keeps only each record's order and place (shard, byte offset); the second copies the lines
+    in order, as they were written.
     """
     paths = shards(output_dir, split)
-    index: dict[RecordKey, tuple[tuple[int, int, int], int, int, int]] = {}  # order, shard, offset, samples
+    index: dict[RecordKey, tuple[tuple[int, int, int], int, int]] = {}  # order, shard, offset
     for s, path in enumerate(paths):
         for start, line in complete_lines(path):
             r = json.loads(line)
-            order = (r["meta"].get("row", 0), r["part"][0], r["seq"][0])
-            index.setdefault(record_key(r), (order, s, start, r["seq"][1]))
+            index.setdefault(record_key(r), ((r["meta"].get("row", 0), r["part"][0], r["seq"][0]), s, start))
     if not index:
         raise OutputDirError(f"no {split!r} shards with records in {output_dir}")
-    missing = sorted({f"{ident} part {list(part)} seq {k}"
-                      for (ident, part, _), (*_, samples) in index.items()
-                      for k in range(1, samples + 1) if (ident, part, k) not in index})
-    if expected is not None and len(index) < expected:
-        missing.append(f"{expected - len(index)} records in all (summary.json expects {expected})")
+    expected = read_expected(output_dir, split)
+    if expected is None and not allow_partial:
+        raise OutputDirError(f"cannot tell which records {output_dir} should hold: it has no expected.{split}.json "
+                             "(an lgen before 0.2 wrote it); rerun the same lgen predict command, which writes it "
+                             "and generates what is missing, or merge what there is with --allow-partial")
+    missing = [k for k in expected or () if k not in index]
     if missing:
-        raise OutputDirError(f"cannot merge {output_dir}: missing {', '.join(missing[:10])}; "
-                             "rerun the same lgen predict command to generate them")
+        shown = ", ".join(f"{ident} part {list(part)} seq {seq}" for ident, part, seq in missing[:3])
+        message = (f"{len(missing)} of {len(expected)} records are missing from {output_dir} ({shown}"
+                   f"{', ...' if len(missing) > 3 else ''})")
+        if not allow_partial:
+            raise Incomplete(f"cannot merge: {message}; rerun the same lgen predict command to generate them, "
+                             "or merge what there is with --allow-partial")
+        log.warning("%s; merging the %d there are (--allow-partial)", message, len(index))
     out = Path(output_dir) / f"merged.{split}.jsonl"
     tmp = out.with_name(out.name + ".lgen-tmp")
     sources = [open(path, "rb") for path in paths]
     try:
         with open(tmp, "wb") as f:
-            for _, s, start, _ in sorted(index.values()):
+            for _, s, start in sorted(index.values()):
                 sources[s].seek(start)
                 f.write(sources[s].readline())
             f.flush()

@@ -93,13 +93,58 @@ def resolve(name: str) -> str:
     return str(target)
 
 
-def check_exists(name: str, key: str) -> None:
-    """Fail before any loading when a name that looks like a path does not exist."""
-    if Path(name).expanduser().exists():
-        return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelSourceError(f"{key}={name!r} does not exist; give an existing folder, a Hub name, "
-                                f"or one of the aliases {sorted(ALIASES)}")
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
+                                                                                   "TRANSFORMERS_OFFLINE"))
+
+
+def locate(name: str, key: str, *, revision: str = "main", token: str | None = None) -> dict[str, Any]:
+    """Check, before anything loads, that ``name`` is an alias, a local folder, or a Hub repository
+    this machine can get; returns what the loads of ``name`` need (``local_files_only`` for a cached
+    repository while the Hub cannot be reached, so they neither wait on retries nor print them).
+
+    A name that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) must exist. Any other name
+    may be a Hub repository: one quick request asks the Hub, and when neither a local folder nor a
+    cached copy exists and the Hub cannot help, the error says so at once, naming both.
+    """
+    path = Path(name).expanduser()
+    if name in ALIASES or path.exists():
+        return {}
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ModelSourceError(f"{key}={name!r} does not exist ({path.absolute()}); give an existing folder, "
+                               f"a Hub name, or one of the aliases {sorted(ALIASES)}")
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cached = any(isinstance(try_to_load_from_cache(name, f, revision=revision), str)
+                 for f in ("config.json", "adapter_config.json", "tokenizer_config.json"))
+    neither = (f"{key}={name!r} is neither a local folder ({path.absolute()} does not exist) nor a model in "
+               "this machine's Hub cache")
+    if _offline():
+        if cached:
+            return {}
+        raise ModelSourceError(f"{neither}, and the Hub is offline here (HF_HUB_OFFLINE); give an existing folder, "
+                               f"a cached Hub name, or one of the aliases {sorted(ALIASES)}")
+    try:
+        HfApi().model_info(name, revision=revision, token=token, timeout=10)
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
+        if cached:
+            return {"local_files_only": True}
+        raise ModelSourceError(f"{neither}, and the Hub has no model {name!r} at revision {revision!r} that this "
+                               f"token can read ({type(err).__name__}); check the name, or set model.token for a "
+                               "private or gated model") from None
+    except Exception as err:  # the Hub cannot be reached: no network, a proxy, a timeout
+        if cached:
+            return {"local_files_only": True}
+        raise ModelSourceError(f"{neither}, and the Hub cannot be reached ({' '.join(str(err).split())[:200]}); "
+                               f"give an existing folder, or a Hub name that is cached or reachable") from None
+    return {}
+
+
+def check_file(name: str, key: str) -> None:
+    """Fail before any loading when a file setting names no file."""
+    if not Path(name).expanduser().is_file():
+        raise ModelSourceError(f"{key}={name!r} does not exist; give the path of a file")
 
 
 def load(fn: Callable[..., Any], name: str, key: str, **kwargs: Any) -> Any:
@@ -107,8 +152,7 @@ def load(fn: Callable[..., Any], name: str, key: str, **kwargs: Any) -> Any:
     try:
         return fn(name, **kwargs)
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        hint = " (the Hub is offline here)" if offline else ""
+        hint = " (the Hub is offline here)" if _offline() else ""
         raise ModelSourceError(f"{key}={name!r} could not be loaded{hint}: {err}. Give a local folder, "
                                f"a Hub name that is cached, or one of the aliases {sorted(ALIASES)}.") from err
 
@@ -121,12 +165,12 @@ def _peft():
     return peft
 
 
-def adapter_config(name: str, token: str | None) -> Any:
+def adapter_config(name: str, **hub: Any) -> Any:
     """The PEFT config of the adapter ``name`` (a folder or a Hub name)."""
-    return load(_peft().PeftConfig.from_pretrained, name, "model.adapter_name_or_path", token=token)
+    return load(_peft().PeftConfig.from_pretrained, name, "model.adapter_name_or_path", **hub)
 
 
-def load_adapter(model: torch.nn.Module, name: str, token: str | None, *, merge: bool) -> torch.nn.Module:
+def load_adapter(model: torch.nn.Module, name: str, *, merge: bool, **hub: Any) -> torch.nn.Module:
     """``model`` with the PEFT adapter ``name`` on it; ``merge``: folded into the weights (LoRA, (IA)^3)."""
-    model = _peft().PeftModel.from_pretrained(model, name, token=token)
+    model = _peft().PeftModel.from_pretrained(model, name, **hub)
     return model.merge_and_unload() if merge else model

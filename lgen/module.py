@@ -104,24 +104,33 @@ class GenerationModule(LightningModule):
         self.keep_stop_string = keep_stop_string
         if brace_matching_start_level < 0:
             raise ConfigError(f"model.brace_matching_start_level must be >= 0, got {brace_matching_start_level}")
-        for key, name in (("model.model_name_or_path", model_name_or_path), ("model.config_name", config_name),
-                          ("model.tokenizer_name", tokenizer_name),
-                          ("model.adapter_name_or_path", adapter_name_or_path),
-                          ("model.generation_config_file", generation_config_file)):
-            if name is not None and name not in models.ALIASES:
-                models.check_exists(name, key)
+        if generation_config_file is not None:
+            models.check_file(generation_config_file, "model.generation_config_file")
+        # where each name comes from, checked before anything loads; the Hub arguments its loads need
+        self._hub = {name: {"revision": revision, "token": token,
+                            **models.locate(name, key, revision=revision, token=token)}
+                     for key, name, revision in (
+                         ("model.model_name_or_path", model_name_or_path, model_revision),
+                         ("model.config_name", config_name, model_revision),
+                         ("model.tokenizer_name", tokenizer_name, model_revision),
+                         ("model.adapter_name_or_path", adapter_name_or_path, "main")) if name is not None}
         self.path = models.resolve(model_name_or_path)
-        hub = {"revision": model_revision, "token": token}
-        self.tokenizer = models.load(AutoTokenizer.from_pretrained,
-                                     models.resolve(tokenizer_name or model_name_or_path),
+        hub = self._hub[model_name_or_path]
+        tokenizer_from = tokenizer_name or model_name_or_path
+        self.tokenizer = models.load(AutoTokenizer.from_pretrained, models.resolve(tokenizer_from),
                                      "model.tokenizer_name" if tokenizer_name else "model.model_name_or_path",
-                                     use_fast=use_fast_tokenizer, **hub)
+                                     use_fast=use_fast_tokenizer, **self._hub[tokenizer_from])
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model_config = models.load(AutoConfig.from_pretrained, models.resolve(config_name or model_name_or_path),
-                                        "model.config_name" if config_name else "model.model_name_or_path", **hub)
-        self.adapter_config = models.adapter_config(adapter_name_or_path, token) if adapter_name_or_path else None
+        config_from = config_name or model_name_or_path
+        self.model_config = models.load(AutoConfig.from_pretrained, models.resolve(config_from),
+                                        "model.config_name" if config_name else "model.model_name_or_path",
+                                        **self._hub[config_from])
+        self.adapter_config = None
+        if adapter_name_or_path:
+            adapter_hub = {k: v for k, v in self._hub[adapter_name_or_path].items() if k != "revision"}
+            self.adapter_config = models.adapter_config(adapter_name_or_path, **adapter_hub)
         self.generation_config = self._generation_config(generation_config_file, generation_kwargs or {}, hub)
         missing = CompactEngine.unsupported(self.generation_config)
         if self.adapter_config is not None and self.adapter_config.is_prompt_learning:
@@ -233,13 +242,15 @@ class GenerationModule(LightningModule):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
-        kwargs = {"revision": self.model_revision, "token": self.token, "config": self.model_config}
+        kwargs = {**self._hub[self.model_name_or_path], "config": self.model_config}
         if self.torch_dtype:
             kwargs["dtype"] = DTYPES[self.torch_dtype]
         model = models.load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path", **kwargs)
         if self.adapter_name_or_path:
-            model = models.load_adapter(model, self.adapter_name_or_path, self.token,
-                                        merge=self.merge_adapter and not self.adapter_config.is_prompt_learning)
+            adapter_hub = {k: v for k, v in self._hub[self.adapter_name_or_path].items() if k != "revision"}
+            model = models.load_adapter(model, self.adapter_name_or_path,
+                                        merge=self.merge_adapter and not self.adapter_config.is_prompt_learning,
+                                        **adapter_hub)
         model.eval()
         if self.sharded:
             blocks = zero3.leaf_blocks(model, self.trainer.strategy.config)

@@ -7,7 +7,9 @@ Files lgen owns in ``output_dir``::
     generation_config_diff.json, adapter_config.json       config dumps, as run_gen.py wrote them
     lgen_config.yaml              the resolved lgen config
     fingerprint.json              dataset, model and generation settings this directory was made with
-    summary.json                  the run summary
+    expected.test.json            every (id, part) of the split and the samples of each: what a
+                                  complete output holds (written when a run starts; merge reads it)
+    summary.json                  totals for the directory, and each run's own figures
     merged.test.jsonl             ``lgen merge`` output
 
 Anything else in the directory is the user's, and lgen neither writes nor deletes it.
@@ -19,17 +21,19 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lgen.errors import OutputDirError
-from lgen.records import ExampleKey, RecordKey, complete_examples, record_key
+from lgen.records import ExampleKey, RecordKey, complete_examples, id_key, record_key
 
 log = logging.getLogger(__name__)
 
 SHARD = re.compile(r"^(\d{5})-of-(\d{5})\.(.+)\.jsonl$")
 MERGED = re.compile(r"^merged\.(.+)\.jsonl$")
+EXPECTED = re.compile(r"^expected\.(.+)\.json$")
 OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json", "generation_config_diff.json",
          "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json"}
 
@@ -39,7 +43,8 @@ def shard_name(rank: int, world_size: int, split: str) -> str:
 
 
 def is_owned(name: str) -> bool:
-    return name in OWNED or bool(SHARD.match(name) or MERGED.match(name)) or name.endswith(".lgen-tmp")
+    return (name in OWNED or bool(SHARD.match(name) or MERGED.match(name) or EXPECTED.match(name))
+            or name.endswith(".lgen-tmp"))
 
 
 def shards(output_dir: str | Path, split: str) -> list[Path]:
@@ -129,22 +134,39 @@ def clear_output_dir(output_dir: str | Path) -> list[str]:
     return removed
 
 
+def has_records(output_dir: str | Path) -> bool:
+    """Whether any shard, of any split, holds a complete record."""
+    d = Path(output_dir)
+    return d.is_dir() and any(SHARD.match(p.name) and next(complete_lines(p), None) is not None
+                              for p in d.iterdir())
+
+
 def check_fingerprint(output_dir: str | Path, fingerprint: dict[str, Any]) -> None:
-    """Refuse to resume into a directory made from other data, model or generation settings."""
+    """Refuse to resume into a directory whose records were made from other data, model or
+    generation settings. A directory without records has nothing to protect: its old fingerprint
+    (from a run that failed before its first batch) gives way."""
     path = Path(output_dir) / "fingerprint.json"
     if not path.is_file():
-        if shards(output_dir, fingerprint.get("split", "")) or any(
-                SHARD.match(p.name) for p in Path(output_dir).iterdir()):
+        if any(SHARD.match(p.name) for p in Path(output_dir).iterdir()):
             raise OutputDirError(f"output_dir={str(output_dir)!r} has shards but no fingerprint.json, so lgen "
                                  "cannot tell what made them; set overwrite_output_dir: true or choose a new directory")
         return
-    old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(fingerprint, default=str)))
+    old = _flatten(_upgrade(json.loads(path.read_text())))
+    new = _flatten(json.loads(json.dumps(fingerprint, default=str)))
     differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if differ:
+    if differ and has_records(output_dir):
         detail = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
         raise OutputDirError(f"output_dir={str(output_dir)!r} was made with other settings ({detail}). "
                              "Resume only with the same settings; to start over set overwrite_output_dir: true, "
                              "or choose a new output_dir")
+
+
+def _upgrade(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint in today's form: lgen before 0.2 keyed local files' hashes by their path."""
+    files = (fingerprint.get("data") or {}).get("data_files")
+    if isinstance(files, dict):
+        fingerprint["data"]["data_files"] = list(files.values()) or None
+    return fingerprint
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -167,12 +189,40 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def done_keys(output_dir: str | Path, split: str) -> set[RecordKey]:
-    """Every (id, part, seq) written by any rank of any earlier run, whatever its world size."""
+def scan(output_dir: str | Path, split: str) -> tuple[set[RecordKey], Counter]:
+    """Every (id, part, seq) written by any rank of any earlier run, whatever its world size, and
+    the count of each finish reason among them (a key written twice counts once)."""
     keys: set[RecordKey] = set()
+    reasons: Counter = Counter()
     for path in shards(output_dir, split):
-        keys.update(record_key(r) for r in read_records(path))
-    return keys
+        for record in read_records(path):
+            key = record_key(record)
+            if key not in keys:
+                keys.add(key)
+                reasons[record["finish_reason"]] += 1
+    return keys, reasons
+
+
+def expected_path(output_dir: str | Path, split: str) -> Path:
+    return Path(output_dir) / f"expected.{split}.json"
+
+
+def write_expected(output_dir: str | Path, split: str, examples: list[ExampleKey], samples: int) -> None:
+    """What a complete output of ``split`` holds: every (id, part), in dataset order, ``samples`` each."""
+    write_json(expected_path(output_dir, split), {
+        "split": split, "samples": samples,
+        "examples": [[json.loads(ident), list(part)] for ident, part in examples],
+    })
+
+
+def read_expected(output_dir: str | Path, split: str) -> list[RecordKey] | None:
+    """Every record key a complete output holds, in dataset order; None where no run wrote the file."""
+    path = expected_path(output_dir, split)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return [(id_key(ident), tuple(part), k) for ident, part in data["examples"]
+            for k in range(1, data["samples"] + 1)]
 
 
 
@@ -180,31 +230,49 @@ class OutputDir:
     """One run's view of ``output_dir`` for one split: what earlier runs wrote there, and whether
     this run may add to it.
 
-    :meth:`prepare` runs before any model loads: it refuses a directory made with other settings,
-    clears it when asked (rank 0 only; with ``overwrite`` every rank starts from nothing), drops torn
-    last lines, and reads the keys already written, by any rank of any earlier run.
+    :meth:`prepare` runs before any weights load: it refuses a directory whose records were made
+    with other settings, clears it when asked (rank 0 only; with ``overwrite`` every rank starts
+    from nothing), drops torn last lines, reads the keys already written, by any rank of any
+    earlier run, and (rank 0) writes ``fingerprint.json`` and ``expected.{split}.json``.
     """
 
     def __init__(self, path: str | Path, split: str) -> None:
         self.path, self.split = Path(path), split
         self.done: set[RecordKey] = set()
+        self.reasons: Counter = Counter()  # finish reasons of the records in ``done``
         self.fingerprint: dict[str, Any] = {}
+        self.expected = 0  # records a complete output holds
 
-    def prepare(self, fingerprint: dict[str, Any], *, overwrite: bool, rank: int, samples: int) -> set[ExampleKey]:
+    def prepare(self, fingerprint: dict[str, Any], *, overwrite: bool, rank: int, samples: int,
+                expected: list[ExampleKey]) -> set[ExampleKey]:
         """Get the directory ready for this run; returns the (id, part) pairs whose every sample
-        (``samples`` of them) is already written, which this run skips."""
+        (``samples`` of them) is already written, which this run skips. ``expected`` lists every
+        (id, part) of the split."""
         self.fingerprint = fingerprint
+        self.expected = len(expected) * samples
         if overwrite:
             if rank == 0:
                 clear_output_dir(self.path)
-            self.done = set()
-            return set()
-        if self.path.is_dir():
-            check_fingerprint(self.path, fingerprint)
-            if rank == 0:
-                for shard in shards(self.path, self.split):
-                    drop_torn_tail(shard)
-        self.done = done_keys(self.path, self.split)
-        if self.done:
-            log.info("resuming: %d records already in %s are skipped", len(self.done), self.path)
+            self.done, self.reasons = set(), Counter()
+        else:
+            if self.path.is_dir():
+                check_fingerprint(self.path, fingerprint)
+                if rank == 0:
+                    for shard in shards(self.path, self.split):
+                        drop_torn_tail(shard)
+            self.done, self.reasons = scan(self.path, self.split)
+            if self.done:
+                log.info("resuming: %d records already in %s are skipped", len(self.done), self.path)
+        if rank == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not (self.path / "fingerprint.json").is_file() or not has_records(self.path):
+                write_json(self.path / "fingerprint.json", fingerprint)
+            write_expected(self.path, self.split, expected, samples)
         return complete_examples(self.done, samples)
+
+    def summary(self) -> dict[str, Any]:
+        """The directory's ``summary.json`` ({} if none)."""
+        try:
+            return json.loads((self.path / "summary.json").read_text())
+        except (OSError, ValueError):
+            return {}

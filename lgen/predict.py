@@ -1,24 +1,63 @@
-"""``lgen predict``: LightningCLI set up for prediction only.
+"""``lgen predict``: LightningCLI set up for prediction, and the order in which the parts are built.
 
-This is the one place that leans on LightningCLI's internals (``subcommands``,
-``_prepare_subcommand_parser``, ``instantiate_classes``, ``_instantiate_trainer``), to keep the
-``predict`` subcommand only, send records to disk instead of memory, and build and connect the
-parts in the order generation needs: the output directory is checked before anything loads, the
-strategy is known before the data is connected, and the directory is prepared before the run.
+LightningCLI gives the config files, ``--help``, ``--print_config`` and the links between keys.
+lgen runs it without subcommands (``lgen`` itself dispatches) and overrides its documented hooks:
+
+* the parser: abbreviations off, errors raised (:func:`explain` turns them into one line), and only
+  the Trainer keys that matter for prediction;
+* the build order (``instantiate_classes``): the output directory is checked before anything
+  loads; the trainer (hence the strategy) is known before the data is connected; the data is
+  loaded, and its duplicate ids refused, before the output directory is touched; the directory is
+  prepared (fingerprint, overwrite, resume) last, before any weights load.
 """
 
 from __future__ import annotations
 
+import difflib
+import glob
+import inspect
+import logging
+import os
+import re
+from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lgen import outputs, zero3
 from lgen.data import GenerationDataModule
+from lgen.errors import ConfigError
+from lgen.interrupt import GracefulStop
 from lgen.module import GenerationModule
 from lgen.progress import GenerationProgressBar
 from lgen.writer import JsonlWriter
+
+log = logging.getLogger(__name__)
+
+# Trainer settings that matter for prediction; the others (epochs, gradients, validation, ...) are hidden
+TRAINER_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks",
+                "limit_predict_batches", "enable_progress_bar", "profiler", "plugins", "deterministic", "benchmark",
+                "inference_mode", "default_root_dir")
+# set for every run: lgen's writer is the output, its batch sampler the plan
+TRAINER_FIXED = {"enable_checkpointing": False, "enable_model_summary": False, "use_distributed_sampler": False}
+
+# what a required or mistyped key takes, for one-line errors
+ACCEPTS = {
+    "model.model_name_or_path": "a local model folder, a Hub model name, or the alias smollm2-135m-instruct",
+    "model.max_new_tokens": "an integer >= 1, or auto",
+    "output_dir": "the directory to write the records to",
+}
+# keys set through links (from the model side or the seed), never by the user
+LINKED = {"data.max_new_tokens", "data.token", "data.seed", "model.seed"}
+# keys whose relative paths, when set in a config file, are read from that file's folder
+PATH_KEYS = ("data.data_files", "data.dataset_name", "model.model_name_or_path", "model.config_name",
+             "model.tokenizer_name", "model.adapter_name_or_path", "model.generation_config_file")
 
 
 def _seed(value: Any) -> int:
@@ -26,17 +65,19 @@ def _seed(value: Any) -> int:
 
 
 class LgenCLI(LightningCLI):
-    """LightningCLI with the ``predict`` subcommand only, run_gen.py's top-level keys, and the links
-    between the model and data sides (``max_new_tokens``, ``token``, the seed)."""
+    """LightningCLI for ``lgen predict``: run_gen.py's top-level keys, the links between the model
+    and data sides (``max_new_tokens``, ``token``, the seed), and the build order above."""
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"predict": {"model", "dataloaders", "datamodule"}}
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        return super().init_parser(**kwargs, exit_on_error=False, allow_abbrev=False)
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        parser.set_defaults(return_predictions=False)  # records go to disk; memory stays flat
-        return parser
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        hidden = {name for name in inspect.signature(Trainer.__init__).parameters if name not in TRAINER_KEYS}
+        parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True,
+                                   skip=hidden)
+        parser.set_defaults({"trainer.logger": False})
+        parser.add_lightning_class_args(GenerationModule, "model")
+        parser.add_lightning_class_args(GenerationDataModule, "data")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--output_dir", type=str, required=True,
@@ -45,24 +86,32 @@ class LgenCLI(LightningCLI):
                             help="Delete the files lgen wrote in output_dir before starting (never other files).")
         parser.add_argument("--merge", type=bool, default=False,
                             help="Write merged.{split}.jsonl in dataset order when the run ends.")
+        # the targets are LINKED
         parser.link_arguments("model.max_new_tokens", "data.max_new_tokens")
         parser.link_arguments("model.token", "data.token")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
         parser.link_arguments("seed_everything", "model.seed", compute_fn=_seed)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(explain(str(err), parser, list(args or []))) from None
+        resolve_config_paths(self.config, list(args or []))
+
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
-        outputs.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+        outputs.check_output_dir(self.config.output_dir, self.config.overwrite_output_dir)
 
     def instantiate_classes(self) -> None:
         self.config_init = self.parser.instantiate_classes(self.config)
-        self.datamodule: GenerationDataModule = self._get(self.config_init, "data")
-        self.model: GenerationModule = self._get(self.config_init, "model")
-        cfg = self.config_init[self.subcommand]
-        model, data = self.model, self.datamodule
-        output = outputs.OutputDir(cfg.output_dir, data.dataset_split)
-        config_text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
-        self.writer = JsonlWriter(output, config_text=config_text, merge=cfg.merge)
+        cfg = self.config_init
+        model: GenerationModule = cfg.model
+        data: GenerationDataModule = cfg.data
+        self.model, self.datamodule = model, data
+        self.output = outputs.OutputDir(cfg.output_dir, data.dataset_split)
+        config_text = self.parser.dump(self.config, skip_none=False)
+        self.writer = JsonlWriter(self.output, config_text=config_text, merge=cfg.merge)
+        self.stop = GracefulStop()
         self.trainer = self.instantiate_trainer()
         strategy = self.trainer.strategy
         model.check_strategy(strategy)
@@ -70,15 +119,106 @@ class LgenCLI(LightningCLI):
                      max_position_embeddings=getattr(model.model_config, "max_position_embeddings", None),
                      reserved_tokens=model.virtual_tokens, samples=model.num_return_sequences,
                      token_budget=model.token_budget, lockstep=zero3.lockstep(strategy))
+        data.setup("predict")
         fingerprint = {"split": data.dataset_split, "data": data.settings(), "model": model.settings(),
                        "seed": data.seed}
-        data.skip(output.prepare(fingerprint, overwrite=cfg.overwrite_output_dir, rank=rank_zero_only.rank,
-                                 samples=model.num_return_sequences))
+        data.skip(self.output.prepare(fingerprint, overwrite=cfg.overwrite_output_dir, rank=rank_zero_only.rank,
+                                      samples=model.num_return_sequences, expected=data.example_keys()))
 
-    def instantiate_trainer(self, **kwargs: Any):
-        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        extra.append(self.writer)
-        if trainer_config.get("enable_progress_bar", True) is not False:
-            extra.append(GenerationProgressBar())
-        return self._instantiate_trainer(trainer_config, extra)
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = {**self.config_init.trainer, **kwargs}
+        callbacks = config.pop("callbacks", None) or []
+        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.writer, self.stop]
+        if config.get("enable_progress_bar", True) is not False:
+            callbacks.append(GenerationProgressBar())
+        try:
+            return Trainer(**config, **TRAINER_FIXED, callbacks=callbacks)
+        except MisconfigurationException as err:
+            hint = ""
+            if str(config.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+                hint = (f" (trainer.accelerator={config['accelerator']} and no GPU here); to run on CPU processes set "
+                        "--trainer.accelerator cpu --trainer.devices N")
+            raise ConfigError(f"trainer: {str(err).strip()}{hint}") from err
+
+    def predict(self) -> None:
+        """Run prediction; with nothing left to generate, load no weights and leave the summary as is."""
+        if not self.datamodule.todo:
+            log.info("nothing to generate: all %d records are in %s", len(self.output.done), self.output.path)
+            self.writer.summary = self.output.summary()
+            return
+        self.trainer.predict(self.model, datamodule=self.datamodule, return_predictions=False)
+
+
+def explain(message: str, parser: LightningArgumentParser, argv: list[str]) -> str:
+    """One line for a jsonargparse error: the key, what it takes, the closest keys for a typo, or the
+    config file with a YAML syntax error."""
+    keys = sorted({opt[2:] for opt in parser._option_string_actions if opt.startswith("--")} - {"help"} - LINKED)
+    if m := re.search(r"following arguments are required: (.+)", message):
+        key = m.group(1).split(",")[0].strip()
+        return f"{key} is required: {ACCEPTS.get(key, 'set it in a config file or on the command line')}"
+    if m := re.match(r'Parser key "([^"]+)":', message):
+        key = m.group(1)
+        given = re.search(r"(?:Given|Got) value: (.*)", message)
+        value = given.group(1).strip() if given else None
+        if value in (None, "None", "null"):
+            return f"{key} is required: {ACCEPTS.get(key, 'set it in a config file or on the command line')}"
+        return f"{key}={value!r} is not valid: expected {ACCEPTS.get(key) or _expected(message)}"
+    unknown = re.findall(r"unrecognized arguments: (\S+)", message) + [
+        f"{group}.{key}" if group else key
+        for group, key in re.findall(r"(?:Group '([^']+)' )?does not accept (?:option|nested key) '([^']+)'", message)]
+    if unknown:
+        key = unknown[0].lstrip("-").split("=")[0]
+        close = difflib.get_close_matches(key, keys, n=2, cutoff=0.8)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return f"unknown key {key}{hint} (lgen predict --help lists every key)"
+    if message.startswith("Problems parsing config"):
+        for path in _config_files(argv):
+            try:
+                yaml.safe_load(Path(path).read_text())
+            except yaml.YAMLError as err:
+                return f"{path} is not valid YAML: {' '.join(str(err).split())}"
+            except OSError as err:
+                return f"--config {path}: {err.strerror}"
+    return " ".join(message.split())
+
+
+def _expected(message: str) -> str:
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+    found = [names.get(t, t) for t in re.findall(r"Expected a <class '(\w+)'>", message)]
+    found += [f"one of {lits}" for lits in re.findall(r"Literal\[([^\]]+)\]", message)]
+    return ", or ".join(dict.fromkeys(found)) or "another value"
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def resolve_config_paths(config: Namespace, argv: list[str]) -> None:
+    """A relative path set in a config file is read from that file's folder, when it exists there,
+    so ``lgen predict --config /abs/path/task.yaml`` works from any directory. A value given later
+    on the command line, or a path that exists only relative to the current directory, is kept."""
+    for path in _config_files(argv):
+        try:
+            own = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        folder = Path(path).resolve().parent
+        for key in PATH_KEYS:
+            section, _, name = key.partition(".")
+            given = (own.get(section) or {}).get(name) if isinstance(own.get(section), dict) else None
+            if given is None or config.get(key) != given:
+                continue  # not set in this file, or set again after it
+            config[key] = ([_from(folder, g) for g in given] if isinstance(given, list) else _from(folder, given))
+
+
+def _from(folder: Path, value: Any) -> Any:
+    if not isinstance(value, str) or os.path.isabs(value) or value.startswith("~"):
+        return value
+    candidate = str(folder / value)
+    return candidate if glob.glob(candidate) else value

@@ -1,29 +1,60 @@
-"""A progress bar that counts what matters for generation: records and generated tokens per second."""
+"""A progress bar that counts what matters for generation: batches, records and tokens per second."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+from tqdm import tqdm
 
 from lgen.records import BatchRecords
 
 
-class GenerationProgressBar(TQDMProgressBar):
-    """Batches as the bar, with ``records``, ``tokens`` and ``tok/s`` beside it."""
+class GenerationProgressBar(ProgressBar):
+    """One bar on rank 0, over this rank's batches, with ``records``, ``tokens`` and ``tok/s``
+    updated as each batch ends; closed before the summary is printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._bar: tqdm | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_predict_start(trainer, pl_module)
-        self._t0 = time.perf_counter()
+        if not self._enabled:
+            return
+        total = trainer.num_predict_batches[0] if trainer.num_predict_batches else None
+        self._bar = tqdm(total=total, desc="generating", unit="batch", file=sys.stderr, dynamic_ncols=True,
+                         leave=True, smoothing=0, mininterval=0)
+        self._start = time.perf_counter()
         self._records = self._tokens = 0
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: BatchRecords, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if self._bar is None:
+            return
         self._records += len(outputs.records)
         self._tokens += sum(outputs.tokens)
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        self.predict_progress_bar.set_postfix(
-            records=self._records, tokens=self._tokens, tok_s=f"{self._tokens / elapsed:.1f}", refresh=False)
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        self._bar.set_postfix(records=self._records, tokens=self._tokens, tok_s=f"{self._tokens / elapsed:.1f}",
+                              refresh=False)
+        self._bar.update(1)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close()

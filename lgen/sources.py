@@ -4,6 +4,8 @@ with ``datasets``; a file that cannot be read fails with its name and what to fi
 from __future__ import annotations
 
 import codecs
+import glob
+import json
 from pathlib import Path
 
 from lgen.errors import DataError
@@ -11,13 +13,22 @@ from lgen.errors import DataError
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
+def local_files(data_files: list[str]) -> list[Path]:
+    """The files ``data_files`` names, patterns expanded, in the order ``datasets`` reads them."""
+    found: list[Path] = []
+    for f in data_files:
+        found += [Path(p) for p in sorted(glob.glob(f))] if any(ch in f for ch in "*?[") else [Path(f)]
+    return found
+
+
 def load_split(*, dataset_name: str | None, data_files: list[str] | None, config_name: str | None, split: str,
-               revision: str | None, streaming: bool, token: str | None):
-    """The split as a ``datasets.Dataset`` (a stream is read whole)."""
+               revision: str | None, streaming: bool, token: str | None, sample_by: str = "line"):
+    """The split as a ``datasets.Dataset`` (a stream is read whole). ``sample_by`` is how a text
+    file is cut into rows: ``line``, ``paragraph`` (blank-line separated) or ``document``."""
     import datasets
 
     if data_files:
-        ds = _load_files(dataset_name, data_files, split, streaming)
+        ds = _load_files(dataset_name, data_files, split, streaming, sample_by)
     elif dataset_name is not None and Path(dataset_name).is_dir() and any(
             (Path(dataset_name) / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(dataset_name)
@@ -36,27 +47,58 @@ def load_split(*, dataset_name: str | None, data_files: list[str] | None, config
     return ds
 
 
-def _load_files(builder: str | None, files: list[str], split: str, streaming: bool):
+def _load_files(builder: str | None, files: list[str], split: str, streaming: bool, sample_by: str):
     import datasets
 
     for f in files:
         if not any(ch in f for ch in "*?[") and not Path(f).is_file():
             raise DataError(f"data.data_files: {f!r} does not exist")
+        if any(ch in f for ch in "*?[") and not glob.glob(f):
+            raise DataError(f"data.data_files: {f!r} matches no file")
     builder = builder or LOCAL_FORMATS.get(Path(files[0]).suffix.lower())
     if builder is None:
         raise DataError(f"data.dataset_name: cannot tell the format of {files[0]!r}; "
                         "set it to json, csv, parquet or text")
+    paths = local_files(files)
+    if all(p.stat().st_size == 0 for p in paths):
+        raise DataError(f"the dataset in data.data_files={files} is empty: nothing to generate")
     if builder in ("json", "csv", "text"):
-        for f in files:
-            if Path(f).is_file():
-                check_utf8(f)
+        for p in paths:
+            check_utf8(str(p))
+    extra = {"sample_by": sample_by} if builder == "text" else {}
     try:
-        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming, **extra)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         if "corresponds to no data" in str(err):
             raise DataError(f"the dataset in data.data_files={files} is empty: nothing to generate") from err
+        if builder == "json":
+            for p in paths:
+                check_json_lines(p)
         raise DataError(f"data.data_files={files} could not be read as {builder!r}: "
                         f"{err.__cause__ or err}; check the file or set data.dataset_name") from err
+
+
+def check_json_lines(path: Path) -> None:
+    """Name the first line of a JSON Lines file that is not a JSON object (1-based, as editors count).
+    A file that is one JSON document (``.json``) is left to ``datasets``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return  # one JSON document
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"data.data_files: {path} line {number} is not valid JSON ({err.msg} at column "
+                            f"{err.colno}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data.data_files: {path} line {number} is a JSON {type(row).__name__}, not an object "
+                            "({\"column\": value, ...}); each line must be one JSON object")
 
 
 def check_utf8(path: str) -> None:

@@ -12,8 +12,11 @@ Runs as a batched ``datasets`` map (so it is cached); dropped rows come out with
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,17 +26,19 @@ def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windo
     tok = tokenizer
     texts = rows[w.text]
     ids = tok([str(t) for t in texts], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {k: [] for k in ("id", "row", "part", "input_ids", "reference", "drop")}
+    out: dict[str, list] = {k: [] for k in ("id", "row", "part", "input_ids", "reference", "drop", "truncated")}
     for c in w.keep:
         out[f"keep.{c}"] = []
 
-    def emit(i: int, part: list[int], prompt: list[int], reference: str, drop: str = "") -> None:
+    def emit(i: int, part: list[int], prompt: list[int], reference: str, drop: str = "",
+             truncated: bool = False) -> None:
         out["id"].append(rows[w.id_column][i] if w.id_column else indices[i])
         out["row"].append(indices[i])
         out["part"].append(part)
         out["input_ids"].append(prompt)
         out["reference"].append(reference)
         out["drop"].append(drop)
+        out["truncated"].append(truncated)
         for c in w.keep:
             out[f"keep.{c}"].append(rows[c][i])
 
@@ -48,7 +53,7 @@ def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windo
             elif len(prompt) + ref_lens[i] > block - 1:
                 emit(i, [1, 1], [], refs[i], "prompt + reference > block_size - 1")
             else:
-                emit(i, [1, 1], prompt, refs[i])
+                emit(i, [1, 1], prompt, refs[i], truncated=len(toks) > window)
         return out
     for i, toks in enumerate(ids):
         if len(toks) < window + mnt:
@@ -81,3 +86,9 @@ class Windowing:
     max_new_tokens: int | str
     subsamples: int | None
     seed: int
+    # this module's source: ``datasets`` hashes an importable function by name, so without this a
+    # changed ``make_examples`` would reuse examples cached by an older lgen
+    code: str = field(default_factory=lambda: _CODE)
+
+
+_CODE = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""Records to files: one JSONL shard per rank, each batch written whole and fsynced before the next."""
+"""Records to files: one JSONL shard per rank, each batch written whole and fsynced before the next,
+and ``summary.json``, which describes the whole output directory across runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import platform
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lgen import outputs
+from lgen.errors import Interrupted
 from lgen.merge import merge
 from lgen.records import BatchRecords, record_key
 
@@ -26,7 +29,8 @@ class JsonlWriter(BasePredictionWriter):
 
     A crash loses at most the batch in flight: every batch is written with one ``write``, flushed
     and fsynced. Records whose (id, part, seq) an earlier run wrote (``output.done``) are never
-    written again.
+    written again. Each rank counts the records its batches should give; a run that ends with
+    fewer (``shortfall``) must not pass for a complete one.
 
     Args:
         output: the output directory, prepared by the CLI before the run (``OutputDir.prepare``).
@@ -37,34 +41,36 @@ class JsonlWriter(BasePredictionWriter):
     def __init__(self, output: outputs.OutputDir, *, config_text: str = "", merge: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output = output
-        self.output_dir = output.path
-        self.split = output.split
         self.config_text = config_text
         self.merge = merge
         self._file = None
         self.stats: Counter = Counter()
         self.reasons: Counter = Counter()
+        self.summary: dict[str, Any] = {}  # rank 0, once the run ended
+        self.shortfall = 0  # records missing from this run's batches, over all ranks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.output.path.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
             for name, data in pl_module.config_dumps().items():
-                outputs.write_json(self.output_dir / name, data)
+                outputs.write_json(self.output.path / name, data)
             if self.config_text:
-                outputs.write_json(self.output_dir / "lgen_config.yaml", self.config_text)
-            outputs.write_json(self.output_dir / "fingerprint.json", self.output.fingerprint)
+                outputs.write_json(self.output.path / "lgen_config.yaml", self.config_text)
         self.done = set(self.output.done)
-        path = self.output_dir / outputs.shard_name(trainer.global_rank, trainer.world_size, self.split)
-        if path.exists():
-            outputs.drop_torn_tail(path)
-        self._file = open(path, "ab")
-        self.path = path
+        self.path = self.output.path / outputs.shard_name(trainer.global_rank, trainer.world_size, self.output.split)
+        if self.path.exists():
+            outputs.drop_torn_tail(self.path)
+        self._file = open(self.path, "ab")
         self._start = time.perf_counter()
+        self._started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: BatchRecords,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if not batch.padding:
+            self.stats["records_planned"] += len(batch.examples) * pl_module.num_return_sequences
         lines = []
         for record, tokens in zip(prediction.records, prediction.tokens):
+            self.stats["records_produced"] += 1
             key = record_key(record)
             if key in self.done:
                 self.stats["records_skipped_done"] += 1
@@ -87,40 +93,78 @@ class JsonlWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.teardown(trainer, pl_module, "predict")
-        mine = {"stats": dict(self.stats), "reasons": dict(self.reasons)}
-        every = _gather(mine, trainer)
-        if not trainer.is_global_zero:
-            return
-        total, reasons = Counter(), Counter()
+        every = _gather({"stats": dict(self.stats), "reasons": dict(self.reasons)}, trainer)
+        stats, reasons = Counter(), Counter()
         for part in every:
-            total.update(part["stats"])
+            stats.update(part["stats"])
             reasons.update(part["reasons"])
+        self.shortfall = stats["records_planned"] - stats["records_produced"]
+        if trainer.is_global_zero:
+            records = len(self.output.done) + stats["records_written"]
+            self._write_summary(trainer, stats, self.output.reasons + reasons, records,
+                                "complete" if not self.shortfall else f"{self.shortfall} records missing")
+            if self.merge:
+                merge(self.output.path, self.output.split)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A run stopped early (a signal) or failed: the summary still describes the directory, from
+        its shards as they are now; this run's figures are this rank's."""
+        self.teardown(trainer, pl_module, "predict")
+        if trainer.is_global_zero and hasattr(self, "_start"):
+            status = (f"interrupted ({exception})" if isinstance(exception, Interrupted)
+                      else f"failed ({type(exception).__name__})")
+            keys, reasons = outputs.scan(self.output.path, self.output.split)
+            self._write_summary(trainer, self.stats, reasons, len(keys), status)
+
+    def _write_summary(self, trainer: Trainer, stats: Counter, reasons: Counter, records: int, status: str) -> None:
         wall = time.perf_counter() - self._start
-        data_stats = getattr(trainer.datamodule, "stats", {}) if trainer.datamodule is not None else {}
-        summary = {
-            **data_stats,
-            "records_written": total["records_written"],
-            "records_skipped_done": total["records_skipped_done"],
-            "finish_reasons": dict(reasons),
-            "generated_tokens": total["generated_tokens"],
-            "generation_seconds": round(total["generation_seconds"], 3),
+        data_stats = dict(getattr(trainer.datamodule, "stats", {}) or {})
+        run = {
+            "started": self._started,
+            "status": status,
+            "examples_skipped_done": data_stats.pop("examples_skipped_done", 0),
+            "records_written": stats["records_written"],
+            "records_skipped_done": stats["records_skipped_done"],
+            "generated_tokens": stats["generated_tokens"],
+            "generation_seconds": round(stats["generation_seconds"], 3),
             "wall_seconds": round(wall, 3),
-            "tokens_per_second": round(total["generated_tokens"] / wall, 2) if wall > 0 else None,
+            "tokens_per_second": round(stats["generated_tokens"] / wall, 2) if wall > 0 else None,
             "world_size": trainer.world_size,
             "versions": _versions(),
         }
-        if "examples" in data_stats:
-            summary["records_expected"] = data_stats["examples"] * pl_module.num_return_sequences
-        outputs.write_json(self.output_dir / "summary.json", summary)
+        runs = [*_earlier_runs(self.output.path / "summary.json"), run]
+        summary = {
+            **data_stats,
+            "records_expected": self.output.expected,
+            "records": records,
+            "records_missing": max(self.output.expected - records, 0),
+            "finish_reasons": dict(sorted(reasons.items())),
+            "generated_tokens": sum(r.get("generated_tokens", 0) for r in runs),
+            "generation_seconds": round(sum(r.get("generation_seconds", 0) for r in runs), 3),
+            "runs": runs,
+        }
+        outputs.write_json(self.output.path / "summary.json", summary)
+        self.summary = summary
         if trainer.loggers:
-            flat = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            flat = {k: v for k, v in {**run, **summary}.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
             flat.update({f"finish_reason/{k}": v for k, v in reasons.items()})
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=0)
                 logger.save()
-        log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if k != "versions"}))
-        if self.merge:
-            merge(self.output_dir, self.split, summary.get("records_expected"))
+
+
+def _earlier_runs(path: os.PathLike) -> list[dict[str, Any]]:
+    """The runs an existing ``summary.json`` lists (one from a summary of lgen before 0.2)."""
+    try:
+        old = json.loads(open(path).read())
+    except (OSError, ValueError):
+        return []
+    if "runs" in old:
+        return list(old["runs"])
+    keys = ("records_written", "records_skipped_done", "generated_tokens", "generation_seconds", "wall_seconds",
+            "tokens_per_second", "world_size", "versions", "examples_skipped_done")
+    return [{k: old[k] for k in keys if k in old}]
 
 
 def _gather(obj: Any, trainer: Trainer) -> list[Any]:

@@ -132,7 +132,8 @@ def test_done_examples_are_skipped(tok, tmp_path):
     dm.connect(tok)
     dm.skip({("0", (1, 1))})
     dm.setup()
-    assert [ex["id"] for ex in dm.examples] == [1]
+    assert [ex["id"] for ex in dm.examples] == [0, 1]  # the split, as a complete output holds it
+    assert [ex["id"] for ex in dm.todo] == [1] and dm.plan() == [[0]]  # what this run generates
     assert dm.stats["examples_skipped_done"] == 1
 
 
@@ -181,3 +182,11 @@ def test_saved_dataset_folder_and_csv(tok, tmp_path):
     (tmp_path / "d.csv").write_text("text,k\n" + words(0, 2) + ",1\n")
     assert view(module(tok, str(tmp_path / "d.csv"), mode="complete", block_size=10, max_new_tokens=2)) == [
         (0, [1, 1], "w0 w1", "")]
+
+
+def test_strided_parts_are_numbered_from_one(tok, tmp_path):
+    """lgen numbers windows from 1, as ``seq`` and complete mode's ``[1, 1]``; run_gen.py numbered
+    strided windows from 0 (docs/porting.md)."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 14)}])
+    dm = module(tok, path, block_size=6, max_window_size=4, max_new_tokens=2)
+    assert [ex["part"] for ex in dm.examples] == [[1, 3], [2, 3], [3, 3]]

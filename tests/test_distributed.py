@@ -62,7 +62,7 @@ def test_two_processes_give_the_one_process_records(tiny_model, one_process, tmp
     # 11 rows in batches of 2 = 6 batches: 3 per rank, uneven rows (6 and 5)
     assert [len(p.read_text().splitlines()) for p in sorted(out.glob("*.jsonl"))] == [6, 5]
     assert records(out) == expected
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert json.loads((out / "summary.json").read_text())["runs"][-1]["world_size"] == 2
 
 
 def test_two_nodes_over_loopback(tiny_model, one_process, tmp_path):

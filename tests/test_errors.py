@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
     (["--data.mode", "strided", "--data.block_size", "16", "--data.max_window_size", "12"],
      ["data.max_window_size + model.max_new_tokens = 12 + 8 = 20 exceeds data.block_size=16"]),
     (["--data.block_size", "6", "--data.max_window_size", "9"], ["data.max_window_size=9 exceeds data.block_size=6"]),
-    (["--data.mode", "strided", "--data.block_size", "40"], ["every row was dropped", "data.block_size"]),
+    (["--data.mode", "strided", "--data.block_size", "40"], ["every row was dropped", "lower data.max_window_size"]),
     (["--model.adapter_name_or_path", "./no/such/adapter"], ["model.adapter_name_or_path='./no/such/adapter'",
                                                              "does not exist"]),
     (["--model.generation_config_file", "/no/gen.json"], ["model.generation_config_file='/no/gen.json'"]),
@@ -64,7 +65,8 @@ def test_missing_model_path(capsys, code_jsonl, tmp_path):
 def test_hub_name_offline(capsys, code_jsonl, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, err = run(capsys, "no-such-org/no-such-model", code_jsonl, tmp_path / "out")
-    assert code == 2 and "model.model_name_or_path='no-such-org/no-such-model' could not be loaded" in err
+    assert code == 2 and "model.model_name_or_path='no-such-org/no-such-model' is neither a local folder" in err
+    assert "nor a model in this machine's Hub cache, and the Hub is offline here" in err
 
 
 def test_empty_dataset(capsys, tiny_model, tmp_path):
@@ -113,15 +115,6 @@ def test_foreign_files_are_refused_and_kept(capsys, tiny_model, code_jsonl, tmp_
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_config_file_error_names_the_key(capsys, tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"model": {"model_name_or_path": "x", "max_new_tokens": 4, "use_brace_match": True},
-                               "data": {"data_files": "d.jsonl"}, "output_dir": "o"}))
-    with pytest.raises(SystemExit) as done:
-        main(["predict", "--config", str(cfg)])
-    assert done.value.code == 2 and "use_brace_match" in capsys.readouterr().err
-
-
 def test_a_bug_in_the_decode_loop_keeps_its_traceback(tiny_model, code_jsonl, tmp_path):
     """Only what the user must fix is a one-line error (exit 2); a bug shows where it happened."""
     script = (
@@ -139,3 +132,66 @@ def test_a_bug_in_the_decode_loop_keeps_its_traceback(tiny_model, code_jsonl, tm
     assert result.returncode not in (0, 2), result.stderr[-2000:]
     assert "Traceback (most recent call last)" in result.stderr
     assert "RuntimeError: a bug in the decode loop" in result.stderr and "lgen: error" not in result.stderr
+
+
+def test_duplicate_ids_are_refused_before_the_model_loads(capsys, tiny_model, code_jsonl, tmp_path, monkeypatch):
+    from lgen import module
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(module.AutoModelForCausalLM, "from_pretrained", never)
+    code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", "--data.id_column_name", "lang")
+    assert code == 2
+    assert "data.id_column_name='lang' does not identify the rows: 2 ids appear more than once" in err
+    assert '"rust" (5 times)' in err and '"c" (5 times)' in err and "leave data.id_column_name unset" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_jsonl_file(capsys, tiny_model, tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_bytes(b"")
+    code, err = run(capsys, tiny_model, data, tmp_path / "out")
+    assert code == 2
+    assert err.strip() == f"lgen: error: the dataset in data.data_files=['{data}'] is empty: nothing to generate"
+
+
+def test_malformed_jsonl_names_the_file_and_line(capsys, tiny_model, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a {"}\n{"prompt": "b {"\n{"prompt": "c {"}\n')
+    code, err = run(capsys, tiny_model, data, tmp_path / "out")
+    assert code == 2 and f"data.data_files: {data} line 2 is not valid JSON" in err
+    assert err.count("\n") == 1  # one line, nothing from datasets before it
+
+
+def test_a_missing_model_folder_fails_at_once(tiny_model, code_jsonl, tmp_path):
+    """A relative path that does not exist looks like a Hub name; with no cached copy and no Hub to
+    ask, lgen says so at once, naming both, without the Hub's retry warnings."""
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "lgen", *ARGS, "--model.model_name_or_path", "checkpoints/my-model",
+                             "--data.data_files", str(code_jsonl), "--output_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "model.model_name_or_path='checkpoints/my-model' is neither a local folder" in result.stderr
+    assert f"({tmp_path}/checkpoints/my-model does not exist)" in result.stderr
+    assert "Hub cache, and the Hub cannot be reached" in result.stderr
+    assert seconds < 20, seconds  # imports included; no retries
+
+
+def test_strided_text_hints_at_sample_by(capsys, tiny_model, tmp_path):
+    """A .txt file is read a line a row: wrapped paragraphs are too short for strided windows."""
+    text = tmp_path / "book.txt"
+    paragraph = "\n".join("int add(int a, int b) { return a + b; }" for _ in range(6))
+    text.write_text(paragraph + "\n\n" + paragraph + "\n")
+    args = ["--data.mode", "strided", "--data.text_column_name", "text", "--data.max_window_size", "24",
+            "--data.block_size", "64"]
+    code, err = run(capsys, tiny_model, text, tmp_path / "lines", *args)
+    assert code == 2 and "lower data.max_window_size" in err and "set data.sample_by: paragraph" in err
+    assert "raise data.block_size" not in err
+    code, err = run(capsys, tiny_model, text, tmp_path / "paragraphs", *args, "--data.sample_by", "paragraph")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "paragraphs" / "00001-of-00001.test.jsonl").open()]
+    assert sorted({r["id"] for r in records}) == [0, 1] and all(r["part"][1] > 1 for r in records)

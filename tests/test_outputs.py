@@ -84,8 +84,10 @@ def test_sigkill_then_rerun_writes_every_key_once(tiny_model, tmp_path, min_line
     assert Counter(keys(records)).most_common(1)[0][1] == 1
     assert sorted(r["id"] for r in records) == sorted(f"t/{i}" for i in range(120))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["records_written"] == 120 - len(before)
-    assert summary["examples_skipped_done"] == len(before)
+    assert summary["records"] == summary["records_expected"] == 120 and summary["records_missing"] == 0
+    assert sum(summary["finish_reasons"].values()) == 120  # the killed run's records count too
+    assert summary["runs"][-1]["records_written"] == 120 - len(before)
+    assert summary["runs"][-1]["examples_skipped_done"] == len(before)
 
 
 def test_resume_after_world_size_change(tiny_model, tmp_path):
@@ -126,7 +128,7 @@ def test_fingerprint_refuses_other_settings(tiny_model, tmp_path, capsys):
     (data.parent / "p.jsonl").write_text((data.parent / "p.jsonl").read_text() + json.dumps(
         {"task_id": "t/x", "prompt": "int z() {"}) + "\n")
     assert main(args(tiny_model, data, out)) == 2
-    assert "data.data_files." in capsys.readouterr().err
+    assert "data.data_files: was [" in capsys.readouterr().err
 
 
 def test_overwrite_removes_only_lgen_files(tiny_model, tmp_path):
@@ -148,8 +150,8 @@ def test_merge_reports_missing_records(tiny_model, tmp_path, capsys):
         f"t/{i}" for i in range(6)]
     shard = out / SHARD
     shard.write_text("".join(x + "\n" for x in shard.read_text().splitlines()[1:]))
-    assert main(["merge", str(out)]) == 2
-    assert "missing 1 records in all (summary.json expects 6)" in capsys.readouterr().err
+    assert main(["merge", str(out)]) == 1
+    assert "cannot merge: 1 of 6 records are missing" in capsys.readouterr().err
 
 
 def test_summary_is_logged_to_the_trainer_logger(tiny_model, tmp_path):
@@ -159,10 +161,140 @@ def test_summary_is_logged_to_the_trainer_logger(tiny_model, tmp_path):
     assert main(args(tiny_model, data, out, "--trainer.logger", "CSVLogger",
                      "--trainer.logger.save_dir", str(logs))) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["records_written"] == 5 and summary["rows_read"] == 5 and summary["world_size"] == 1
+    run = summary["runs"][-1]
+    assert summary["records"] == run["records_written"] == 5 and summary["rows_read"] == 5
+    assert run["world_size"] == 1
     assert sum(summary["finish_reasons"].values()) == 5
-    assert summary["generated_tokens"] > 0 and summary["tokens_per_second"] > 0
-    assert set(summary["versions"]) >= {"lgen", "torch", "transformers", "lightning"}
+    assert summary["generated_tokens"] == run["generated_tokens"] > 0 and run["tokens_per_second"] > 0
+    assert set(run["versions"]) >= {"lgen", "torch", "transformers", "lightning"}
     metrics = next(logs.rglob("metrics.csv")).read_text().splitlines()
     header, row = metrics[0].split(","), metrics[1].split(",")
     assert float(row[header.index("records_written")]) == 5
+
+
+def run_and_signal(argv: list[str], shard: Path, signum: int, timeout: float = 120) -> tuple[int, str, float, int]:
+    """Start lgen, send ``signum`` once its first batch is on disk; returns the exit code, stderr,
+    the seconds from the signal to the exit, and the lines the shard held when the signal went."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lgen", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    try:
+        while not (shard.exists() and shard.read_bytes().count(b"\n") >= 1):
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"lgen finished (rc={proc.returncode}) or timed out before its first batch")
+            time.sleep(0.005)
+        seen = shard.read_bytes().count(b"\n")
+        sent = time.perf_counter()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err, time.perf_counter() - sent, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_the_next_batch_and_the_same_command_resumes(tiny_model, tmp_path, signum):
+    data = prompts_file(tmp_path / "p.jsonl", 120)
+    out = tmp_path / "out"
+    argv = args(tiny_model, data, out, "--model.max_new_tokens", "40")  # 60 batches of 2 rows
+    code, err, seconds, seen = run_and_signal(argv, out / SHARD, signum)
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, err[-2000:]
+    assert f"lgen: stopped by {name} (" in err and "run the same command again to resume" in err
+    written = lines(out)
+    assert seen <= len(written) <= seen + 2 * 2  # the batch in flight, at most one more
+    assert seconds < 30  # a batch takes well under a second here; startup is not counted
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == len(written) and summary["records_missing"] == 120 - len(written)
+    assert summary["runs"][-1]["status"] == f"interrupted (stopped by {name})"
+    result = subprocess.run([sys.executable, "-m", "lgen", *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in lines(out)]
+    assert Counter(keys(records)).most_common(1)[0][1] == 1
+    assert sorted(r["id"] for r in records) == sorted(f"t/{i}" for i in range(120))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == 120 and summary["records_missing"] == 0 and len(summary["runs"]) == 2
+    assert sum(summary["finish_reasons"].values()) == 120
+    assert [r["records_written"] for r in summary["runs"]] == [len(written), 120 - len(written)]
+    assert summary["generated_tokens"] == sum(r["generated_tokens"] for r in summary["runs"])
+
+
+def test_a_no_op_resume_keeps_the_summary(tiny_model, tmp_path, capsys):
+    data = prompts_file(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "out"
+    assert main(args(tiny_model, data, out)) == 0
+    before = json.loads((out / "summary.json").read_text())
+    assert before["generated_tokens"] > 0
+    capsys.readouterr()
+    assert main(args(tiny_model, data, out)) == 0
+    assert "nothing to generate: all 4 records are in" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text()) == before
+
+
+def test_a_run_that_loses_records_does_not_exit_0(tiny_model, tmp_path, capsys, monkeypatch):
+    from lgen import module, records
+
+    build = records.build
+    monkeypatch.setattr(module.records, "build", lambda *a, **kw: build(*a, **kw)[:-1])  # a bug drops one per batch
+    data = prompts_file(tmp_path / "p.jsonl", 6)
+    assert main(args(tiny_model, data, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "lgen: error: 3 records of this run's batches were not written (3 of 6 records are in" in err
+
+
+def test_merge_knows_what_is_missing_without_a_summary(tiny_model, tmp_path, capsys):
+    data = prompts_file(tmp_path / "p.jsonl", 6)
+    out = tmp_path / "out"
+    assert main(args(tiny_model, data, out)) == 0
+    (out / "summary.json").unlink()  # as after a SIGKILL: expected.test.json was written at the start
+    shard = out / SHARD
+    kept = shard.read_text().splitlines()[2:]
+    shard.write_text("".join(x + "\n" for x in kept))
+    capsys.readouterr()
+    assert main(["merge", str(out)]) == 1
+    assert "cannot merge: 2 of 6 records are missing from" in capsys.readouterr().err
+    assert not (out / "merged.test.jsonl").exists()
+    assert main(["merge", str(out), "--allow-partial"]) == 0
+    merged = [json.loads(x) for x in (out / "merged.test.jsonl").read_text().splitlines()]
+    assert [r["meta"]["row"] for r in merged] == sorted(json.loads(x)["meta"]["row"] for x in kept)
+
+
+def test_truncated_prompts_are_counted(tiny_model, tmp_path, capsys):
+    data = prompts_file(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "out"
+    assert main(args(tiny_model, data, out, "--data.block_size", "34")) == 0  # 34 - 24 new tokens: 10-token prompts
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts_truncated"] > 0
+    err = capsys.readouterr().err
+    assert err.count("prompts are longer than max_window_size=10 tokens") == 1
+    assert f"{summary['prompts_truncated']} of 4 prompts" in err
+
+
+def test_the_same_data_by_another_path_resumes(tiny_model, tmp_path, monkeypatch):
+    data = prompts_file(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "out"
+    assert main(args(tiny_model, data, out)) == 0
+    copy = tmp_path / "elsewhere" / "prompts.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(data.read_bytes())
+    monkeypatch.chdir(copy.parent)
+    assert main(args(tiny_model, Path("prompts.jsonl"), out)) == 0  # another path, another directory
+    assert len(lines(out)) == 4
+
+
+def test_paths_in_a_config_file_are_read_from_its_folder(tiny_model, tmp_path, monkeypatch):
+    task = tmp_path / "task"
+    task.mkdir()
+    prompts_file(task / "prompts.jsonl", 3)
+    config = task / "task.yaml"
+    config.write_text(f"model:\n  model_name_or_path: {tiny_model}\n  max_new_tokens: 8\n"
+                      "data:\n  data_files: prompts.jsonl\n  text_column_name: prompt\n  mode: complete\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    out = tmp_path / "out"
+    assert main(["predict", "--config", str(config), "--output_dir", str(out), "--trainer.accelerator", "cpu",
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    assert len(lines(out)) == 3
