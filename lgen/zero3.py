@@ -12,16 +12,14 @@ Three DeepSpeed behaviours are meant for training:
   prefetches and releases weights by that trace. Lightning wraps the LightningModule, so one
   "forward" is a whole ``predict_step``: hundreds of model forwards. The trace grows to tens of
   thousands of entries, every weight release scans far along it, and it goes stale whenever a batch
-  runs a different number of steps (SmolLM2, 3 prompts x 48 tokens, 2 ranks on CPU: 68 s, then
-  338 s for the next batch; with the reset below: 68 s and 65 s. On an H200, one rank had not
-  finished the quickstart's second batch of 12 after 150 s; with the reset 2 ranks do all 3 in 36 s).
+  runs a different number of steps, so each batch is slower than the last (docs/distributed.md).
   :func:`step_per_forward` starts a new trace at each model forward, as when DeepSpeed wraps the
   model itself.
 * ZeRO-3 hooks every submodule that holds weights (each linear and norm: ~380 per forward of
   SmolLM2) and gathers and releases weights one submodule at a time. With a few rows per step that
-  Python work, not the maths, sets the pace: a forward of SmolLM2 on CPU took 440 ms under ZeRO-3
-  against 114 ms plain. :func:`leaf_blocks` makes each transformer block one unit (gathered whole,
-  by one pair of hooks): 142 ms. The price is that a whole block's weights are on the GPU at once.
+  Python work, not the maths, sets the pace (docs/distributed.md has the figures). :func:`leaf_blocks`
+  makes each transformer block one unit, gathered whole by one pair of hooks. The price is that a
+  whole block's weights are on the GPU at once.
 """
 
 from __future__ import annotations
