@@ -42,7 +42,8 @@ QUIET = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.ra
          "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda", "DeepSpeed", "datasets",
          "transformers", "huggingface_hub")
 NOISE = (".*custom batch sampler.*", ".*treespec, LeafSpec.*", ".*LightningCLI's args parameter.*",
-         ".*does not have many workers.*", ".*Position ids are not supported.*", ".*No seed found.*")
+         ".*does not have many workers.*", ".*Position ids are not supported.*", ".*No seed found.*",
+         ".*GPU available but not used.*")
 
 
 def main(argv: list[str] | None = None) -> int:

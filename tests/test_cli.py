@@ -110,10 +110,8 @@ def test_a_clean_run_prints_the_bar_and_the_summary_only(tiny_model, tmp_path):
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
     bar = [line for line in lines if line.startswith("generating")]
     rest = [line for line in lines if not line.startswith("generating")]
-    assert bar and rest == [
-        f"lgen: 10 of 10 records in {out}: " + rest[0].split(": ", 2)[2],
-        rest[1],
-    ], lines
+    assert bar and len(rest) == 2, lines
+    assert rest[0].startswith(f"lgen: 10 of 10 records in {out}: "), lines
     assert rest[1].startswith("lgen: this run: 10 records, ") and rest[1].endswith(f"details in {out}/summary.json")
     # 10 rows in batches of 4: the bar counts batches, and each batch's records show with it, not one batch late
     assert "3/3" in bar[-1] and "records=10" in bar[-1]

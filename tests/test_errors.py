@@ -167,7 +167,8 @@ def test_malformed_jsonl_names_the_file_and_line(capsys, tiny_model, tmp_path):
 def test_a_missing_model_folder_fails_at_once(tiny_model, code_jsonl, tmp_path):
     """A relative path that does not exist looks like a Hub name; with no cached copy and no Hub to
     ask, lgen says so at once, naming both, without the Hub's retry warnings."""
-    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "lgen", *ARGS, "--model.model_name_or_path", "checkpoints/my-model",
                              "--data.data_files", str(code_jsonl), "--output_dir", str(tmp_path / "out")],

@@ -29,9 +29,9 @@ def test_graph_replays_give_the_eager_logits(tiny_model, dtype):
             logits = [stepper.prefill(ids, mask, 1)]
             with packed_decode(packing_needed()):
                 for step in range(12):
-                    if step == 5:
-                        stepper.compact(torch.arange(0, 11, device="cuda"))  # 20 rows -> a bucket of 12
                     token = logits[-1].argmax(-1)
+                    if step == 5:  # 20 rows -> 11 live rows in a bucket of 12
+                        token = token[stepper.compact(torch.arange(0, 11, device="cuda"))]
                     logits.append(stepper.step(token).clone())
             runs[graph] = logits
     for replayed, eager in zip(runs[True], runs[False]):
