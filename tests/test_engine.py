@@ -180,3 +180,18 @@ def test_compiled_layers_give_the_uncompiled_tokens_and_reuse_their_graphs(tiny_
     # per layer: static, then the rows symbolic (a compaction), then the cache length (a wider batch);
     # 3 batches through 4 buckets reuse those, rather than compiling per batch or bucket
     assert graphs == 3 * layers, graphs
+
+
+@pytest.mark.parametrize("top_k,top_p,scale", [(50, 0.9, 1.0), (20, None, 3.0), (None, 0.95, 8.0), (None, 0.95, 0.5)])
+def test_candidate_draws_equal_the_vocabulary_wide_draw(top_k, top_p, scale):
+    """Sampling on the few tokens top-k / top-p can keep draws exactly what the vocabulary-wide
+    filter and noise draw, bf16 ties included; rows whose top-p set is wider than the candidates
+    (flat logits: scale 0.5) are drawn over the vocabulary."""
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 5000) * scale).bfloat16().float()
+    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=top_k, top_p=top_p)
+    keys = torch.arange(64, dtype=torch.int64) * 7919
+    steps = torch.arange(64) % 7  # each row at its own step
+    everywhere = (sampling.filter_logits(logits, config) + sampling.gumbel_noise(keys, steps, 5000)).argmax(-1)
+    assert torch.equal(sampling.next_tokens(logits, config, keys, steps), everywhere)
+    assert torch.equal(sampling.next_tokens(logits[5:9], config, keys[5:9], steps[5:9]), everywhere[5:9])
