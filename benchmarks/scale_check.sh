@@ -24,9 +24,10 @@ PY
 speed() { for d in "$@"; do python3 - "$out/$d" <<'PY'
 import json, sys, pathlib
 s = json.loads((pathlib.Path(sys.argv[1]) / "summary.json").read_text())
-print(f"SPEED {pathlib.Path(sys.argv[1]).name}: world {s['world_size']}, {s['records_written']} records, "
-      f"{s['generated_tokens']} tokens, generation {s['generation_seconds']} s (summed over ranks), "
-      f"wall {s['wall_seconds']} s, {s['tokens_per_second']} tok/s")
+run = s["runs"][-1]
+print(f"SPEED {pathlib.Path(sys.argv[1]).name}: world {run['world_size']}, {run['records_written']} records, "
+      f"{run['generated_tokens']} tokens, generation {run['generation_seconds']} s (summed over ranks), "
+      f"wall {run['wall_seconds']} s, {run['tokens_per_second']} tok/s")
 PY
 done; }
 # copies FILE N LONG: the quickstart prompts N times over (ids "<id>#<copy>"); LONG=1 repeats

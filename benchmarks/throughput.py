@@ -1,21 +1,23 @@
 """Throughput: run_gen.py's way against lgen, on the same model and prompts, in one process.
 
     python benchmarks/throughput.py                      # CPU: 24 prompts, 64 new tokens (minutes)
+    python benchmarks/throughput.py --prompt-set quickstart --prompts 32 --max-new-tokens 96 --batch-size 8 4 32
     python benchmarks/throughput.py --device cuda --prompts 180 --max-new-tokens 256 --dtype bfloat16
 
 Three ways to drive the model over Rust function prompts that end in ``{`` (brace matching from
 level 1, greedy):
 
-* ``seed``: dataset order, batches of 8, ``model.generate`` with a per-row Python brace check that
+* ``run_gen.py``: dataset order, batches of 8, ``model.generate`` with a per-row Python brace check that
   decodes each row's last token (a host sync per row per step) and stops a batch only when all of
   its rows are done, as run_gen.py does;
 * ``lgen-generate``: lgen with ``engine: generate`` (length-sorted plan, one big batch, the brace
   FSM on the device);
-* ``lgen``: lgen's default ``engine: compact`` (the same plan; finished rows are dropped).
+* ``lgen bN``: lgen's default ``engine: compact`` with ``per_device_batch_size: N`` (continuous
+  batching: prompt groups join a pool of rows as finished rows leave).
 
 For each: seconds, useful tokens (up to each row's stop) per second, the useful-slot fraction
-(useful tokens / row-steps computed), the speed-up over ``seed`` and ``lgen-generate``, and how
-many predictions equal the seed's (all cut by lgen's lexer, so only generation is compared).
+(useful tokens / row-steps computed), the speed-up over the first way, and how many predictions
+equal the first way's (all cut by lgen's lexer, so only generation is compared).
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def run_lgen(path, prompts, max_new_tokens, engine, batch_size, dtype, device, d
     module.configure_model()  # load outside the timed region, as for the seed
     data = GenerationDataModule(data_files=str(data_file), mode="complete", text_column_name="prompt",
                                 per_device_batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=2048)
-    data.connect(module.tokenizer)
+    # as lgen predict connects it: continuous batching with the compact engine, the memory budget
+    data.connect(module.tokenizer, token_budget=module.token_budget, continuous=engine == "compact")
     out = Path(tempfile.mkdtemp())
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -157,16 +160,27 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompts", type=int, default=24)
+    p.add_argument("--prompt-set", default="rust", choices=["rust", "varied", "quickstart"],
+                   help="rust: 18 Rust functions repeated; varied: benchmarks/prompts.py; quickstart: its 32")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed-batch-size", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=256, help="lgen's per_device_batch_size")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[256], help="lgen's per_device_batch_size(s)")
     p.add_argument("--skip-seed", action="store_true")
+    p.add_argument("--skip-generate", action="store_true", help="leave out lgen with engine: generate")
     p.add_argument("--compile", action="store_true",
                    help="add a run with model.torch_compile (CUDA only; compile time counts in its seconds)")
     args = p.parse_args()
 
     path = models.resolve(args.model)
-    prompts = rust_prompts(args.prompts)
+    if args.prompt_set == "varied":
+        from prompts import varied_prompts
+
+        prompts = [r["prompt"] for r in varied_prompts(args.prompts)]
+    elif args.prompt_set == "quickstart":
+        rows = [json.loads(line) for line in open(Path(__file__).parents[1] / "configs/data/quickstart.jsonl")]
+        prompts = [r["prompt"] for r in rows][: args.prompts]
+    else:
+        prompts = rust_prompts(args.prompts)
     data_file = Path(tempfile.mkdtemp()) / "prompts.jsonl"
     data_file.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in prompts))
     dtype = getattr(torch, args.dtype)
@@ -181,35 +195,30 @@ def main() -> None:
     if not args.skip_seed:
         s, seed_preds, useful, slots = run_seed(model, tok, prompts, args.max_new_tokens, args.seed_batch_size,
                                                 args.device)
-        rows.append(("seed", s, useful, slots, None, seed_preds))
+        rows.append(("run_gen.py", s, useful, slots, None, seed_preds))
     del model
-    ways = [("lgen-generate", "generate", False), ("lgen", "compact", False)]
+    ways = [] if args.skip_generate else [("lgen-generate", "generate", False, max(args.batch_size))]
+    ways += [(f"lgen b{b}", "compact", False, b) for b in args.batch_size]
     if args.compile:
-        ways.append(("lgen-compiled", "compact", True))
-    for name, engine, torch_compile in ways:
-        s, preds, useful, slots, reasons = run_lgen(path, prompts, args.max_new_tokens, engine, args.batch_size,
+        ways.append(("lgen-compiled", "compact", True, max(args.batch_size)))
+    for name, engine, torch_compile, batch_size in ways:
+        s, preds, useful, slots, reasons = run_lgen(path, prompts, args.max_new_tokens, engine, batch_size,
                                                     args.dtype, args.device, data_file, torch_compile)
         rows.append((name, s, useful, slots, reasons, preds))
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     import transformers
 
-    print(f"\n{args.prompts} prompts, max_new_tokens {args.max_new_tokens}, {args.dtype}, {device}, "
+    print(f"\n{args.prompts} {args.prompt_set} prompts, max_new_tokens {args.max_new_tokens}, {args.dtype}, {device}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, model {args.model}")
     base = {name: s for name, s, *_ in rows}
-    seed_preds = rows[0][5] if not args.skip_seed else None
-    print(f"{'way':<15}{'seconds':>9}{'useful tok':>11}{'useful tok/s':>13}{'slot use':>10}{'vs seed':>9}"
-          f"{'vs generate':>12}{'same as seed':>13}  finish reasons")
+    first = rows[0][5]
+    print(f"{'way':<15}{'seconds':>9}{'useful tok':>11}{'useful tok/s':>13}{'slot use':>10}"
+          f"{'vs ' + rows[0][0]:>18}{'same as first':>14}  finish reasons")
     for name, s, useful, slots, reasons, preds in rows:
-        same = sum(a == b for a, b in zip(preds, seed_preds)) if seed_preds else None
-        vs_seed = f"{base['seed'] / s:.1f}x" if "seed" in base else "-"
-        vs_gen = f"{base['lgen-generate'] / s:.2f}x"
-        print(f"{name:<15}{s:>9.2f}{useful:>11}{useful / s:>13.1f}{useful / slots:>10.1%}{vs_seed:>9}{vs_gen:>12}"
-              f"{'' if same is None else f'{same}/{len(preds)}':>13}  {reasons or ''}")
-    if args.compile:
-        preds = {name: p for name, *_, p in rows}
-        same = sum(a == b for a, b in zip(preds["lgen-compiled"], preds["lgen"]))
-        print(f"lgen-compiled: {same}/{len(preds['lgen'])} predictions identical to lgen")
+        same = sum(a == b for a, b in zip(preds, first))
+        print(f"{name:<15}{s:>9.2f}{useful:>11}{useful / s:>13.1f}{useful / slots:>10.1%}"
+              f"{base[rows[0][0]] / s:>17.2f}x{f'{same}/{len(preds)}':>14}  {reasons or ''}")
 
 
 if __name__ == "__main__":

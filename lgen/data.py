@@ -22,23 +22,45 @@ from torch.utils.data import DataLoader
 
 from lgen import records
 from lgen.errors import ConfigError, DataError
-from lgen.plan import PADDING, PlannedBatches, deal, plan_batches
+from lgen.plan import PADDING, PlannedBatches, bucket, deal, deal_streams, plan_batches, plan_streams
 from lgen.sources import load_split, local_files
 from lgen.windows import Windowing, make_examples
 
 log = logging.getLogger(__name__)
 
 
+# rows decoding together on a CPU, where there is no memory budget: past this a CPU step gains
+# little from more rows (docs/performance.md)
+CPU_POOL_ROWS = 32
+# the most rows of one stream's pool: past this a step is bound by reading the cache, so a bigger
+# pool buys little, while one more stream gives one more GPU work
+MAX_POOL_ROWS = 2048
+
+
+@dataclass
+class Group:
+    """Where a batch sits in a stream plan (continuous batching, :mod:`lgen.continuous`)."""
+
+    stream: int
+    last: bool  # the stream's last group: decode until its pool is empty
+    pool_rows: int  # rows the stream's pool holds
+    pool_length: int  # cache positions a row may need: the stream's longest prompt + max_new_tokens
+    group_rows: int  # rows the stream's largest group brings: the room the next group needs
+    max_new_tokens: int  # the most tokens a row of the stream may generate
+
+
 @dataclass
 class Batch:
     """Left-padded prompts and what their records need. ``max_new_tokens`` is this batch's (with
-    ``auto``: ``block_size`` minus its longest prompt); a ``padding`` batch is run but never written."""
+    ``auto``: ``block_size`` minus its longest prompt); a ``padding`` batch is run but never written;
+    ``group`` places a batch in its stream (None in a batch plan)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     max_new_tokens: int
     padding: bool
     examples: list[dict[str, Any]]
+    group: Group | None = None
 
 
 class GenerationDataModule(LightningDataModule):
@@ -58,11 +80,14 @@ class GenerationDataModule(LightningDataModule):
         streaming: read the split as a stream (it is still materialised before planning).
         overwrite_cache: re-run tokenization instead of using the ``datasets`` cache.
         preprocessing_num_workers: processes for tokenization.
-        per_device_batch_size: the most prompts in one batch.
-        max_batch_tokens: also cap a batch's KV-cache tokens, rows x samples x (longest prompt +
+        per_device_batch_size: the most prompts prefilled together. With continuous batching (the
+            compact engine, unless ZeRO-3 runs ranks in lockstep) it does not cap how many rows
+            decode together: the pool does (``max_batch_tokens``; on a CPU 32 rows). Otherwise the
+            most prompts in one batch.
+        max_batch_tokens: the cache tokens that decode together, rows x samples x (longest prompt +
             max_new_tokens; ``block_size`` with ``max_new_tokens: auto``), so memory has a bound.
-            ``auto``: on CUDA, what fits in the memory left after the weights (the least over all
-            ranks); no cap elsewhere.
+            ``auto`` (the default): on CUDA, what fits in the memory left after the weights (the
+            least over all ranks); on a CPU, no token cap (continuous batching: 32 rows).
         block_size: cap on prompt + generation; default from the tokenizer and model.
         max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``.
         subsamples: in strided mode, keep this many randomly chosen windows per row (seeded).
@@ -93,7 +118,7 @@ class GenerationDataModule(LightningDataModule):
         overwrite_cache: bool = False,
         preprocessing_num_workers: int | None = None,
         per_device_batch_size: int = 8,
-        max_batch_tokens: int | Literal["auto"] | None = None,
+        max_batch_tokens: int | Literal["auto"] | None = "auto",
         block_size: int | None = None,
         max_window_size: int | None = None,
         subsamples: int | None = None,
@@ -143,11 +168,13 @@ class GenerationDataModule(LightningDataModule):
         self.samples = 1
         self.token_budget: Callable[[list[int], int], int | None] | None = None
         self.lockstep = False
+        self.continuous = False
         self.done: set[records.ExampleKey] = set()
         # filled in by setup
         self.examples: list[dict[str, Any]] | None = None  # every prompt of the split, in dataset order
         self.stats: dict[str, Any] = {}
         self._todo: list[dict[str, Any]] | None = None  # the examples this run generates
+        self.planned_records = 0  # this rank's, once predict_dataloader planned them
 
     @property
     def complete_mode(self) -> bool:
@@ -157,18 +184,20 @@ class GenerationDataModule(LightningDataModule):
 
     def connect(self, tokenizer, *, max_position_embeddings: int | None = None, reserved_tokens: int = 0,
                 samples: int = 1, token_budget: Callable[[list[int], int], int | None] | None = None,
-                lockstep: bool = False) -> None:
+                lockstep: bool = False, continuous: bool = False) -> None:
         """Receive the tokenizer and model limits, resolve lengths, and validate them.
 
         ``reserved_tokens`` (prompt-tuning virtual tokens) come off ``block_size``; ``samples``
         (``num_return_sequences``) multiplies each prompt's cache tokens in ``max_batch_tokens``;
         ``token_budget(prompt lengths, fewest tokens a row holds)`` resolves ``max_batch_tokens:
-        auto``; ``lockstep`` (ZeRO-3 ranks) gives every rank the same number of batches.
+        auto``; ``lockstep`` (ZeRO-3 ranks) gives every rank the same number of batches;
+        ``continuous`` plans streams of prompt groups for continuous batching instead of batches.
         """
         self.tokenizer = tokenizer
         self.samples = samples
         self.token_budget = token_budget
         self.lockstep = lockstep
+        self.continuous = continuous and not lockstep
         block = self.block_size
         if block is None:
             block = tokenizer.model_max_length
@@ -341,8 +370,7 @@ class GenerationDataModule(LightningDataModule):
 
     def _row_tokens(self, longest: int) -> int:
         """One prompt's cache, all its samples."""
-        span = self.resolved_block_size if self.max_new_tokens == "auto" else longest + int(self.max_new_tokens)
-        return self.samples * span
+        return self.samples * self._row_span(longest)
 
     def plan(self) -> list[list[int]]:
         """All batches, as lists of indices into :attr:`todo`, in the order they run. Depends only on
@@ -355,6 +383,34 @@ class GenerationDataModule(LightningDataModule):
         """This rank's whole batches (see :func:`lgen.plan.deal`)."""
         return deal(self.plan(), rank, world_size, equalize=self.lockstep)
 
+    def _row_span(self, longest: int) -> int:
+        """Cache positions a row of a prompt of ``longest`` tokens may need."""
+        return self.resolved_block_size if self.max_new_tokens == "auto" else longest + int(self.max_new_tokens)
+
+    def rank_groups(self, rank: int, world_size: int) -> list[list[tuple[int, Group]]]:
+        """This rank's prompt groups, stream after stream, each index with its :class:`Group`."""
+        lengths = [len(ex["input_ids"]) for ex in self.todo]
+        length = self._row_span(max(lengths, default=1))
+        pool_rows = CPU_POOL_ROWS if self.batch_tokens is None else max(1, self.batch_tokens // length)
+        pool_rows = max(min(pool_rows, MAX_POOL_ROWS), self.samples)
+        group_size = max(1, min(self.per_device_batch_size, pool_rows // self.samples))
+        streams = plan_streams(lengths, samples=self.samples, pool_rows=pool_rows, group_size=group_size)
+        costs = [sum(self._row_span(lengths[i]) * self.samples for g in stream for i in g) for stream in streams]
+        groups: list[list[tuple[int, Group]]] = []
+        for s in deal_streams(costs, rank, world_size):
+            stream = streams[s]
+            rows = sum(len(g) for g in stream) * self.samples
+            longest = max(lengths[i] for g in stream for i in g)
+            span = self._row_span(longest)
+            mnt = span - min(lengths[i] for g in stream for i in g) if self.max_new_tokens == "auto" \
+                else int(self.max_new_tokens)
+            size = min(pool_rows, bucket(rows, 8))
+            for k, g in enumerate(stream):
+                info = Group(stream=s, last=k == len(stream) - 1, pool_rows=size, pool_length=span,
+                             group_rows=max(len(x) for x in stream) * self.samples, max_new_tokens=mnt)
+                groups.append([(i, info) for i in g])
+        return groups or [[(PADDING, None)]]
+
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if self.max_batch_tokens == "auto" and self.token_budget is not None:
@@ -363,16 +419,20 @@ class GenerationDataModule(LightningDataModule):
                         else min(lengths) + int(self.max_new_tokens))
             self.batch_tokens = self.token_budget(lengths, shortest)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(_Examples(self.todo, self.pad_example),
-                          batch_sampler=PlannedBatches(self.rank_batches(rank, world)),
+        if self.continuous:
+            plan = self.rank_groups(rank, world)
+        else:
+            plan = [[(i, None) for i in batch] for batch in self.rank_batches(rank, world)]
+        self.planned_records = sum(len(group) for group in plan if group[0][0] != PADDING) * self.samples
+        return DataLoader(_Examples(self.todo, self.pad_example), batch_sampler=PlannedBatches(plan),
                           collate_fn=self.collate, num_workers=0)
 
-    def collate(self, items: list[tuple[bool, dict[str, Any]]]) -> Batch:
+    def collate(self, items: list[tuple[bool, dict[str, Any], Group | None]]) -> Batch:
         """Left-pad prompts; carry the record fields along. ``max_new_tokens`` is resolved per batch."""
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id or 0
-        examples = [ex for _, ex in items]
+        examples = [ex for _, ex, _ in items]
         width = max(len(ex["input_ids"]) for ex in examples)
         input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -381,13 +441,14 @@ class GenerationDataModule(LightningDataModule):
             input_ids[r, width - n:] = torch.tensor(ex["input_ids"], dtype=torch.long)
             attention_mask[r, width - n:] = 1
         mnt = self.resolved_block_size - width if self.max_new_tokens == "auto" else self.max_new_tokens
-        return Batch(input_ids, attention_mask, int(mnt), any(is_pad for is_pad, _ in items),
+        return Batch(input_ids, attention_mask, int(mnt), any(is_pad for is_pad, _, _ in items),
                      [{k: v for k, v in ex.items() if k != "input_ids"} | {"prompt_ids": ex["input_ids"]}
-                      for ex in examples])
+                      for ex in examples], items[0][2])
 
 
 class _Examples(torch.utils.data.Dataset):
-    """Examples by index, as (is_padding, example); index ``PADDING`` is the padding example."""
+    """Examples by (index, group), as (is_padding, example, group); index ``PADDING`` is the padding
+    example."""
 
     def __init__(self, examples: list[dict[str, Any]], pad_example: dict[str, Any]) -> None:
         self.examples = examples
@@ -396,5 +457,6 @@ class _Examples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> tuple[bool, dict[str, Any]]:
-        return (True, self.pad_example) if index == PADDING else (False, self.examples[index])
+    def __getitem__(self, item: tuple[int, Group | None]) -> tuple[bool, dict[str, Any], Group | None]:
+        index, group = item
+        return (True, self.pad_example, None) if index == PADDING else (False, self.examples[index], group)

@@ -22,17 +22,18 @@ search, repetition penalty, ...) and prompt-learning adapters.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from lgen import lockstep
+from lgen import lockstep, sampling
 from lgen.attention import packed_decode, packing_needed
-from lgen.sampling import next_tokens
+from lgen.data import Batch
 from lgen.steppers import EagerStepper, GraphStepper
-from lgen.stopping import GenerateCriteria, StopRules
+from lgen.stopping import Finished, GenerateCriteria, StopRules
 
 
 @dataclass
@@ -47,6 +48,15 @@ class Generated:
     slots: int
 
 
+@dataclass
+class Results:
+    """What a ``generate`` call finished: (example, sample number from 1, the row cut where it
+    ended) for each row, and the row-steps computed."""
+
+    rows: list[tuple[dict[str, Any], int, Finished]]
+    slots: int
+
+
 class Engine(Protocol):
     name: ClassVar[str]
 
@@ -54,10 +64,26 @@ class Engine(Protocol):
     def unsupported(config: GenerationConfig) -> list[str]:
         """The generation settings of ``config`` this engine cannot do."""
 
-    def run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-            max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None) -> Generated:
-        """Generate for one batch. Rows come out as ``generate`` orders them: prompt i's samples at
-        ``i * n .. i * n + n - 1``; ``row_keys`` (one int64 per output row) seed sampling."""
+    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None) -> Results:
+        """Take one batch of prompts; return the rows that finished (for the batch engines, all of
+        the batch's; for continuous batching, whichever ended meanwhile). ``row_keys``: one int64
+        per output row (prompt i's samples at ``i * n .. i * n + n - 1``), seeding sampling."""
+
+
+class _Batchwise:
+    """``generate`` for engines that finish a whole batch in one ``run``."""
+
+    rules: Callable[[], StopRules]
+    tokenizer: PreTrainedTokenizerBase
+
+    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None) -> Results:
+        rules = self.rules()
+        out = self.run(model, batch.input_ids, batch.attention_mask, max_new_tokens=batch.max_new_tokens,
+                       rules=rules, row_keys=row_keys)
+        finished = rules.finish(out.tokens, out.stop_rule, out.stop_step, self.tokenizer)
+        samples = int(self.config.num_return_sequences or 1)
+        return Results([(batch.examples[r // samples], r % samples + 1, f) for r, f in enumerate(finished)],
+                       out.slots)
 
 
 _SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "num_return_sequences", "max_new_tokens",
@@ -68,8 +94,9 @@ _NEUTRAL = {"output_attentions", "output_hidden_states", "output_scores", "outpu
             "disable_compile", "is_assistant"}
 
 
-class CompactEngine:
-    """The compact decode loop (see the module docstring).
+class CompactEngine(_Batchwise):
+    """The compact decode loop over one batch at a time (see the module docstring); the default
+    is :class:`lgen.continuous.ContinuousEngine`, and this one serves ranks in lockstep (ZeRO-3).
 
     Args:
         config: the generation config (greedy, or temperature / top-k / top-p sampling).
@@ -83,12 +110,16 @@ class CompactEngine:
             reached, runs a one-token forward at each step until then.
         packed_attention: decode attention without per-head cache copies (:mod:`lgen.attention`);
             default: where this transformers needs it.
+        rules, tokenizer: make a batch's stopping rules, and decode its rows (for ``generate``).
     """
 
     name = "compact"
 
     def __init__(self, config: GenerationConfig, *, pad_token_id: int, compact_every: int = 4,
-                 cuda_graphs: bool = False, synced: bool = False, packed_attention: bool | None = None) -> None:
+                 cuda_graphs: bool = False, synced: bool = False, packed_attention: bool | None = None,
+                 rules: Callable[[], StopRules] | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.rules, self.tokenizer = rules, tokenizer
         self.config, self.pad_token_id, self.compact_every = config, pad_token_id, compact_every
         self.cuda_graphs, self.synced = cuda_graphs, synced
         self.packed_attention = packing_needed() if packed_attention is None else packed_attention
@@ -132,7 +163,7 @@ class CompactEngine:
         with packed_decode(self.packed_attention):
             for step in range(total):
                 if not idle:
-                    token = torch.where(done, self.pad_token_id, next_tokens(logits, self.config, keys, step))
+                    token = torch.where(done, self.pad_token_id, sampling.next_tokens(logits, self.config, keys, step))
                     tokens[live, step] = token
                     slots += live.numel()
                     ended, which = rules.advance(token)
@@ -171,14 +202,15 @@ class CompactEngine:
         return Generated(tokens[:rows], stop_rule[:rows], stop_step[:rows], slots)
 
 
-class GenerateEngine:
+class GenerateEngine(_Batchwise):
     """``model.generate`` with the stopping rules as its stopping criteria (every generation
     setting; prompt-learning adapters). ``synced``: ZeRO-3 on several ranks (``synced_gpus``)."""
 
     name = "generate"
 
-    def __init__(self, config: GenerationConfig, *, synced: bool = False) -> None:
-        self.config, self.synced = config, synced
+    def __init__(self, config: GenerationConfig, *, synced: bool = False, rules: Callable[[], StopRules] | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.config, self.synced, self.rules, self.tokenizer = config, synced, rules, tokenizer
 
     @staticmethod
     def unsupported(config: GenerationConfig) -> list[str]:

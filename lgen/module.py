@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from lgen import budget, models, precision, records, sampling, zero3
 from lgen.braces import Language, token_table
+from lgen.continuous import ContinuousEngine
 from lgen.data import Batch
 from lgen.engine import CompactEngine, Engine, GenerateEngine
 from lgen.errors import ConfigError
@@ -207,6 +208,11 @@ class GenerationModule(LightningModule):
             eos = self.tokenizer.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
+    @property
+    def continuous(self) -> bool:
+        """Continuous batching: the compact engine, unless ranks decode in lockstep (ZeRO-3)."""
+        return self.engine_name == "compact" and not self.synced
+
     def stop_rules(self) -> StopRules:
         """This run's stopping rules, in precedence order (see :mod:`lgen.stopping`)."""
         rules = []
@@ -276,13 +282,16 @@ class GenerationModule(LightningModule):
                                   "set model.torch_compile: false") from err
         if self.sharded:
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
-        if self.engine_name == "compact":
-            self.engine = CompactEngine(
-                self.generation_config, pad_token_id=self.generation_config.pad_token_id,
-                compact_every=self.compact_every, synced=self.synced,
-                cuda_graphs=self.cuda_graphs and self.device.type == "cuda" and not self.sharded)
+        config, pad = self.generation_config, self.generation_config.pad_token_id
+        graphs = self.cuda_graphs and self.device.type == "cuda" and not self.sharded
+        if self.continuous:
+            self.engine = ContinuousEngine(config, rules=self.stop_rules, tokenizer=self.tokenizer, pad_token_id=pad,
+                                           compact_every=self.compact_every, cuda_graphs=graphs)
+        elif self.engine_name == "compact":
+            self.engine = CompactEngine(config, pad_token_id=pad, compact_every=self.compact_every, synced=self.synced,
+                                        cuda_graphs=graphs, rules=self.stop_rules, tokenizer=self.tokenizer)
         else:
-            self.engine = GenerateEngine(self.generation_config, synced=self.synced)
+            self.engine = GenerateEngine(config, synced=self.synced, rules=self.stop_rules, tokenizer=self.tokenizer)
 
     def on_predict_end(self) -> None:
         if self._trace_hook is not None:
@@ -296,7 +305,6 @@ class GenerationModule(LightningModule):
         """``max_batch_tokens: auto``: the batch tokens that fit in the memory this device has left
         after the weights, the least over all ranks (the plan must be global); None (no cap) off CUDA."""
         if self.device.type != "cuda":
-            log.info("data.max_batch_tokens: auto caps batches on CUDA only; no cap on %s", self.device.type)
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
         mine = budget.token_budget(self.model, free, row_span=row_span, prompt_width=max(prompt_lengths, default=1))
@@ -329,21 +337,19 @@ class GenerationModule(LightningModule):
         }
 
     def predict_step(self, batch: Batch, batch_idx: int = 0) -> records.BatchRecords:
-        """Generate for one batch: one record per (example, sample); none for a padding batch, which
-        only synced ranks (ZeRO-3) run, to join the other ranks' forwards."""
+        """Generate for one batch; return the records that finished (with continuous batching also
+        earlier batches' rows). A padding batch writes nothing; only synced ranks (ZeRO-3) run it,
+        to join the other ranks' forwards."""
         if batch.padding and not self.synced:
             return records.BatchRecords()
         samples = self.num_return_sequences
         keys = None
         if self.generation_config.do_sample:
             keys = sampling.row_keys(self.seed, batch.examples, samples, self.device)
-        rules = self.stop_rules()
         start = time.perf_counter()
-        out = self.engine.run(self.model, batch.input_ids, batch.attention_mask, max_new_tokens=batch.max_new_tokens,
-                              rules=rules, row_keys=keys)
-        finished = rules.finish(out.tokens, out.stop_rule, out.stop_step, self.tokenizer)
+        out = self.engine.generate(self.model, batch, row_keys=keys)
         seconds = time.perf_counter() - start
         if batch.padding:
             return records.BatchRecords()
-        return records.BatchRecords(records.build(batch.examples, finished, samples=samples, tokenizer=self.tokenizer),
-                                    [f.tokens for f in finished], seconds, out.slots)
+        return records.BatchRecords(records.build(out.rows, samples=samples, tokenizer=self.tokenizer),
+                                    [f.tokens for _, _, f in out.rows], seconds, out.slots)

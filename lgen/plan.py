@@ -1,7 +1,15 @@
-"""The batch plan: which examples go together and in which order, and which batches each rank runs.
+"""The plan: which examples run together and in which order, and which part of it each rank runs.
 
-The plan is computed from the data and the settings alone, the same on every rank, and whole
-batches are dealt to ranks round-robin, so a record does not depend on the number of ranks.
+The plan is computed from the data and the settings alone, the same on every rank, so a record
+does not depend on the number of ranks. Two forms:
+
+* streams (continuous batching, :mod:`lgen.continuous`): the examples, longest first, are dealt
+  into as many streams as it takes to keep each stream's rows within one pool; a stream is a list
+  of prompt groups prefilled together. Ranks take whole streams, the costliest first to the least
+  loaded rank. Example: 10 prompts, a pool of 4 rows, groups of 2 -> 3 streams of prompts
+  ``[0 3 6 9] [1 4 7] [2 5 8]`` (by length), groups ``[[0 3] [6 9]] [[1 4] [7]] [[2 5] [8]]``.
+* batches (ranks in lockstep under ZeRO-3, and ``engine: generate``): batches of at most
+  ``per_device_batch_size`` prompts (and ``max_batch_tokens``), dealt round-robin.
 """
 
 from __future__ import annotations
@@ -12,6 +20,15 @@ from collections.abc import Callable, Iterator
 import torch
 
 PADDING = -1  # a batch ``[PADDING]`` runs one row of the padding example and writes nothing
+
+
+def bucket(rows: int, least: int) -> int:
+    """The smallest of 8, 12, 16, 24, 32, 48, ... (at least ``least``) that holds ``rows``: the sizes
+    pools and CUDA-graph batches take, so that few shapes are captured."""
+    size = 1 << max(rows - 1, 0).bit_length()  # next power of two
+    if size // 4 * 3 >= rows:
+        size = size // 4 * 3
+    return max(least, size)
 
 
 def plan_batches(lengths: list[int], *, batch_size: int, batch_tokens: int | None, row_tokens: Callable[[int], int],
@@ -35,6 +52,29 @@ def plan_batches(lengths: list[int], *, batch_size: int, batch_tokens: int | Non
                 continue
         batches.append([i])
     return batches
+
+
+def plan_streams(lengths: list[int], *, samples: int, pool_rows: int, group_size: int) -> list[list[list[int]]]:
+    """Streams of prompt groups, as lists of example indices (see the module docstring): as many
+    streams as ``len(lengths) * samples`` rows need pools of ``pool_rows``, each dealt examples
+    longest first in turn, cut into groups of at most ``group_size`` prompts."""
+    count = max(1, math.ceil(len(lengths) * samples / pool_rows))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    streams = [order[s::count] for s in range(count)]
+    return [[stream[g: g + group_size] for g in range(0, len(stream), group_size)] for stream in streams if stream]
+
+
+def deal_streams(costs: list[int], rank: int, world_size: int) -> list[int]:
+    """The streams rank ``rank`` runs, in order: costliest first to the least loaded rank (ties to
+    the lower stream and rank), so ranks finish close together."""
+    loads = [0] * world_size
+    mine: list[int] = []
+    for s in sorted(range(len(costs)), key=lambda s: (-costs[s], s)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[r] += costs[s]
+        if r == rank:
+            mine.append(s)
+    return sorted(mine)
 
 
 def deal(batches: list[list[int]], rank: int, world_size: int, *, equalize: bool = False) -> list[list[int]]:

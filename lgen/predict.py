@@ -118,7 +118,8 @@ class LgenCLI(LightningCLI):
         data.connect(model.tokenizer,
                      max_position_embeddings=getattr(model.model_config, "max_position_embeddings", None),
                      reserved_tokens=model.virtual_tokens, samples=model.num_return_sequences,
-                     token_budget=model.token_budget, lockstep=zero3.lockstep(strategy))
+                     token_budget=model.token_budget, lockstep=zero3.lockstep(strategy),
+                     continuous=model.engine_name == "compact")
         data.setup("predict")
         fingerprint = {"split": data.dataset_split, "data": data.settings(), "model": model.settings(),
                        "seed": data.seed}

@@ -1,4 +1,4 @@
-"""A progress bar that counts what matters for generation: batches, records and tokens per second."""
+"""A progress bar that counts what matters for generation: records, and tokens per second."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from lgen.records import BatchRecords
 
 
 class GenerationProgressBar(ProgressBar):
-    """One bar on rank 0, over this rank's batches, with ``records``, ``tokens`` and ``tok/s``
-    updated as each batch ends; closed before the summary is printed."""
+    """One bar on rank 0, over the records this rank plans (with continuous batching they finish
+    out of batch order), with ``tokens`` and ``tok/s`` beside it, updated as each batch ends;
+    closed before the summary is printed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -31,22 +32,20 @@ class GenerationProgressBar(ProgressBar):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._enabled:
             return
-        total = trainer.num_predict_batches[0] if trainer.num_predict_batches else None
-        self._bar = tqdm(total=total, desc="generating", unit="batch", file=sys.stderr, dynamic_ncols=True,
+        total = getattr(trainer.datamodule, "planned_records", None) or None
+        self._bar = tqdm(total=total, desc="generating", unit="record", file=sys.stderr, dynamic_ncols=True,
                          leave=True, smoothing=0, mininterval=0)
         self._start = time.perf_counter()
-        self._records = self._tokens = 0
+        self._tokens = 0
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: BatchRecords, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._bar is None:
             return
-        self._records += len(outputs.records)
         self._tokens += sum(outputs.tokens)
         elapsed = max(time.perf_counter() - self._start, 1e-9)
-        self._bar.set_postfix(records=self._records, tokens=self._tokens, tok_s=f"{self._tokens / elapsed:.1f}",
-                              refresh=False)
-        self._bar.update(1)
+        self._bar.set_postfix(tokens=self._tokens, tok_s=f"{self._tokens / elapsed:.1f}", refresh=False)
+        self._bar.update(len(outputs.records))
 
     def _close(self) -> None:
         if self._bar is not None:

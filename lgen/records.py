@@ -57,21 +57,19 @@ class BatchRecords:
     slots: int = 0
 
 
-def build(examples: list[dict[str, Any]], finished: list[Finished], *, samples: int,
+def build(rows: list[tuple[dict[str, Any], int, Finished]], *, samples: int,
           tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    """One record per output row; row ``r`` is sample ``r % samples + 1`` of example ``r // samples``."""
+    """One record per finished row: (example, sample number from 1, the row cut where it ended)."""
     prompts: dict[int, str] = {}
     records = []
-    for r, done in enumerate(finished):
-        i = r // samples
-        ex = examples[i]
-        if i not in prompts:
-            prompts[i] = tokenizer.decode(ex["prompt_ids"], skip_special_tokens=False)
+    for ex, sample, done in rows:
+        if id(ex) not in prompts:
+            prompts[id(ex)] = tokenizer.decode(ex["prompt_ids"], skip_special_tokens=False)
         records.append({
             "id": ex["id"],
             "part": list(ex["part"]),
-            "seq": [r % samples + 1, samples],
-            "prompt": prompts[i],
+            "seq": [sample, samples],
+            "prompt": prompts[id(ex)],
             "reference": ex["reference"],
             "prediction": done.text,
             "finish_reason": done.reason,

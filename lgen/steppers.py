@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from lgen.budget import kv_layout
 from lgen.models import base_model, whole_blocks
+from lgen.plan import bucket
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -73,14 +74,6 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
 # a compiled layer's graphs: up to 3 per layer (static, then symbolic rows, then symbolic cache length),
 # all under one function, whose default limit is 8
 _RECOMPILES = {"recompile_limit": 4096, "accumulated_recompile_limit": 1 << 16}
-
-
-def bucket(rows: int, least: int) -> int:
-    """The smallest of 8, 12, 16, 24, 32, 48, ... (at least ``least``) that holds ``rows``."""
-    size = 1 << max(rows - 1, 0).bit_length()  # next power of two
-    if size // 4 * 3 >= rows:
-        size = size // 4 * 3
-    return max(least, size)
 
 
 class EagerStepper:
@@ -209,3 +202,115 @@ class GraphStepper:
         self.write_at.add_(1)
         self.next_pos.add_(1)
         return logits.float()
+
+
+class PoolCache(SlotCache):
+    """A :class:`SlotCache` whose rows are written each at its own position (``write_at[row]``):
+    rows of a pool joined at different times and are at different lengths."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows = torch.arange(key_states.shape[0], device=key_states.device)
+        self.k[layer_idx][rows, :, self.write_at] = key_states[:, :, 0]
+        self.v[layer_idx][rows, :, self.write_at] = value_states[:, :, 0]
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def select(self, rows: torch.Tensor) -> PoolCache:
+        return PoolCache([k[rows] for k in self.k], [v[rows] for v in self.v], self.write_at)
+
+
+class PoolStepper:
+    """A pool of ``rows`` rows over a static cache of ``length`` positions, for continuous batching:
+    new prompts are prefilled on their own and join free rows (:meth:`admit`) between steps, and
+    every step runs the whole pool, replayed from one CUDA graph (``graph=False``: eagerly).
+
+    Row r's prompt, left-padded to its group's width w, sits at cache positions [0, w); its tokens
+    follow at ``write_at[r]`` = w, w + 1, ...; its mask opens the positions it has written. A free
+    row computes garbage that nobody reads. With a graph the pool keeps its size while prompts come
+    (one capture), and a draining pool moves to smaller buckets (8, 12, 16, 24, ...); eagerly (on a
+    CPU, where a free row costs as much as a live one) it holds just the live rows (:meth:`select`).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, rows: int, length: int, graph: bool) -> None:
+        self.model, self.length, self.graph = model, length, graph
+        self.cache_arg = cache_argument(model)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.neg = torch.finfo(self.dtype).min
+        layers, heads, head_dim = kv_layout(model)
+        shape = (rows, heads, length, head_dim)
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        self._setup(PoolCache(k, v, torch.zeros(rows, dtype=torch.long, device=self.device)),
+                    torch.full((rows, 1, 1, length), self.neg, dtype=self.dtype, device=self.device),
+                    torch.zeros((rows, 1), dtype=torch.long, device=self.device))
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def _setup(self, cache: PoolCache, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """Static buffers; the step is captured at the next ``step``."""
+        self.cache, self.write_at = cache, cache.write_at.contiguous()
+        self.cache.write_at = self.write_at
+        self.mask, self.next_pos = mask.contiguous(), next_pos.contiguous()
+        self.token = torch.zeros((mask.shape[0], 1), dtype=torch.long, device=self.device)
+        self._graph = None
+
+    def admit(self, slots: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              samples: int) -> torch.Tensor:
+        """Prefill a group of prompts (``[g, w]``, left-padded) on its own, put its ``samples`` rows
+        per prompt in ``slots`` (``g * samples`` of them), and return their first logits."""
+        prefill = GraphStepper(self.model, 0, graph=False)
+        logits = prefill.prefill(input_ids, attention_mask, samples)
+        width = input_ids.shape[1]
+        if width > self.length:
+            raise ValueError(f"a prompt group of width {width} does not fit a pool of {self.length} positions")
+        for k, v, pk, pv in zip(self.cache.k, self.cache.v, prefill.cache.k, prefill.cache.v):
+            k[slots, :, :width] = pk[:, :, :width]
+            v[slots, :, :width] = pv[:, :, :width]
+        self.mask[slots] = self.neg
+        self.mask[slots, :, :, :width] = prefill.mask[:, :, :, :width]
+        self.write_at[slots] = width
+        self.next_pos[slots] = prefill.next_pos
+        return logits
+
+    def _forward(self) -> torch.Tensor:
+        with torch._dynamo.config.patch(**_RECOMPILES):
+            out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
+                             use_cache=True, **{self.cache_arg: self.cache})
+        return out.logits[:, -1, :]
+
+    def _capture(self) -> None:
+        GraphStepper._capture(self)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(self.rows, device=self.device)
+        self.token.copy_(token[:, None])
+        self.mask[rows, 0, 0, self.write_at] = 0.0  # each new token sees itself
+        if self.graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            logits = self._out
+        else:
+            logits = self._forward()
+        self.write_at.add_(1).clamp_(max=self.length - 1)  # a free row runs on; it must stay in bounds
+        self.next_pos.add_(1)
+        return logits.float()
+
+    def select(self, sel: torch.Tensor) -> None:
+        """Rows ``sel`` of the pool become the pool (a row may repeat)."""
+        cache = self.cache.select(sel)
+        cache.write_at = self.write_at[sel]
+        self._setup(cache, self.mask[sel], self.next_pos[sel])
+
+    def compact(self, keep: torch.Tensor, least: int = 8) -> torch.Tensor | None:
+        """Move the rows ``keep`` to a smaller pool: with a CUDA graph one of a few sizes (a bucket;
+        padding repeats the last row), eagerly just those rows. Returns the row each new slot holds
+        (None: the pool stays)."""
+        size = bucket(int(keep.numel()), least) if self.graph else int(keep.numel())
+        if size >= self.rows or keep.numel() == 0:
+            return None
+        sel = torch.cat([keep, keep[-1:].expand(size - keep.numel())])
+        self.select(sel)
+        return sel

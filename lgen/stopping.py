@@ -51,6 +51,9 @@ class StopRule:
     def start(self, rows: int, device: torch.device, max_new_tokens: int) -> None:
         """A new batch of ``rows`` output rows that may run ``max_new_tokens`` steps."""
 
+    def admit(self, slots: torch.Tensor, max_new_tokens: int) -> None:
+        """New rows take the places ``slots`` (continuous batching): their state starts afresh."""
+
     def advance(self, token: torch.Tensor) -> torch.Tensor | None:
         """``(rows,)`` bool: the rows this step's ``token`` ends; None for a rule that never does."""
         return None
@@ -58,9 +61,10 @@ class StopRule:
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows ``keep`` (the decode loop dropped the others)."""
 
-    def scan(self, generated: torch.Tensor, new: int) -> list[bool] | None:
-        """Which rows' text so far ends them; ``generated`` holds their ids (``[rows, steps]``), of
-        which the last ``new`` arrived since the previous scan. None for a rule that never does."""
+    def scan(self, generated: torch.Tensor, new: int, lengths: torch.Tensor | None = None) -> list[bool] | None:
+        """Which rows' text so far ends them; ``generated`` holds their ids (``[rows, steps]``; with
+        ``lengths``, row i's first ``lengths[i]``), of which the last ``new`` arrived since the
+        previous scan. None for a rule that never does."""
         return None
 
     def cut(self, text: str, fired: bool) -> tuple[int, str] | None:
@@ -96,11 +100,17 @@ class Length(StopRule):
     reason = "length"
 
     def start(self, rows: int, device: torch.device, max_new_tokens: int) -> None:
-        self.left = max_new_tokens
+        self.left = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+
+    def admit(self, slots: torch.Tensor, max_new_tokens: int) -> None:
+        self.left[slots] = max_new_tokens
 
     def advance(self, token: torch.Tensor) -> torch.Tensor:
         self.left -= 1
-        return torch.full(token.shape, self.left <= 0, dtype=torch.bool, device=token.device)
+        return self.left <= 0
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.left = self.left[keep]
 
 
 class BraceMatching(StopRule):
@@ -124,6 +134,12 @@ class BraceMatching(StopRule):
         self.level = torch.full((rows,), self.start_level, dtype=torch.long, device=device)
         self.opened = self.level > 0
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def admit(self, slots: torch.Tensor, max_new_tokens: int) -> None:
+        self.state[slots] = 0
+        self.level[slots] = self.start_level
+        self.opened[slots] = self.start_level > 0
+        self.done[slots] = False
 
     def advance(self, token: torch.Tensor) -> torch.Tensor:
         t = self.table
@@ -170,10 +186,15 @@ class StopStrings(StopRule):
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def scan(self, generated: torch.Tensor, new: int) -> list[bool]:
+    def scan(self, generated: torch.Tensor, new: int, lengths: torch.Tensor | None = None) -> list[bool]:
         tail = new + 4 * max(len(s) for s in self.strings) + 4
-        texts = self.tokenizer.batch_decode(generated[:, -tail:].tolist(), skip_special_tokens=True,
-                                            clean_up_tokenization_spaces=False)
+        if lengths is None:
+            tails = generated[:, -tail:].tolist()
+        else:  # each row's own last ``tail`` tokens
+            at = lengths[:, None] - tail + torch.arange(tail, device=generated.device)
+            ids = generated.gather(1, at.clamp(min=0)).tolist()
+            tails = [[t for t, ok in zip(row, valid) if ok] for row, valid in zip(ids, (at >= 0).tolist())]
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return [any(s in text for s in self.strings) for text in texts]
 
     def cut(self, text: str, fired: bool) -> tuple[int, str] | None:
@@ -202,6 +223,10 @@ class StopRules:
         for rule in self.rules:
             rule.start(rows, device, max_new_tokens)
 
+    def admit(self, slots: torch.Tensor, max_new_tokens: int) -> None:
+        for rule in self.rules:
+            rule.admit(slots, max_new_tokens)
+
     def advance(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ended, which)``: the rows this token ends and the first rule that ended each (-1: none)."""
         which = torch.full(token.shape, -1, dtype=torch.long, device=token.device)
@@ -229,13 +254,13 @@ class StopRules:
             stop_step = torch.where(first, step, stop_step)
         return stop_rule, stop_step
 
-    def scan(self, generated: torch.Tensor, new: int) -> list[bool] | None:
+    def scan(self, generated: torch.Tensor, new: int, lengths: torch.Tensor | None = None) -> list[bool] | None:
         """Rows whose text a scanning rule ends (None when no rule scans)."""
         if not self.scanning:
             return None
         hits = [False] * generated.shape[0]
         for rule in self.rules:
-            found = rule.scan(generated, new)
+            found = rule.scan(generated, new, lengths)
             if found is not None:
                 hits = [a or b for a, b in zip(hits, found)]
         return hits

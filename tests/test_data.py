@@ -88,12 +88,12 @@ def test_complete_mode_truncates_left_and_drops_long_rows(tok, tmp_path):
     assert [ex["keep"] for ex in dm.examples] == [{"lang": "x"}, {"lang": "z"}]
     assert dm.stats["rows_dropped"] == {"prompt + reference > block_size - 1": 1}
     # auto: each batch gets block_size - its longest prompt
-    batch = dm.collate([(False, dm.examples[0]), (False, dm.examples[1])])
+    batch = dm.collate([(False, dm.examples[0], None), (False, dm.examples[1], None)])
     assert batch.max_new_tokens == 8 - 4
     assert batch.input_ids.tolist() == [tok.convert_tokens_to_ids(["w1", "w2", "w3", "w4"]),
                                            [tok.pad_token_id] * 2 + tok.convert_tokens_to_ids(["w0", "w1"])]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
-    alone = dm.collate([(False, dm.examples[1])])
+    alone = dm.collate([(False, dm.examples[1], None)])
     assert alone.max_new_tokens == 8 - 2
 
 

@@ -22,7 +22,7 @@ def base(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--data.data_files", str(data), "--data.mode", "complete", "--data.text_column_name", "prompt",
             "--data.id_column_name", "task_id", "--data.per_device_batch_size", "2", "--output_dir", str(out),
             "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0",
-            *extra]
+            "--data.max_batch_tokens", "120", *extra]  # pools of 3 rows: 11 prompts make 4 streams
 
 
 def env() -> dict[str, str]:
@@ -59,8 +59,9 @@ def test_two_processes_give_the_one_process_records(tiny_model, one_process, tmp
     out = tmp_path / "out"
     lgen(base(tiny_model, data, out, "--trainer.strategy", "ddp", "--trainer.devices", "2"))
     assert sorted(p.name for p in out.glob("*.jsonl")) == ["00001-of-00002.test.jsonl", "00002-of-00002.test.jsonl"]
-    # 11 rows in batches of 2 = 6 batches: 3 per rank, uneven rows (6 and 5)
-    assert [len(p.read_text().splitlines()) for p in sorted(out.glob("*.jsonl"))] == [6, 5]
+    # 4 streams of 3, 3, 3 and 2 prompts: two to each rank, whole
+    counts = [len(p.read_text().splitlines()) for p in sorted(out.glob("*.jsonl"))]
+    assert sorted(counts) == [5, 6]
     assert records(out) == expected
     assert json.loads((out / "summary.json").read_text())["runs"][-1]["world_size"] == 2
 

@@ -10,6 +10,7 @@ from conftest import PROMPTS, code_rules, compact, decoded, encode
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lgen import budget, engine, sampling, steppers
+from lgen.braces import token_table
 from lgen.stopping import GenerateCriteria
 
 
@@ -195,3 +196,72 @@ def test_candidate_draws_equal_the_vocabulary_wide_draw(top_k, top_p, scale):
     everywhere = (sampling.filter_logits(logits, config) + sampling.gumbel_noise(keys, steps, 5000)).argmax(-1)
     assert torch.equal(sampling.next_tokens(logits, config, keys, steps), everywhere)
     assert torch.equal(sampling.next_tokens(logits[5:9], config, keys[5:9], steps[5:9]), everywhere[5:9])
+
+
+def _stream_batches(tok, prompts, *, group, pool_rows, mnt, samples=1):
+    """One stream's groups as the data module makes them (no sorting: the order given)."""
+    from lgen.data import Batch, Group
+
+    examples = [{"id": i, "part": [1, 1], "prompt_ids": tok(p, add_special_tokens=False)["input_ids"]}
+                for i, p in enumerate(prompts)]
+    longest = max(len(e["prompt_ids"]) for e in examples)
+    chunks = [examples[g: g + group] for g in range(0, len(examples), group)]
+    for k, chunk in enumerate(chunks):
+        ids, mask = encode(tok, [prompts[e["id"]] for e in chunk])
+        yield Batch(ids, mask, mnt, False, chunk, Group(stream=0, last=k == len(chunks) - 1, pool_rows=pool_rows,
+                                                        pool_length=longest + mnt, group_rows=group * samples,
+                                                        max_new_tokens=mnt))
+
+
+@pytest.mark.parametrize("stop_strings", [None, ["return"]])
+def test_continuous_batching_gives_each_row_what_it_gets_alone(lm, stop_strings):
+    """A pool of 8 rows over 20 prompts (groups of 2 join as rows leave): every row's tokens, cut
+    and finish reason are those of the prompt decoded alone; greedy and sampled."""
+    from lgen.continuous import ContinuousEngine
+    from lgen.stopping import BraceMatching, EndOfSequence, Length, StopRules, StopStrings
+
+    model, tok = lm
+    prompts = PROMPTS * 2
+
+    def rules():
+        extra = [StopStrings(stop_strings, tok)] if stop_strings else []
+        return StopRules([BraceMatching(token_table(tok, "c"), start_level=1), *extra,
+                          EndOfSequence([tok.eos_token_id]), Length()])
+
+    for config in (GenerationConfig(do_sample=False, pad_token_id=tok.pad_token_id),
+                   GenerationConfig(do_sample=True, top_k=20, temperature=0.9, num_return_sequences=2,
+                                    pad_token_id=tok.pad_token_id)):
+        samples = int(config.num_return_sequences or 1)
+        keys = {i: torch.tensor([1000 * i + k for k in range(samples)]) for i in range(len(prompts))}
+        alone = {}
+        for i, p in enumerate(prompts):
+            r = rules()
+            out = compact(tok, config, compact_every=3).run(model, *encode(tok, [p]), max_new_tokens=24, rules=r,
+                                                             row_keys=keys[i])
+            for k, (text, reason) in enumerate(decoded(r, out, tok)):
+                alone[(i, k + 1)] = (text, reason)
+        engine = ContinuousEngine(config, rules=rules, tokenizer=tok, pad_token_id=tok.pad_token_id, compact_every=3)
+        got, calls_with_rows_in_flight = {}, 0
+        for batch in _stream_batches(tok, prompts, group=2, pool_rows=8, mnt=24, samples=samples):
+            in_flight = engine.pool is not None and bool(engine.pool.live.any())
+            calls_with_rows_in_flight += in_flight
+            row_keys = torch.cat([keys[e["id"]] for e in batch.examples])
+            for example, sample, f in engine.generate(model, batch, row_keys=row_keys).rows:
+                got[(example["id"], sample)] = (f.text, f.reason)
+        assert got == alone
+        assert calls_with_rows_in_flight >= 5  # groups joined a pool that was decoding
+        assert engine.pool is None  # drained after the stream's last group
+
+
+def test_streams_are_planned_from_the_data_alone():
+    from lgen.plan import deal_streams, plan_streams
+
+    lengths = [5, 9, 2, 7, 7, 1, 3, 8, 4, 6]
+    streams = plan_streams(lengths, samples=1, pool_rows=4, group_size=2)
+    # longest first: 1 (9), 7 (8), 3 (7), 4 (7), 9 (6), 0 (5), 8 (4), 6 (3), 2 (2), 5 (1), dealt to 3 streams
+    assert streams == [[[1, 4], [8, 5]], [[7, 9], [6]], [[3, 0], [2]]]
+    assert plan_streams(lengths, samples=4, pool_rows=8, group_size=2)[0] == [[1, 0]]  # 40 rows: 5 streams
+    costs = [10, 30, 20, 20]  # dealt costliest first to the least loaded rank
+    assert [deal_streams(costs, r, 2) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [deal_streams(costs, r, 3) for r in range(3)] == [[1], [0, 2], [3]]
+    assert deal_streams(costs, 0, 1) == [0, 1, 2, 3]

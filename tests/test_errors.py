@@ -119,10 +119,10 @@ def test_a_bug_in_the_decode_loop_keeps_its_traceback(tiny_model, code_jsonl, tm
     """Only what the user must fix is a one-line error (exit 2); a bug shows where it happened."""
     script = (
         "import sys\n"
-        "import lgen.engine\n"
+        "import lgen.sampling\n"
         "def broken(*args, **kwargs):\n"
         "    raise RuntimeError('a bug in the decode loop')\n"
-        "lgen.engine.next_tokens = broken\n"
+        "lgen.sampling.next_tokens = broken\n"
         "from lgen.cli import main\n"
         f"sys.exit(main({ARGS!r} + sys.argv[1:]))\n"
     )

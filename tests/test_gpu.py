@@ -48,3 +48,30 @@ def test_a_run_on_the_gpu_matches_generate(tiny_model, code_jsonl, tmp_path):
                      "--trainer.enable_progress_bar", "false"]) == 0
         records[engine] = sorted((r["id"], r["prediction"], r["finish_reason"]) for r in read(out))
     assert len(records["compact"]) == len(PROMPTS) and records["compact"] == records["generate"]
+
+
+def test_pool_graph_replays_give_the_eager_logits(tiny_model):
+    """Continuous batching's pool step, captured once and replayed while groups join rows that
+    were left free, gives the eager step's logits bit for bit."""
+    from lgen.steppers import PoolStepper
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="left")
+    groups = [[PROMPTS[i] for i in range(j, j + 3)] for j in (0, 3, 6)]
+    runs = {}
+    with torch.inference_mode():
+        for graph in (True, False):
+            pool = PoolStepper(model, rows=8, length=64, graph=graph)
+            logits = torch.zeros(8, model.config.vocab_size, device="cuda")
+            seen = []
+            with packed_decode(packing_needed()):
+                for step in range(15):
+                    if step % 5 == 0:  # a group of 3 joins rows 0-2, 3-5, then 0-2 again (they ended)
+                        slots = torch.arange(3, device="cuda") + (3 if step == 5 else 0)
+                        ids, mask = (t.cuda() for t in encode(tok, groups[step // 5]))
+                        logits[slots] = pool.admit(slots, ids, mask, 1)
+                    logits = pool.step(logits.argmax(-1)).clone()
+                    seen.append(logits)
+            runs[graph] = seen
+    for replayed, eager in zip(runs[True], runs[False]):
+        assert torch.equal(replayed, eager)

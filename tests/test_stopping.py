@@ -198,7 +198,7 @@ class BlankLines(StopRule):
 
     reason = "stop_string"
 
-    def scan(self, generated, new):
+    def scan(self, generated, new, lengths=None):
         return ["\n\n" in "".join(CHARS[i] for i in row) for row in generated.tolist()]
 
     def cut(self, text, fired):

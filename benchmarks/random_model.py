@@ -1,0 +1,50 @@
+"""A model folder with random weights of a known shape, for speed runs without a download.
+
+    python benchmarks/random_model.py OUT_DIR --shape llama-8b     # 8B Llama shape, bf16, ~16 GB
+
+The tokenizer is SmolLM2's (``smollm2-135m-instruct``, or a folder in ``--tokenizer``), so prompts
+tokenize as real text; the vocabulary is the tokenizer's. Built on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from lgen.models import resolve
+
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, rope_theta=500000.0),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    p.add_argument("--tokenizer", default="smollm2-135m-instruct")
+    args = p.parse_args()
+    tok = AutoTokenizer.from_pretrained(resolve(args.tokenizer))
+    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[args.shape])
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"{args.shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

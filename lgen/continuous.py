@@ -1,0 +1,212 @@
+"""Continuous batching: a pool of rows that new prompts join as finished rows leave.
+
+The compact engine's batch is a unit of work: it starts together and ends when its longest row
+ends. Here the unit is a *stream* of prompt groups (:mod:`lgen.plan`): the first groups fill a pool
+of rows; every ``compact_every`` steps finished rows leave, and once a group's worth of rows is
+free the next group is prefilled and joins. ``per_device_batch_size`` is the number of prompts
+prefilled together; how many rows decode together is the pool's size, set by the memory budget::
+
+    step:       0 ....... 40 ....... 80 ....... 120 ...
+    pool:       [g1 g2 g3 g4]  g1 ends  [g5 g2 g3 g4]  ...   (the pool stays full)
+
+Which rows share a step depends only on the stream, never on the number of ranks: a rank runs
+whole streams, one after the other, each in a pool of its own. Each row samples from its own
+stream (:mod:`lgen.sampling`) at its own step, so a record does not depend on its neighbours.
+
+:meth:`ContinuousEngine.generate` is called once per group (``predict_step``): it admits the group,
+decodes until there is room for the next one (or, after the stream's last group, until the pool
+is empty) and returns the rows that finished meanwhile, whichever group they came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from lgen import sampling
+from lgen.attention import packed_decode, packing_needed
+from lgen.data import Batch
+from lgen.engine import CompactEngine, Results
+from lgen.steppers import PoolStepper
+from lgen.stopping import StopRules
+
+
+@dataclass
+class _Pool:
+    """One stream's pool: the stepper and, per row, what the decode loop tracks."""
+
+    stream: int
+    capacity: int  # the most rows that decode together
+    stepper: PoolStepper
+    rules: StopRules
+    logits: torch.Tensor  # [rows, vocab]: the next token's scores
+    tokens: torch.Tensor  # [rows, width]: each row's generated ids
+    steps: torch.Tensor  # [rows]: tokens each row has generated
+    keys: torch.Tensor  # [rows]: sampling streams
+    live: torch.Tensor  # [rows]: holds a row whose record is not out yet
+    done: torch.Tensor  # [rows]: a rule ended the row
+    stop_rule: torch.Tensor  # [rows]
+    stop_step: torch.Tensor  # [rows]
+    owner: list[tuple[dict[str, Any], int] | None]  # (example, sample) of each row; None: free
+
+    def select(self, sel: torch.Tensor, padding: int = 0) -> None:
+        """After the stepper took rows ``sel``: the same rows of everything else, the last
+        ``padding`` of them free (they repeat a row)."""
+        for name in ("logits", "tokens", "steps", "keys", "live", "done", "stop_rule", "stop_step"):
+            setattr(self, name, getattr(self, name)[sel])
+        if padding:
+            self.live[-padding:] = False
+        rows = sel.tolist()
+        self.owner = [self.owner[r] for r in rows[: len(rows) - padding]] + [None] * padding
+        self.rules.select(sel)
+
+
+class ContinuousEngine:
+    """The compact decode loop over a pool that new prompts join (see the module docstring).
+
+    Args:
+        config: the generation config (greedy, or temperature / top-k / top-p sampling).
+        rules: makes a pool's stopping rules.
+        tokenizer: decodes finished rows.
+        pad_token_id: what fills a row after it ended.
+        compact_every: decode steps between looks at which rows ended (each look is one host sync).
+        cuda_graphs: replay the pool's step from a CUDA graph (CUDA only).
+        packed_attention: decode attention without per-head cache copies (:mod:`lgen.attention`).
+    """
+
+    name = "compact"
+    unsupported = staticmethod(CompactEngine.unsupported)
+
+    def __init__(self, config: GenerationConfig, *, rules: Callable[[], StopRules], tokenizer: PreTrainedTokenizerBase,
+                 pad_token_id: int, compact_every: int = 4, cuda_graphs: bool = False,
+                 packed_attention: bool | None = None) -> None:
+        self.config, self.rules, self.tokenizer = config, rules, tokenizer
+        self.pad_token_id, self.compact_every, self.cuda_graphs = pad_token_id, compact_every, cuda_graphs
+        self.packed_attention = packing_needed() if packed_attention is None else packed_attention
+        self.samples = int(config.num_return_sequences or 1)
+        self.pool: _Pool | None = None
+
+    @torch.inference_mode()
+    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None) -> Results:
+        group = batch.group
+        if group is None:
+            raise ValueError("continuous batching needs a batch of a stream plan (data.connect(continuous=True))")
+        if self.config.do_sample and row_keys is None:
+            raise ValueError("sampling needs row_keys")
+        pool = self.pool
+        if pool is None or pool.stream != group.stream:
+            if pool is not None and bool(pool.live.any()):
+                raise RuntimeError(f"stream {pool.stream} ended with rows in flight")
+            pool = self.pool = self._new_pool(model, batch)
+        self._admit(pool, batch, row_keys)
+        results: list[tuple[dict[str, Any], int, Any]] = []
+        computed = 0
+        room = group.group_rows
+        with packed_decode(self.packed_attention):
+            while True:
+                live = int(pool.live.sum())
+                if not group.last and pool.capacity - live >= room:
+                    break  # the next group fits
+                if group.last and not live:
+                    break  # the stream is done
+                computed += self._decode(pool)
+                results += self._collect(pool)
+                self._fit(pool, draining=group.last)
+        if group.last:
+            self.pool = None
+        return Results(results, computed)
+
+    def _new_pool(self, model: torch.nn.Module, batch: Batch) -> _Pool:
+        group = batch.group
+        device = batch.input_ids.device
+        graph = self.cuda_graphs and device.type == "cuda"
+        rows = group.pool_rows
+        width = group.max_new_tokens + self.compact_every  # a row runs on until the next look
+        stepper = PoolStepper(model, rows=rows, length=group.pool_length + self.compact_every, graph=graph)
+        rules = self.rules()
+        rules.start(rows, device, group.max_new_tokens)
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+
+        def full(value: int, dtype=torch.long) -> torch.Tensor:
+            return torch.full((rows,), value, dtype=dtype, device=device)
+
+        return _Pool(group.stream, rows, stepper, rules, torch.zeros((rows, vocab), dtype=torch.float32, device=device),
+                     torch.full((rows, width), self.pad_token_id, dtype=torch.long, device=device), full(0), full(0),
+                     full(False, torch.bool), full(False, torch.bool), full(-1), full(-1), [None] * rows)
+
+    def _admit(self, pool: _Pool, batch: Batch, row_keys: torch.Tensor | None) -> None:
+        count = len(batch.examples) * self.samples
+        free = [r for r, owner in enumerate(pool.owner) if owner is None]
+        if count > len(free) and not pool.stepper.graph:  # an eager pool holds its live rows only: add rows
+            rows = len(pool.owner)
+            extra = count - len(free)
+            sel = torch.cat([torch.arange(rows), torch.zeros(extra, dtype=torch.long)]).to(pool.live.device)
+            pool.stepper.select(sel)
+            pool.select(sel, extra)
+            free += list(range(rows, rows + extra))
+        if count > len(free):
+            raise RuntimeError(f"a group of {count} rows does not fit the {len(free)} free rows of the pool")
+        slots = torch.tensor(free[:count], dtype=torch.long, device=pool.live.device)
+        pool.logits[slots] = pool.stepper.admit(slots, batch.input_ids, batch.attention_mask, self.samples)
+        for i, slot in enumerate(free[:count]):
+            pool.owner[slot] = (batch.examples[i // self.samples], i % self.samples + 1)
+        pool.tokens[slots] = self.pad_token_id
+        pool.steps[slots] = 0
+        pool.keys[slots] = row_keys if row_keys is not None else 0
+        pool.live[slots] = True
+        pool.done[slots] = False
+        pool.stop_rule[slots] = -1
+        pool.stop_step[slots] = -1
+        pool.rules.admit(slots, batch.max_new_tokens)
+
+    def _decode(self, pool: _Pool) -> int:
+        """``compact_every`` steps of the whole pool; returns the row-steps computed."""
+        rows = torch.arange(pool.tokens.shape[0], device=pool.tokens.device)
+        last = pool.tokens.shape[1] - 1
+        for _ in range(self.compact_every):
+            running = pool.live & ~pool.done
+            token = torch.where(running, sampling.next_tokens(pool.logits, self.config, pool.keys, pool.steps),
+                                self.pad_token_id)
+            pool.tokens[rows, pool.steps.clamp(max=last)] = token
+            ended, which = pool.rules.advance(token)
+            first = ended & running
+            pool.stop_rule = torch.where(first, which, pool.stop_rule)
+            pool.stop_step = torch.where(first, pool.steps, pool.stop_step)
+            pool.done = pool.done | ended
+            pool.steps = pool.steps + 1
+            pool.logits = pool.stepper.step(token)
+        return self.compact_every * pool.tokens.shape[0]
+
+    def _collect(self, pool: _Pool) -> list[tuple[dict[str, Any], int, Any]]:
+        """The rows that ended, decoded and cut; their places are free after. Stop strings are
+        looked for here, in the live rows' text (the one host sync of ``compact_every`` steps)."""
+        running = (pool.live & ~pool.done).nonzero().squeeze(1)
+        if running.numel():
+            hits = pool.rules.scan(pool.tokens[running], self.compact_every, pool.steps[running])
+            if hits is not None and any(hits):
+                pool.done[running[torch.tensor(hits, device=running.device)]] = True
+        ended = (pool.live & pool.done).nonzero().squeeze(1)
+        if not ended.numel():
+            return []
+        finished = pool.rules.finish(pool.tokens[ended], pool.stop_rule[ended], pool.stop_step[ended], self.tokenizer)
+        out = []
+        for slot, result in zip(ended.tolist(), finished):
+            example, sample = pool.owner[slot]
+            out.append((example, sample, result))
+            pool.owner[slot] = None
+        pool.live[ended] = False
+        return out
+
+    def _fit(self, pool: _Pool, *, draining: bool) -> None:
+        """Move the live rows to a smaller pool: eagerly at once (a free row costs as much as a
+        live one), with a CUDA graph only once no prompt will join (a new size is a new capture)."""
+        if pool.stepper.graph and not draining:
+            return
+        live = pool.live.nonzero().squeeze(1)
+        sel = pool.stepper.compact(live)
+        if sel is not None:
+            pool.select(sel, sel.numel() - live.numel())
