@@ -69,7 +69,7 @@ def filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tenso
 
 
 # candidates the top-p-only draw looks at; a row whose top-p set reaches past them is drawn over the vocabulary
-TOP_P_CANDIDATES = 1024
+TOP_P_CANDIDATES = 64
 
 
 def _candidate_draw(logits: torch.Tensor, config: GenerationConfig, keys: torch.Tensor,
