@@ -12,27 +12,15 @@ decode step of a pool of ``--rows`` rows replayed from a CUDA graph.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from decode_step import timed
 from prompts import varied_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lgen import models, sampling
 from lgen.attention import packed_decode, packing_needed
 from lgen.steppers import PoolStepper
-
-
-def timed(fn, device: str, repeat: int = 10) -> float:
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeat * 1000
 
 
 def main() -> None:
@@ -43,6 +31,7 @@ def main() -> None:
     args = p.parse_args()
     path = models.resolve(args.model)
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tok.pad_token = tok.pad_token or tok.eos_token
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     enc = tok([r["prompt"] for r in varied_prompts(180)], return_tensors="pt", padding=True,
@@ -57,11 +46,11 @@ def main() -> None:
         for candidates in (64, 128, 256, 1024):
             sampling.TOP_P_CANDIDATES = candidates
             _, covered = sampling._candidate_draw(logits, config, keys, steps)
-            ms = timed(lambda: sampling.next_tokens(logits, config, keys, steps), args.device)
+            ms = timed(lambda: sampling.next_tokens(logits, config, keys, steps), args.device, 10)
             print(f"  {candidates:>5} candidates: {ms:7.2f} ms a draw, {1 - covered.float().mean():.1%} of rows "
                   "drawn over the vocabulary")
         full = timed(lambda: (sampling.filter_logits(logits, config)
-                              + sampling.gumbel_noise(keys, steps, logits.shape[1])).argmax(-1), args.device)
+                              + sampling.gumbel_noise(keys, steps, logits.shape[1])).argmax(-1), args.device, 10)
         print(f"  vocabulary-wide: {full:7.2f} ms a draw")
         pool = PoolStepper(model, rows=args.rows, length=enc["input_ids"].shape[1] + 256,
                            graph=args.device == "cuda")
@@ -71,7 +60,7 @@ def main() -> None:
                        enc["attention_mask"][:n], 1)
         token = logits.argmax(-1)
         with packed_decode(packing_needed()):
-            step = timed(lambda: pool.step(token), args.device)
+            step = timed(lambda: pool.step(token), args.device, 10)
         print(f"  a decode step of the pool: {step:7.2f} ms")
 
 

@@ -76,6 +76,40 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
 _RECOMPILES = {"recompile_limit": 4096, "accumulated_recompile_limit": 1 << 16}
 
 
+class _CapturedStep:
+    """The model's one-token step over static buffers (``token``, ``mask``, ``next_pos``,
+    ``cache``), captured as a CUDA graph at its first run when ``graph``, and replayed after."""
+
+    graph: bool
+    _graph: torch.cuda.CUDAGraph | None
+
+    def _forward(self) -> torch.Tensor:
+        with torch._dynamo.config.patch(**_RECOMPILES):
+            out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
+                             use_cache=True, **{self.cache_arg: self.cache})
+        return out.logits[:, -1, :]
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up, as CUDA graph capture requires; it writes what the replay writes
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._out = self._forward()
+
+    def _run(self) -> torch.Tensor:
+        """One step's logits: replayed (captured first if need be), or run eagerly."""
+        if not self.graph:
+            return self._forward()
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self._out
+
+
 class EagerStepper:
     """Eager steps over a ``DynamicCache``; compaction selects the live rows of the cache."""
 
@@ -112,7 +146,7 @@ class EagerStepper:
         return out.logits[:, -1, :].float()
 
 
-class GraphStepper:
+class GraphStepper(_CapturedStep):
     """Steps over a :class:`SlotCache` replayed from a CUDA graph (``graph=False``: run eagerly, for
     tests on CPU). Rows are dropped by moving to a smaller bucket (powers of two and 1.5 times
     them: 192 -> 128 -> 96 -> ... -> ``min_rows``), with one capture per bucket; padding slots
@@ -161,23 +195,6 @@ class GraphStepper:
         self.token = torch.zeros((mask.shape[0], 1), dtype=torch.long, device=mask.device)
         self._graph = None
 
-    def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up, as CUDA graph capture requires; it writes what the replay writes
-                self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._out = self._forward()
-
-    def _forward(self) -> torch.Tensor:
-        with torch._dynamo.config.patch(**_RECOMPILES):
-            out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
-                             use_cache=True, **{self.cache_arg: self.cache})
-        return out.logits[:, -1, :]
-
     def compact(self, keep: torch.Tensor) -> torch.Tensor | None:
         """Keep the rows ``keep`` (padded to a bucket by repeating the last); returns the row each
         slot now holds (None: the bucket stays)."""
@@ -192,13 +209,7 @@ class GraphStepper:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token[:, None])
         self.mask.index_fill_(3, self.write_at, 0.0)  # the new token sees itself
-        if self.graph:
-            if self._graph is None:
-                self._capture()
-            self._graph.replay()
-            logits = self._out
-        else:
-            logits = self._forward()
+        logits = self._run()
         self.write_at.add_(1)
         self.next_pos.add_(1)
         return logits.float()
@@ -218,7 +229,7 @@ class PoolCache(SlotCache):
         return PoolCache([k[rows] for k in self.k], [v[rows] for v in self.v], self.write_at)
 
 
-class PoolStepper:
+class PoolStepper(_CapturedStep):
     """A pool of ``rows`` rows over a static cache of ``length`` positions, for continuous batching:
     new prompts are prefilled on their own and join free rows (:meth:`admit`) between steps, and
     every step runs the whole pool, replayed from one CUDA graph (``graph=False``: eagerly).
@@ -274,26 +285,11 @@ class PoolStepper:
         self.next_pos[slots] = prefill.next_pos
         return logits
 
-    def _forward(self) -> torch.Tensor:
-        with torch._dynamo.config.patch(**_RECOMPILES):
-            out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
-                             use_cache=True, **{self.cache_arg: self.cache})
-        return out.logits[:, -1, :]
-
-    def _capture(self) -> None:
-        GraphStepper._capture(self)
-
     def step(self, token: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(self.rows, device=self.device)
         self.token.copy_(token[:, None])
         self.mask[rows, 0, 0, self.write_at] = 0.0  # each new token sees itself
-        if self.graph:
-            if self._graph is None:
-                self._capture()
-            self._graph.replay()
-            logits = self._out
-        else:
-            logits = self._forward()
+        logits = self._run()
         self.write_at.add_(1).clamp_(max=self.length - 1)  # a free row runs on; it must stay in bounds
         self.next_pos.add_(1)
         return logits.float()
