@@ -143,6 +143,11 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
@@ -168,6 +173,9 @@ def quiet() -> Iterator[None]:
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its read errors come back as lgen's, with the fix
+    # DeepSpeed sets its logger's level when it is imported (after this): a filter stays
+    deepspeed_log, errors_only = logging.getLogger("DeepSpeed"), _ErrorsOnly()
+    deepspeed_log.addFilter(errors_only)
     bars = (datasets.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled())
     datasets.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -179,6 +187,7 @@ def quiet() -> Iterator[None]:
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
+        deepspeed_log.removeFilter(errors_only)
         root.removeHandler(handler)
         for logger, level, propagate in saved:
             logger.setLevel(level)
