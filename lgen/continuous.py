@@ -32,7 +32,7 @@ from lgen.attention import packed_decode, packing_needed
 from lgen.data import Batch
 from lgen.engine import CompactEngine, Results
 from lgen.steppers import PoolStepper
-from lgen.stopping import StopRules
+from lgen.stopping import StopRules, first_stops
 
 
 @dataclass
@@ -173,9 +173,8 @@ class ContinuousEngine:
                                 self.pad_token_id)
             pool.tokens[rows, pool.steps.clamp(max=last)] = token
             ended, which = pool.rules.advance(token)
-            first = ended & running
-            pool.stop_rule = torch.where(first, which, pool.stop_rule)
-            pool.stop_step = torch.where(first, pool.steps, pool.stop_step)
+            pool.stop_rule, pool.stop_step = first_stops(pool.stop_rule, pool.stop_step, ended, which, pool.steps,
+                                                         running=running)
             pool.done = pool.done | ended
             pool.steps = pool.steps + 1
             pool.logits = pool.stepper.step(token)

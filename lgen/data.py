@@ -455,9 +455,7 @@ class GenerationDataModule(LightningDataModule):
         trainer = self.trainer
         if self.max_batch_tokens == "auto" and self.token_budget is not None:
             lengths = [len(ex["input_ids"]) for ex in self.todo] or [1]
-            shortest = (self.resolved_block_size if self.max_new_tokens == "auto"
-                        else min(lengths) + int(self.max_new_tokens))
-            self.batch_tokens = self.token_budget(lengths, shortest)
+            self.batch_tokens = self.token_budget(lengths, self._row_span(min(lengths)))
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if self.continuous:
             plan = self.rank_groups(rank, world)

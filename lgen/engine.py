@@ -33,7 +33,7 @@ from lgen import lockstep, sampling
 from lgen.attention import packed_decode, packing_needed
 from lgen.data import Batch
 from lgen.steppers import EagerStepper, GraphStepper
-from lgen.stopping import Finished, GenerateCriteria, StopRules
+from lgen.stopping import Finished, GenerateCriteria, StopRules, first_stops
 
 
 @dataclass
@@ -167,9 +167,7 @@ class CompactEngine(_Batchwise):
                     tokens[live, step] = token
                     slots += live.numel()
                     ended, which = rules.advance(token)
-                    first = ended & (stop_rule[live] < 0)
-                    stop_rule[live] = torch.where(first, which, stop_rule[live])
-                    stop_step[live] = torch.where(first, step, stop_step[live])
+                    stop_rule[live], stop_step[live] = first_stops(stop_rule[live], stop_step[live], ended, which, step)
                     done = done | ended
                 if step + 1 == total:
                     break

@@ -212,6 +212,15 @@ class StopStrings(StopRule):
         return lo
 
 
+def first_stops(stop_rule: torch.Tensor, stop_step: torch.Tensor, ended: torch.Tensor, which: torch.Tensor,
+                step: int | torch.Tensor, *, running: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stop_rule, stop_step)`` after a step: rows that ``ended`` now and were still running
+    (default: no rule had ended them yet) take the rule ``which`` and the ``step``; the others keep
+    what they had, so each row keeps the first rule that ended it."""
+    first = ended & (stop_rule < 0 if running is None else running)
+    return torch.where(first, which, stop_rule), torch.where(first, step, stop_step)
+
+
 class StopRules:
     """The rules of one run, in precedence order; the engines OR them (see the module docstring)."""
 
@@ -249,9 +258,7 @@ class StopRules:
         self.start(rows, tokens.device, max_new_tokens)
         for step in range(tokens.shape[1]):
             ended, which = self.advance(tokens[:, step])
-            first = ended & (stop_rule < 0)
-            stop_rule = torch.where(first, which, stop_rule)
-            stop_step = torch.where(first, step, stop_step)
+            stop_rule, stop_step = first_stops(stop_rule, stop_step, ended, which, step)
         return stop_rule, stop_step
 
     def scan(self, generated: torch.Tensor, new: int, lengths: torch.Tensor | None = None) -> list[bool] | None:
