@@ -132,7 +132,7 @@ class JsonlWriter(BasePredictionWriter):
             "world_size": trainer.world_size,
             "versions": _versions(),
         }
-        runs = [*_earlier_runs(self.output.path / "summary.json"), run]
+        runs = [*_earlier_runs(self.output.summary()), run]
         summary = {
             **data_stats,
             "records_expected": self.output.expected,
@@ -154,11 +154,10 @@ class JsonlWriter(BasePredictionWriter):
                 logger.save()
 
 
-def _earlier_runs(path: os.PathLike) -> list[dict[str, Any]]:
-    """The runs an existing ``summary.json`` lists (one from a summary of lgen before 0.2)."""
-    try:
-        old = json.loads(open(path).read())
-    except (OSError, ValueError):
+def _earlier_runs(old: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs an existing ``summary.json`` (``old``, {} if none) lists; one from a summary of lgen
+    before 0.2."""
+    if not old:
         return []
     if "runs" in old:
         return list(old["runs"])
