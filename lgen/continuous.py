@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from lgen import sampling
+from lgen import invariant, sampling
 from lgen.attention import packed_decode, packing_needed
 from lgen.data import Batch
 from lgen.engine import CompactEngine, Results
@@ -76,6 +76,7 @@ class ContinuousEngine:
         compact_every: decode steps between looks at which rows ended (each look is one host sync).
         cuda_graphs: replay the pool's step from a CUDA graph (CUDA only).
         packed_attention: decode attention without per-head cache copies (:mod:`lgen.attention`).
+        invariant: batch-invariant decoding (:mod:`lgen.invariant`): each row computed as if alone.
     """
 
     name = "compact"
@@ -83,10 +84,11 @@ class ContinuousEngine:
 
     def __init__(self, config: GenerationConfig, *, rules: Callable[[], StopRules], tokenizer: PreTrainedTokenizerBase,
                  pad_token_id: int, compact_every: int = 4, cuda_graphs: bool = False,
-                 packed_attention: bool | None = None) -> None:
+                 packed_attention: bool | None = None, invariant: bool = False) -> None:
         self.config, self.rules, self.tokenizer = config, rules, tokenizer
         self.pad_token_id, self.compact_every, self.cuda_graphs = pad_token_id, compact_every, cuda_graphs
-        self.packed_attention = packing_needed() if packed_attention is None else packed_attention
+        self.invariant = invariant
+        self.packed_attention = (packing_needed() if packed_attention is None else packed_attention) and not invariant
         self.samples = int(config.num_return_sequences or 1)
         self.pool: _Pool | None = None
 
@@ -97,6 +99,11 @@ class ContinuousEngine:
             raise ValueError("continuous batching needs a batch of a stream plan (data.connect(continuous=True))")
         if self.config.do_sample and row_keys is None:
             raise ValueError("sampling needs row_keys")
+        with invariant.active(self.invariant, batch.input_ids.device), packed_decode(self.packed_attention):
+            return self._generate(model, batch, row_keys)
+
+    def _generate(self, model: torch.nn.Module, batch: Batch, row_keys: torch.Tensor | None) -> Results:
+        group = batch.group
         pool = self.pool
         if pool is None or pool.stream != group.stream:
             if pool is not None and bool(pool.live.any()):
@@ -106,16 +113,15 @@ class ContinuousEngine:
         results: list[tuple[dict[str, Any], int, Any]] = []
         computed = 0
         room = group.group_rows
-        with packed_decode(self.packed_attention):
-            while True:
-                live = int(pool.live.sum())
-                if not group.last and pool.capacity - live >= room:
-                    break  # the next group fits
-                if group.last and not live:
-                    break  # the stream is done
-                computed += self._decode(pool)
-                results += self._collect(pool)
-                self._fit(pool, draining=group.last)
+        while True:
+            live = int(pool.live.sum())
+            if not group.last and pool.capacity - live >= room:
+                break  # the next group fits
+            if group.last and not live:
+                break  # the stream is done
+            computed += self._decode(pool)
+            results += self._collect(pool)
+            self._fit(pool, draining=group.last)
         if group.last:
             self.pool = None
         return Results(results, computed)
@@ -126,7 +132,8 @@ class ContinuousEngine:
         graph = self.cuda_graphs and device.type == "cuda"
         rows = group.pool_rows
         width = group.max_new_tokens + self.compact_every  # a row runs on until the next look
-        stepper = PoolStepper(model, rows=rows, length=group.pool_length + self.compact_every, graph=graph)
+        stepper = PoolStepper(model, rows=rows, length=group.pool_length + self.compact_every, graph=graph,
+                              aligned=self.invariant)
         rules = self.rules()
         rules.start(rows, device, group.max_new_tokens)
         vocab = model.config.get_text_config(decoder=True).vocab_size

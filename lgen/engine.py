@@ -29,10 +29,10 @@ from typing import Any, ClassVar, Protocol
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from lgen import lockstep, sampling
+from lgen import invariant, lockstep, sampling
 from lgen.attention import packed_decode, packing_needed
 from lgen.data import Batch
-from lgen.steppers import EagerStepper, GraphStepper
+from lgen.steppers import EagerStepper, GraphStepper, PoolStepper
 from lgen.stopping import Finished, GenerateCriteria, StopRules, first_stops
 
 
@@ -111,6 +111,8 @@ class CompactEngine(_Batchwise):
         packed_attention: decode attention without per-head cache copies (:mod:`lgen.attention`);
             default: where this transformers needs it.
         rules, tokenizer: make a batch's stopping rules, and decode its rows (for ``generate``).
+        invariant: batch-invariant decoding (:mod:`lgen.invariant`): each row computed as if alone,
+            its prompt laid out from position 0 in a :class:`PoolStepper`.
     """
 
     name = "compact"
@@ -118,11 +120,11 @@ class CompactEngine(_Batchwise):
     def __init__(self, config: GenerationConfig, *, pad_token_id: int, compact_every: int = 4,
                  cuda_graphs: bool = False, synced: bool = False, packed_attention: bool | None = None,
                  rules: Callable[[], StopRules] | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+                 tokenizer: PreTrainedTokenizerBase | None = None, invariant: bool = False) -> None:
         self.rules, self.tokenizer = rules, tokenizer
         self.config, self.pad_token_id, self.compact_every = config, pad_token_id, compact_every
-        self.cuda_graphs, self.synced = cuda_graphs, synced
-        self.packed_attention = packing_needed() if packed_attention is None else packed_attention
+        self.cuda_graphs, self.synced, self.invariant = cuda_graphs, synced, invariant
+        self.packed_attention = (packing_needed() if packed_attention is None else packed_attention) and not invariant
 
     @staticmethod
     def unsupported(config: GenerationConfig) -> list[str]:
@@ -141,14 +143,24 @@ class CompactEngine(_Batchwise):
     @torch.inference_mode()
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
             max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None) -> Generated:
+        with invariant.active(self.invariant, input_ids.device), packed_decode(self.packed_attention):
+            return self._run(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, rules=rules,
+                             row_keys=row_keys)
+
+    def _run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+             max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None) -> Generated:
         device = input_ids.device
         samples = int(self.config.num_return_sequences or 1)
         rows = input_ids.shape[0] * samples
         if self.config.do_sample and row_keys is None:
             raise ValueError("sampling needs row_keys")
         total = lockstep.all_max(max_new_tokens, device) if self.synced else max_new_tokens
-        stepper = (GraphStepper(model, max_new_tokens, graph=device.type == "cuda") if self.cuda_graphs
-                   else EagerStepper(model))
+        graph = self.cuda_graphs and device.type == "cuda"
+        if self.invariant:
+            length = input_ids.shape[1] + max_new_tokens
+            stepper = PoolStepper(model, rows=rows, length=length, graph=graph, aligned=True)
+        else:
+            stepper = GraphStepper(model, max_new_tokens, graph=graph) if self.cuda_graphs else EagerStepper(model)
         # output buffers, by output row (+1: a trash row that padding slots write to)
         tokens = torch.full((rows + 1, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         stop_rule = torch.full((rows + 1,), -1, dtype=torch.long, device=device)
@@ -160,43 +172,42 @@ class CompactEngine(_Batchwise):
         keys = row_keys.to(device) if row_keys is not None else None
         slots = 0
         idle = False  # synced: this rank's rows are all done, the other ranks' are not
-        with packed_decode(self.packed_attention):
-            for step in range(total):
-                if not idle:
-                    token = torch.where(done, self.pad_token_id, sampling.next_tokens(logits, self.config, keys, step))
-                    tokens[live, step] = token
-                    slots += live.numel()
-                    ended, which = rules.advance(token)
-                    stop_rule[live], stop_step[live] = first_stops(stop_rule[live], stop_step[live], ended, which, step)
-                    done = done | ended
-                if step + 1 == total:
+        for step in range(total):
+            if not idle:
+                token = torch.where(done, self.pad_token_id, sampling.next_tokens(logits, self.config, keys, step))
+                tokens[live, step] = token
+                slots += live.numel()
+                ended, which = rules.advance(token)
+                stop_rule[live], stop_step[live] = first_stops(stop_rule[live], stop_step[live], ended, which, step)
+                done = done | ended
+            if step + 1 == total:
+                break
+            idle = idle or step + 1 == max_new_tokens  # only when synced: otherwise total == max_new_tokens
+            if (step + 1) % self.compact_every == 0:
+                keep = (~done).nonzero().squeeze(1) if not idle else done.new_zeros(0, dtype=torch.long)
+                if keep.numel():
+                    hits = rules.scan(tokens[live[keep], : step + 1], self.compact_every)
+                    if hits is not None:
+                        hit = torch.tensor(hits, dtype=torch.bool, device=device)
+                        done[keep[hit]] = True
+                        keep = keep[~hit]
+                # the one host sync, every compact_every steps
+                if not (lockstep.any_rank(keep.numel() > 0, device) if self.synced else keep.numel() > 0):
                     break
-                idle = idle or step + 1 == max_new_tokens  # only when synced: otherwise total == max_new_tokens
-                if (step + 1) % self.compact_every == 0:
-                    keep = (~done).nonzero().squeeze(1) if not idle else done.new_zeros(0, dtype=torch.long)
-                    if keep.numel():
-                        hits = rules.scan(tokens[live[keep], : step + 1], self.compact_every)
-                        if hits is not None:
-                            hit = torch.tensor(hits, dtype=torch.bool, device=device)
-                            done[keep[hit]] = True
-                            keep = keep[~hit]
-                    # the one host sync, every compact_every steps
-                    if not (lockstep.any_rank(keep.numel() > 0, device) if self.synced else keep.numel() > 0):
-                        break
-                    idle = keep.numel() == 0
-                    sel = None if idle else stepper.compact(keep)
-                    if sel is not None:
-                        padding = sel.numel() - keep.numel()
-                        live = torch.cat([live[keep], live.new_full((padding,), rows)])
-                        done = torch.cat([done[keep], done.new_ones(padding)])
-                        token = token[sel]
-                        if keys is not None:
-                            keys = keys[sel]
-                        rules.select(sel)
-                if idle:  # still join every forward (ZeRO-3 gathers weights in each)
-                    lockstep.idle_forward(model, device)
-                else:
-                    logits = stepper.step(token)
+                idle = keep.numel() == 0
+                sel = None if idle else stepper.compact(keep)
+                if sel is not None:
+                    padding = sel.numel() - keep.numel()
+                    live = torch.cat([live[keep], live.new_full((padding,), rows)])
+                    done = torch.cat([done[keep], done.new_ones(padding)])
+                    token = token[sel]
+                    if keys is not None:
+                        keys = keys[sel]
+                    rules.select(sel)
+            if idle:  # still join every forward (ZeRO-3 gathers weights in each)
+                lockstep.idle_forward(model, device)
+            else:
+                logits = stepper.step(token)
         return Generated(tokens[:rows], stop_rule[:rows], stop_step[:rows], slots)
 
 

@@ -62,6 +62,10 @@ class GenerationModule(LightningModule):
             static cache (one capture per batch bucket: 8, 12, 16, 24, 32, ...); off: eager steps.
         torch_compile: ``torch.compile`` the decoder layers for those CUDA-graph steps (fused
             kernels, a faster step); compiling takes a minute or more, so it pays on long runs only.
+        batch_invariant: compute each row as if it were alone, bit for bit (matmuls and reductions
+            on fixed tiles, attention in fixed chunks from key 0, prompts laid out from position 0):
+            records then do not depend on the batch size, the memory budget, ``compact_every``,
+            continuous batching or the number of ranks, in any dtype. Costs speed; compact engine only.
         seed: linked from ``seed_everything``; seeds each row's samples.
     """
 
@@ -88,6 +92,7 @@ class GenerationModule(LightningModule):
         compact_every: int = 4,
         cuda_graphs: bool = True,
         torch_compile: bool = False,
+        batch_invariant: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -148,6 +153,14 @@ class GenerationModule(LightningModule):
                               f"engine compact and cuda_graphs: true (here engine {self.engine_name}, cuda_graphs: "
                               f"{cuda_graphs}{', for ' + str(missing) if missing else ''}); set torch_compile: false")
         self.torch_compile = torch_compile
+        if batch_invariant and self.engine_name != "compact":
+            raise ConfigError("model.batch_invariant needs the compact engine (model.generate batches rows its own "
+                              f"way); here the engine is {self.engine_name}"
+                              f"{' for ' + str(missing) if missing else ''}: drop those settings or batch_invariant")
+        if batch_invariant and torch_compile:
+            raise ConfigError("model.batch_invariant and model.torch_compile do not go together (compiled kernels "
+                              "choose their own reductions); set one of them to false")
+        self.batch_invariant = batch_invariant
         self.seed = seed
         self.model = None
         self.engine: Engine | None = None  # built in on_predict_start, when the device is known
@@ -251,7 +264,15 @@ class GenerationModule(LightningModule):
         kwargs = {**self._hub[self.model_name_or_path], "config": self.model_config}
         if self.torch_dtype:
             kwargs["dtype"] = DTYPES[self.torch_dtype]
-        model = models.load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path", **kwargs)
+        if self.batch_invariant:  # the mode's attention stands behind transformers' sdpa name
+            kwargs["attn_implementation"] = "sdpa"
+        try:
+            model = models.load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path", **kwargs)
+        except ValueError as err:
+            if not self.batch_invariant or "sdpa" not in str(err).lower():
+                raise
+            raise ConfigError(f"model.batch_invariant runs attention through transformers' SDPA interface, which "
+                              f"this model does not support ({err}); set batch_invariant: false") from err
         if self.adapter_name_or_path:
             adapter_hub = {k: v for k, v in self._hub[self.adapter_name_or_path].items() if k != "revision"}
             model = models.load_adapter(model, self.adapter_name_or_path,
@@ -286,10 +307,12 @@ class GenerationModule(LightningModule):
         graphs = self.cuda_graphs and self.device.type == "cuda" and not self.sharded
         if self.continuous:
             self.engine = ContinuousEngine(config, rules=self.stop_rules, tokenizer=self.tokenizer, pad_token_id=pad,
-                                           compact_every=self.compact_every, cuda_graphs=graphs)
+                                           compact_every=self.compact_every, cuda_graphs=graphs,
+                                           invariant=self.batch_invariant)
         elif self.engine_name == "compact":
             self.engine = CompactEngine(config, pad_token_id=pad, compact_every=self.compact_every, synced=self.synced,
-                                        cuda_graphs=graphs, rules=self.stop_rules, tokenizer=self.tokenizer)
+                                        cuda_graphs=graphs, rules=self.stop_rules, tokenizer=self.tokenizer,
+                                        invariant=self.batch_invariant)
         else:
             self.engine = GenerateEngine(config, synced=self.synced, rules=self.stop_rules, tokenizer=self.tokenizer)
 
@@ -334,6 +357,7 @@ class GenerationModule(LightningModule):
             "generation_config": self.generation_config.to_diff_dict(),
             "brace_matching": [self.use_brace_matching, self.brace_matching_start_level, self.brace_matching_language],
             "stop_strings": [self.stop_strings, self.keep_stop_string],
+            **({"batch_invariant": True} if self.batch_invariant else {}),
         }
 
     def predict_step(self, batch: Batch, batch_idx: int = 0) -> records.BatchRecords:

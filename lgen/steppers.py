@@ -12,6 +12,8 @@ row and returns the next logits; ``compact`` keeps only the given rows.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
@@ -110,6 +112,30 @@ class _CapturedStep:
         return self._out
 
 
+@contextmanager
+def _last_tokens(model: torch.nn.Module, attention_mask: torch.Tensor, aligned: bool) -> Iterator[None]:
+    """With prompts padded on the right (``aligned``), the output embedding sees only each row's
+    last prompt token (a hook on its input: ``logits_to_keep`` takes one position per row only in
+    recent transformers)."""
+    if not aligned:
+        yield
+        return
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding to take each prompt's last token from")
+    last = attention_mask.sum(-1) - 1
+
+    def gather(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1])), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class EagerStepper:
     """Eager steps over a ``DynamicCache``; compaction selects the live rows of the cache."""
 
@@ -156,7 +182,10 @@ class GraphStepper(_CapturedStep):
         self.model, self.max_new_tokens, self.graph, self.min_rows = model, max_new_tokens, graph, min_rows
         self.cache_arg = cache_argument(model)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int, *,
+                aligned: bool = False) -> torch.Tensor:
+        """``aligned``: the prompts start at position 0 and are padded on the right (see
+        :func:`align_left`); the first logits are then each prompt's last token's."""
         rows, width = input_ids.shape
         device = input_ids.device
         dtype = next(self.model.parameters()).dtype
@@ -174,9 +203,10 @@ class GraphStepper(_CapturedStep):
         prefill_mask = torch.cat([prefill_mask, allowed.new_zeros(rows, 1, width, self.max_new_tokens)], dim=-1)
         prefill_mask = prefill_mask & causal | torch.eye(width, self.length, dtype=torch.bool, device=device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.compiler.set_stance("force_eager"):  # one width per batch: compiling would not pay
+        with torch.compiler.set_stance("force_eager"), _last_tokens(self.model, attention_mask, aligned):
             out = self.model(input_ids=input_ids, attention_mask=torch.where(prefill_mask, 0.0, neg).to(dtype),
-                             position_ids=positions, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+                             position_ids=positions, use_cache=True, logits_to_keep=0 if aligned else 1,
+                             **{self.cache_arg: cache})
         logits = out.logits[:, -1, :].float()
         decode_mask = torch.cat([allowed, allowed.new_zeros(rows, self.max_new_tokens)], dim=-1)
         next_pos = positions[:, -1:] + 1
@@ -229,20 +259,34 @@ class PoolCache(SlotCache):
         return PoolCache([k[rows] for k in self.k], [v[rows] for v in self.v], self.write_at)
 
 
+def align_left(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts moved to start at position 0 (padded on the right instead), so that a
+    prompt sits in the cache where it would sit alone (:mod:`lgen.invariant`)."""
+    width = input_ids.shape[1]
+    lengths = attention_mask.sum(-1, keepdim=True)
+    cols = torch.arange(width, device=input_ids.device)[None, :]
+    source = (cols + width - lengths).clamp(max=width - 1)
+    real = cols < lengths
+    return (torch.where(real, input_ids.gather(1, source), input_ids[:, :1]),
+            real.to(attention_mask.dtype))
+
+
 class PoolStepper(_CapturedStep):
     """A pool of ``rows`` rows over a static cache of ``length`` positions, for continuous batching:
     new prompts are prefilled on their own and join free rows (:meth:`admit`) between steps, and
     every step runs the whole pool, replayed from one CUDA graph (``graph=False``: eagerly).
 
     Row r's prompt, left-padded to its group's width w, sits at cache positions [0, w); its tokens
-    follow at ``write_at[r]`` = w, w + 1, ...; its mask opens the positions it has written. A free
+    follow at ``write_at[r]`` = w, w + 1, ...; its mask opens the positions it has written. With
+    ``aligned`` (batch-invariant decoding) the prompt starts at position 0 instead and its tokens
+    follow at its own length, as if it were alone (:func:`align_left`). A free
     row computes garbage that nobody reads. With a graph the pool keeps its size while prompts come
     (one capture), and a draining pool moves to smaller buckets (8, 12, 16, 24, ...); eagerly (on a
     CPU, where a free row costs as much as a live one) it holds just the live rows (:meth:`select`).
     """
 
-    def __init__(self, model: torch.nn.Module, *, rows: int, length: int, graph: bool) -> None:
-        self.model, self.length, self.graph = model, length, graph
+    def __init__(self, model: torch.nn.Module, *, rows: int, length: int, graph: bool, aligned: bool = False) -> None:
+        self.model, self.length, self.graph, self.aligned = model, length, graph, aligned
         self.cache_arg = cache_argument(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -271,8 +315,10 @@ class PoolStepper(_CapturedStep):
               samples: int) -> torch.Tensor:
         """Prefill a group of prompts (``[g, w]``, left-padded) on its own, put its ``samples`` rows
         per prompt in ``slots`` (``g * samples`` of them), and return their first logits."""
+        if self.aligned:
+            input_ids, attention_mask = align_left(input_ids, attention_mask)
         prefill = GraphStepper(self.model, 0, graph=False)
-        logits = prefill.prefill(input_ids, attention_mask, samples)
+        logits = prefill.prefill(input_ids, attention_mask, samples, aligned=self.aligned)
         width = input_ids.shape[1]
         if width > self.length:
             raise ValueError(f"a prompt group of width {width} does not fit a pool of {self.length} positions")
@@ -281,9 +327,13 @@ class PoolStepper(_CapturedStep):
             v[slots, :, :width] = pv[:, :, :width]
         self.mask[slots] = self.neg
         self.mask[slots, :, :, :width] = prefill.mask[:, :, :, :width]
-        self.write_at[slots] = width
+        self.write_at[slots] = attention_mask.sum(-1).repeat_interleave(samples) if self.aligned else width
         self.next_pos[slots] = prefill.next_pos
         return logits
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> torch.Tensor:
+        """Admit one batch into all the rows (the compact engine's use)."""
+        return self.admit(torch.arange(self.rows, device=self.device), input_ids, attention_mask, samples)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(self.rows, device=self.device)

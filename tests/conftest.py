@@ -84,6 +84,12 @@ def tiny_model(tmp_path_factory, bpe_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bf16_llama(tmp_path_factory, bpe_tokenizer) -> Path:
+    """A 4-layer random Llama, wide enough that in bf16 batch composition changes greedy tokens."""
+    return make_llama(tmp_path_factory.mktemp("bf16-llama"), bpe_tokenizer, layers=4, hidden=128)
+
+
+@pytest.fixture(scope="session")
 def word_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("word-llama")
     return make_llama(folder, make_word_tokenizer(folder))

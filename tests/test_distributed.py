@@ -118,6 +118,17 @@ def test_sampled_rows_do_not_depend_on_batch_or_ranks(tiny_model, tmp_path):
     assert records(other) != got["alone"]  # the seed picks the streams
 
 
+@pytest.mark.slow
+def test_batch_invariant_bf16_rows_alone_and_on_two_processes(bf16_llama, tmp_path):
+    """model.batch_invariant in bf16: one prompt per batch on 1 process, and batches of 4 on 2."""
+    data = prompts_file(tmp_path / "p.jsonl", 8)
+    mode = ["--model.batch_invariant", "true", "--model.torch_dtype", "bfloat16", "--trainer.precision", "bf16-true"]
+    lgen(base(bf16_llama, data, tmp_path / "alone", *mode, "--data.per_device_batch_size", "1"))
+    lgen(base(bf16_llama, data, tmp_path / "two", *mode, "--data.per_device_batch_size", "4",
+              "--trainer.strategy", "ddp", "--trainer.devices", "2"))
+    assert len(records(tmp_path / "alone")) == 8 and records(tmp_path / "two") == records(tmp_path / "alone")
+
+
 def test_a_finished_run_ends_its_process_group(tmp_path):
     """Each rank ends its group: rank 0 hosts the store, and a rank still in the group when it
     exits gets store errors from NCCL's watchdog after a good run."""

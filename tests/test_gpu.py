@@ -75,3 +75,54 @@ def test_pool_graph_replays_give_the_eager_logits(tiny_model):
             runs[graph] = seen
     for replayed, eager in zip(runs[True], runs[False]):
         assert torch.equal(replayed, eager)
+
+
+def test_batch_invariant_rows_on_cuda(bf16_llama):
+    """bf16 with CUDA graphs: a row alone, in a batch of 20, with compact_every 1, and in the
+    continuous engine's pool: the same tokens."""
+    from test_invariant import PROMPTS20, compact_texts, continuous_texts, load
+
+    model, tok = load(bf16_llama, device="cuda")
+    together = compact_texts(model, tok, PROMPTS20, graphs=True)
+    assert [compact_texts(model, tok, [p], graphs=True)[0] for p in PROMPTS20] == together
+    assert compact_texts(model, tok, PROMPTS20, every=1, graphs=True) == together
+    assert compact_texts(model, tok, PROMPTS20, every=1, graphs=False) == together
+    assert continuous_texts(model, tok, PROMPTS20, group=3, pool_rows=7, graphs=True) == together
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_invariant_kernels_compute_the_ops_and_ignore_the_batch(dtype):
+    from lgen import invariant, invariant_triton
+
+    torch.manual_seed(0)
+    a, w, bias = (torch.randn(300, 200, device="cuda", dtype=dtype), torch.randn(200, 96, device="cuda", dtype=dtype),
+                  torch.randn(96, device="cuda", dtype=dtype))
+    out = invariant_triton.matmul(a, w, bias)
+    torch.testing.assert_close(out.float(), (a.double() @ w.double() + bias.double()).float(), rtol=2e-2, atol=2e-1)
+    for rows in (1, 16, 64, 77, 256):  # Triton would compile other kernels for 1 and multiples of 16
+        assert torch.equal(invariant_triton.matmul(a[:rows], w, bias), out[:rows]), rows
+    assert torch.equal(invariant_triton.matmul(a.T.contiguous().T, w), invariant_triton.matmul(a, w))
+    sums = invariant_triton.row_sum(a)
+    torch.testing.assert_close(sums, a.float().sum(-1), rtol=1e-4, atol=1e-3)
+    assert torch.equal(invariant_triton.row_sum(a[5:6]), sums[5:6])
+    # attention: rows with 1 to 300 keys, in a cache of 333 positions, against SDPA; row 3 alone
+    rows, heads, kv, dim, keys = 6, 8, 2, 64, 333
+    q = torch.randn(rows, heads, 1, dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(rows, kv, keys, dim, device="cuda", dtype=dtype) for _ in range(2))
+    lengths = torch.tensor([300, 1, 64, 65, 200, 128], device="cuda")
+    allowed = torch.arange(keys, device="cuda")[None, None, None, :] < lengths[:, None, None, None]
+    mask = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+    ends = invariant._Ends()
+    out = invariant.triton_attention(None, q, k, v, mask, ends=ends, scaling=0.125)[0]
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
+                                                           v.float().repeat_interleave(4, 1), attn_mask=allowed,
+                                                           scale=0.125)
+    torch.testing.assert_close(out.float(), ref.transpose(1, 2), rtol=2e-2, atol=2e-2)
+    alone = invariant.triton_attention(None, q[3:4], k[3:4, :, :65], v[3:4, :, :65], mask[3:4, ..., :65],
+                                       ends=invariant._Ends(), scaling=0.125)[0]
+    assert torch.equal(alone, out[3:4])
+    for row in (2, 5):  # 64 and 128 keys: Triton would compile another kernel for these lengths
+        n = int(lengths[row])
+        alone = invariant.triton_attention(None, q[row:row + 1], k[row:row + 1, :, :n], v[row:row + 1, :, :n],
+                                           mask[row:row + 1, ..., :n], ends=invariant._Ends(), scaling=0.125)[0]
+        assert torch.equal(alone, out[row:row + 1]), n

@@ -1,0 +1,344 @@
+"""Batch-invariant decoding: each row computed as if it were alone, bit for bit, in any dtype.
+
+A kernel's result for one row can depend on the others: a matmul, a norm or a softmax picks its
+blocking (split-K, tiles, threads per row) from the shape of the whole batch, and summing in
+another order changes the last bits; with a near-tie the argmax flips and the completion diverges.
+Within :func:`batch_invariant`, a :class:`TorchDispatchMode` (it sees the ops below any model
+code, so it covers every architecture transformers loads) fixes the order of every sum:
+
+* **matmuls** (``mm``, ``addmm``, ``bmm``) and **row reductions** (``sum``, ``mean``, softmax,
+  log-softmax, ``cumsum``, layer norm over the last dims) run on fixed tiles of rows, padded with
+  zeros and laid out one way, so every call has the same shape and layout whatever the batch: the
+  kernel and its reduction order are fixed, and a row's result depends on that row only. On CUDA,
+  matmuls and sums run instead in Triton kernels of one blocking (:mod:`lgen.invariant_triton`).
+* **attention** (behind the ``sdpa`` name) reduces over the keys in blocks of a fixed size from key
+  0, and a block past a row's last key adds exact zeros (:func:`chunked_attention`; on CUDA the
+  Triton kernel, which does not read those blocks). The engines lay each row out *from position 0*
+  (no left padding, see :class:`lgen.steppers.PoolStepper`), so a row's keys fall in the same
+  blocks whoever shares its batch.
+
+On a CPU the tiles cost padding and many small calls; on CUDA the attention kernel reads only each
+row's keys, not the whole static cache. ``docs/precision.md`` has the figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The fixed shapes: ``rows`` for matmuls, ``batch`` x ``queries`` for batched matmuls, about
+    ``reduce`` elements for a reduction (its rows then follow from its row length, never from the
+    batch), and ``keys`` for attention's chunks."""
+
+    rows: int
+    batch: int
+    queries: int
+    reduce: int
+    keys: int
+    triton: bool = False  # on CUDA: matmuls, sums and attention by :mod:`lgen.invariant_triton`
+
+    @staticmethod
+    def for_device(device: torch.device) -> Tiles:
+        # CUDA: Triton kernels of one blocking, and large tiles for the rest; CPU: small tiles, since
+        # every padded row costs its full compute there
+        if device.type == "cuda":
+            return Tiles(rows=256, batch=256, queries=16, reduce=1 << 20, keys=256,
+                         triton=importlib.util.find_spec("triton") is not None)
+        return Tiles(rows=8, batch=64, queries=8, reduce=1 << 14, keys=64)
+
+    def reduce_rows(self, row: int) -> int:
+        """Rows of a reduction tile whose rows hold ``row`` elements: a power of two."""
+        return 1 << max(0, (self.reduce // max(row, 1)).bit_length() - 1)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    extra = -x.shape[0] % rows
+    return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))]) if extra else x
+
+
+def _by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``fn`` over ``x`` (rows first) in contiguous tiles of exactly ``rows`` rows: the memory
+    layout picks a kernel too, and a padded tile would otherwise be laid out unlike a sliced one."""
+    n = x.shape[0]
+    padded = _pad_rows(x, rows)
+    return torch.cat([fn(padded[i:i + rows].contiguous()) for i in range(0, padded.shape[0], rows)])[:n]
+
+
+def _layout_like(x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``x`` contiguous, or contiguous as its last two dims' transpose (``transposed``)."""
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2) if transposed else x.contiguous()
+
+
+def _trailing(x: torch.Tensor, dims: list[int] | int | None) -> int | None:
+    """How many trailing dims ``dims`` names (None: not a reduction over trailing dims only)."""
+    if dims is None or x.dim() == 0:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        return None
+    norm = sorted(d % x.dim() for d in dims)
+    return len(norm) if norm == list(range(x.dim() - len(norm), x.dim())) else None
+
+
+def _rowwise(x: torch.Tensor, inner: int, tiles: Tiles, fn: Callable[[torch.Tensor], torch.Tensor],
+             keep: int) -> torch.Tensor:
+    """Apply a reduction over the last ``inner`` dims of ``x`` row-tiled; ``keep``: how many of the
+    output's trailing dims belong to a row."""
+    lead = x.shape[: x.dim() - inner]
+    flat = x.reshape(-1, *x.shape[x.dim() - inner:])
+    out = _by_rows(fn, flat, tiles.reduce_rows(flat[0].numel()))
+    return out.reshape(*lead, *out.shape[out.dim() - keep:]) if keep else out.reshape(lead)
+
+
+class BatchInvariantOps(TorchDispatchMode):
+    """Runs matmuls and row reductions on fixed tiles (see the module docstring)."""
+
+    def __init__(self, tiles: Tiles) -> None:
+        super().__init__()
+        self.tiles = tiles
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            return func(*args, **kwargs)
+        out = handler(self.tiles, *args, **kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
+
+
+def _kernels(t: Tiles, *tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these tensors."""
+    return t.triton and all(x.is_cuda and x.dtype in _TRITON_DTYPES for x in tensors)
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _mm(t: Tiles, a, b):
+    if _kernels(t, a, b):
+        from lgen import invariant_triton
+
+        return invariant_triton.matmul(a, b)
+    return _by_rows(lambda x: aten.mm.default(x, b), a, t.rows)
+
+
+def _addmm(t: Tiles, bias, a, b, *, beta=1, alpha=1):
+    if bias.dim() == 2 and bias.shape[0] != 1:
+        return NotImplemented
+    if _kernels(t, a, b, bias) and beta == 1 and alpha == 1:
+        from lgen import invariant_triton
+
+        return invariant_triton.matmul(a, b, bias.reshape(-1))
+    return _by_rows(lambda x: aten.addmm.default(bias, x, b, beta=beta, alpha=alpha), a, t.rows)
+
+
+def _bmm(t: Tiles, a, b):
+    if a.shape[-1] == 1:  # one product per output: nothing to sum, nothing to order
+        return NotImplemented
+    n, queries = a.shape[0], a.shape[1]
+    transposed = b.stride(-2) == 1 and b.stride(-1) != 1  # e.g. keys given as k.transpose(1, 2): kept so
+    pa, pb = _pad_rows(a, t.batch), _pad_rows(b, t.batch)
+    outs = []
+    for i in range(0, pa.shape[0], t.batch):  # tiles of the batch, each entry with its own b ...
+        x, y = pa[i:i + t.batch], _layout_like(pb[i:i + t.batch], transposed)
+        q = _pad_rows(x.transpose(0, 1), t.queries)  # ... and of its queries (the rows of a)
+        parts = [aten.bmm.default(q[j:j + t.queries].transpose(0, 1).contiguous(), y)
+                 for j in range(0, q.shape[0], t.queries)]
+        outs.append(torch.cat(parts, dim=1)[:, :queries])
+    return torch.cat(outs)[:n]
+
+
+def _reduction(op, mean: bool):
+    def handler(t: Tiles, x, dim=None, keepdim=False, *, dtype=None):
+        inner = _trailing(x, dim)
+        if inner is None or not x.is_floating_point():
+            return NotImplemented
+        if _kernels(t, x):
+            from lgen import invariant_triton
+
+            lead, row = x.shape[: x.dim() - inner], x.shape[x.dim() - inner:]
+            flat = x.reshape(-1, row.numel())
+            out = invariant_triton.row_sum(flat if flat.stride(1) == 1 else flat.contiguous())
+            if mean:
+                out = out / row.numel()
+            return out.to(dtype or x.dtype).reshape(*lead, *([1] * inner if keepdim else []))
+        return _rowwise(x, inner, t, lambda r: op(r, list(range(1, inner + 1)), keepdim, dtype=dtype),
+                        inner if keepdim else 0)
+    return handler
+
+
+def _softmax(op):
+    def handler(t: Tiles, x, dim, half_to_float):
+        if _trailing(x, dim) != 1:
+            return NotImplemented
+        return _rowwise(x, 1, t, lambda r: op(r, 1, half_to_float), 1)
+    return handler
+
+
+def _cumsum(t: Tiles, x, dim, *, dtype=None):
+    if _trailing(x, dim) != 1 or not x.is_floating_point():
+        return NotImplemented
+    return _rowwise(x, 1, t, lambda r: aten.cumsum.default(r, 1, dtype=dtype), 1)
+
+
+def _layer_norm(t: Tiles, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    inner = len(normalized_shape)
+    lead = x.shape[: x.dim() - inner]
+    flat = x.reshape(-1, *normalized_shape)
+    rows = t.reduce_rows(flat[0].numel())
+    parts = [aten.native_layer_norm.default(r.contiguous(), normalized_shape, weight, bias, eps)
+             for r in torch.split(_pad_rows(flat, rows), rows)]
+    out, mean, rstd = (torch.cat([p[i] for p in parts])[: flat.shape[0]] for i in range(3))
+    stats = (*lead, *([1] * inner))
+    return out.reshape(x.shape), mean.reshape(stats), rstd.reshape(stats)
+
+
+_HANDLERS = {
+    aten.mm.default: _mm,
+    aten.addmm.default: _addmm,
+    aten.bmm.default: _bmm,
+    aten.sum.dim_IntList: _reduction(aten.sum.dim_IntList, mean=False),
+    aten.mean.dim: _reduction(aten.mean.dim, mean=True),
+    aten._softmax.default: _softmax(aten._softmax.default),
+    aten._log_softmax.default: _softmax(aten._log_softmax.default),
+    aten.cumsum.default: _cumsum,
+    aten.native_layer_norm.default: _layer_norm,
+}
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Where a query may look: a boolean mask as is; an additive one where it is not far negative."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, *, tiles: Tiles, scaling: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """Softmax attention whose sums over the keys run chunk by chunk from key 0, in chunks of
+    ``tiles.keys``: a chunk past a row's last key adds exact zeros, so a row's result depends on
+    its own keys only, not on the cache length its batch needs. Masked keys weigh exactly 0.
+    ``query``: ``[rows, heads, queries, dim]``; ``key``/``value``: ``[rows, kv_heads, keys, dim]``."""
+    if kwargs.get("dropout") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise ValueError("model.batch_invariant supports plain softmax attention only (no dropout, softcap or sinks)")
+    rows, heads, queries, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    c = tiles.keys
+    pad = -length % c
+    if attention_mask is None:
+        allowed = torch.ones(queries, length, dtype=torch.bool, device=query.device).tril(length - queries)
+        allowed = allowed[None, None]
+    else:
+        allowed = _allowed(attention_mask)
+        if allowed.dim() != 4 or allowed.shape[1] != 1:
+            raise ValueError(f"model.batch_invariant needs one mask for all heads, got shape {tuple(allowed.shape)}")
+    allowed = allowed.expand(rows, 1, queries, length)
+    # the query heads that share a key/value head stand in the query axis: [rows * kv_heads, groups * queries, dim]
+    q = query.reshape(rows * kv_heads, groups * queries, dim)
+    k = torch.nn.functional.pad(key, (0, 0, 0, pad)).reshape(rows * kv_heads, length + pad, dim)
+    v = torch.nn.functional.pad(value, (0, 0, 0, pad)).reshape(rows * kv_heads, length + pad, dim)
+    allowed = torch.nn.functional.pad(allowed, (0, pad), value=False)
+    allowed = allowed[:, :, None].expand(rows, kv_heads, groups, queries, length + pad)
+    allowed = allowed.reshape(rows * kv_heads, groups * queries, length + pad)
+    chunks = range(0, length + pad, c)
+    scores = torch.cat([torch.bmm(q, k[:, i:i + c].transpose(1, 2)) for i in chunks], dim=-1).float() * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)  # a max is exact in any order
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    weights = torch.exp(scores - top)
+    sums = weights.reshape(*weights.shape[:2], len(chunks), c).sum(dim=-1)  # each chunk's sum, then in order
+    total = torch.zeros_like(top)
+    out = torch.zeros((q.shape[0], q.shape[1], dim), dtype=torch.float32, device=q.device)
+    for n, i in enumerate(chunks):
+        total = total + sums[:, :, n:n + 1]
+        out = out + torch.bmm(weights[:, :, i:i + c].to(v.dtype), v[:, i:i + c]).float()
+    out = out / total.clamp_min(torch.finfo(torch.float32).tiny)
+    out = out.to(query.dtype).reshape(rows, heads, queries, dim).transpose(1, 2).contiguous()
+    return out, None
+
+
+class _Ends:
+    """One past each query's last allowed key, from the mask every layer of a forward shares:
+    computed at its first attention layer, kept for the next ones. A static mask is one tensor
+    changed in place between steps, so a new forward shows as a layer index that did not grow."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.ends: torch.Tensor | None = None
+        self.layer = -1
+
+    def __call__(self, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
+        first = layer is None or layer <= self.layer
+        self.layer = -1 if layer is None else layer
+        if first or mask is not self.mask:
+            allowed = _allowed(mask)[:, 0]
+            index = torch.arange(1, allowed.shape[-1] + 1, device=mask.device, dtype=torch.int32)
+            self.ends = torch.where(allowed, index, 0).amax(dim=-1).to(torch.int32)
+            self.mask = mask
+        return self.ends
+
+
+def triton_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor, *, ends: _Ends, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """:func:`chunked_attention`'s contract by :func:`lgen.invariant_triton.attention`, which reads
+    each query's keys up to its last allowed one: the allowed keys must be a prefix, as in the
+    engines' layout from position 0 (a prompt, then its tokens; a padding query sees garbage)."""
+    from lgen import invariant_triton
+
+    if kwargs.get("dropout") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise ValueError("model.batch_invariant supports plain softmax attention only (no dropout, softcap or sinks)")
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+        raise ValueError(f"model.batch_invariant needs one mask for all heads, got shape {tuple(attention_mask.shape)}")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    last = ends(attention_mask, getattr(module, "layer_idx", None))
+    return invariant_triton.attention(query, key, value, last, scale), None
+
+
+@contextmanager
+def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterator[Tiles]:
+    """Within the block, matmuls and reductions run on fixed tiles and attention registered as
+    ``sdpa`` runs :func:`chunked_attention`; both are put back after, also on an error."""
+    tiles = tiles or Tiles.for_device(device)
+    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    ends = _Ends()
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if _kernels(tiles, query, key, value) and attention_mask is not None:
+            return triton_attention(module, query, key, value, attention_mask, ends=ends, **kwargs)
+        return chunked_attention(module, query, key, value, attention_mask, tiles=tiles, **kwargs)
+
+    AttentionInterface.register("sdpa", attention)
+    try:
+        with BatchInvariantOps(tiles):
+            yield tiles
+    finally:
+        AttentionInterface.register("sdpa", previous)
+
+
+@contextmanager
+def active(enabled: bool, device: torch.device) -> Iterator[None]:
+    """:func:`batch_invariant` when ``enabled``; nothing otherwise."""
+    if not enabled:
+        yield
+        return
+    with batch_invariant(device):
+        yield
