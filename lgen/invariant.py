@@ -135,12 +135,12 @@ def _mm(t: Tiles, a, b):
 
 
 def _addmm(t: Tiles, bias, a, b, *, beta=1, alpha=1):
-    if bias.dim() == 2 and bias.shape[0] != 1:
-        return NotImplemented
+    if bias.dim() != 1:  # [1 or rows, N]: which, a one-row batch cannot tell; the bias is added elementwise
+        return bias * beta + _mm(t, a, b) * alpha
     if _kernels(t, a, b, bias) and beta == 1 and alpha == 1:
         from lgen import invariant_triton
 
-        return invariant_triton.matmul(a, b, bias.reshape(-1))
+        return invariant_triton.matmul(a, b, bias)
     return _by_rows(lambda x: aten.addmm.default(bias, x, b, beta=beta, alpha=alpha), a, t.rows)
 
 

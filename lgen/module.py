@@ -160,6 +160,10 @@ class GenerationModule(LightningModule):
         if batch_invariant and torch_compile:
             raise ConfigError("model.batch_invariant and model.torch_compile do not go together (compiled kernels "
                               "choose their own reductions); set one of them to false")
+        softcap = getattr(self.model_config.get_text_config(decoder=True), "attn_logit_softcapping", None)
+        if batch_invariant and softcap:
+            raise ConfigError(f"model.batch_invariant runs plain softmax attention, and this model soft-caps its "
+                              f"attention logits (attn_logit_softcapping: {softcap}); set batch_invariant: false")
         self.batch_invariant = batch_invariant
         self.seed = seed
         self.model = None

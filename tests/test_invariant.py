@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import PROMPTS, code_rules, compact, decoded, encode, lgen, make_bpe_tokenizer, prompts_file
@@ -32,6 +35,7 @@ def test_tiled_ops_give_a_row_its_result_alone(dtype):
     cases = {
         "mm": lambda t: t @ w,
         "addmm": lambda t: torch.addmm(bias, t, w),
+        "addmm, a bias per row": lambda t: torch.addmm(t[:, :1].expand(-1, 200), t, w),
         "linear 3d": lambda t: torch.nn.functional.linear(t[:, None].expand(-1, 3, -1), w.T, bias)[:, 1],
         "mean": lambda t: t.float().pow(2).mean(-1, keepdim=True),
         "sum": lambda t: t.sum(-1),
@@ -48,7 +52,9 @@ def test_tiled_ops_give_a_row_its_result_alone(dtype):
             reordered = fn(x.flip(0)).flip(0)
         assert torch.equal(batch, alone), name
         assert torch.equal(batch, reordered), name
-        torch.testing.assert_close(batch, plain, msg=name)  # the same computation, in another order
+        # the same computation, in another order (in bf16 a sum rounded once more can move by an ulp)
+        torch.testing.assert_close(batch.float(), plain.float(), msg=name,
+                                   **({"rtol": 0.02, "atol": 0.25} if dtype == torch.bfloat16 else {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -121,7 +127,7 @@ def compact_texts(model, tok, prompts, *, config=None, every=4, keys=None, invar
 def test_compact_engine_rows_alone_and_together(bf16_llama):
     model, tok = load(bf16_llama)
     together = compact_texts(model, tok, PROMPTS20)
-    assert [compact_texts(model, tok, [p])[0] for p in PROMPTS20] == together
+    assert [compact_texts(model, tok, [p])[0] for p in PROMPTS20[::2]] == together[::2]  # every other one, alone
     assert compact_texts(model, tok, PROMPTS20, every=1) == together
     assert compact_texts(model, tok, PROMPTS20[::-1], every=8)[::-1] == together
     assert len(set(together)) > 10
@@ -133,9 +139,9 @@ def test_sampled_rows_alone_and_together(bf16_llama):
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     keys = torch.arange(2 * len(PROMPTS20), dtype=torch.int64) * 7919 + 3
     together = compact_texts(model, tok, PROMPTS20, config=config, keys=keys)
-    alone = [t for i, p in enumerate(PROMPTS20)
+    alone = [t for i, p in enumerate(PROMPTS20) if i % 3 == 0
              for t in compact_texts(model, tok, [p], config=config, keys=keys[2 * i: 2 * i + 2])]
-    assert alone == together
+    assert alone == [t for i, t in enumerate(together) if i // 2 % 3 == 0]
 
 
 def continuous_texts(model, tok, prompts, *, group: int, pool_rows: int, graphs: bool = False) -> list[str]:
@@ -176,7 +182,7 @@ def test_another_architecture(tmp_path):
     tok.save_pretrained(tmp_path / "gpt2")
     model, tok = load(tmp_path / "gpt2")
     together = compact_texts(model, tok, PROMPTS20)
-    assert [compact_texts(model, tok, [p])[0] for p in PROMPTS20] == together
+    assert [compact_texts(model, tok, [p])[0] for p in PROMPTS20[1::2]] == together[1::2]
     assert compact_texts(model, tok, PROMPTS20, every=1) == together
 
 
@@ -198,12 +204,18 @@ def test_lgen_predict_bf16_records_do_not_depend_on_batch_size_or_compact_every(
     assert runs["compact_every 1"] == runs["batch 1"]
 
 
-def test_settings_it_cannot_run_are_refused(tiny_model):
+def test_settings_it_cannot_run_are_refused(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="compact engine"):
         GenerationModule(str(tiny_model), 8, engine="generate", batch_invariant=True)
     with pytest.raises(ConfigError, match="compact engine.*num_beams"):
         GenerationModule(str(tiny_model), 8, generation_kwargs={"num_beams": 2}, batch_invariant=True)
     with pytest.raises(ConfigError, match="torch_compile"):
         GenerationModule(str(tiny_model), 8, batch_invariant=True, torch_compile=True)
+    capped = tmp_path / "capped"
+    shutil.copytree(tiny_model, capped)
+    config = json.loads((capped / "config.json").read_text())
+    (capped / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 50.0}))
+    with pytest.raises(ConfigError, match="soft-caps"):
+        GenerationModule(str(capped), 8, batch_invariant=True)
     assert "batch_invariant" in GenerationModule(str(tiny_model), 8, batch_invariant=True).settings()
     assert "batch_invariant" not in GenerationModule(str(tiny_model), 8).settings()  # old outputs still resume
