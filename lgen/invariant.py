@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -40,13 +40,14 @@ aten = torch.ops.aten
 class Tiles:
     """The fixed shapes: ``rows`` for matmuls, ``batch`` x ``queries`` for batched matmuls, about
     ``reduce`` elements for a reduction (its rows then follow from its row length, never from the
-    batch), and ``keys`` for attention's chunks."""
+    batch), and for attention ``keys`` per chunk and ``prefill`` query rows per tile."""
 
     rows: int
     batch: int
     queries: int
     reduce: int
     keys: int
+    prefill: int
     triton: bool = False  # on CUDA: matmuls, sums and attention by :mod:`lgen.invariant_triton`
 
     @staticmethod
@@ -54,9 +55,9 @@ class Tiles:
         # CUDA: Triton kernels of one blocking, and large tiles for the rest; CPU: small tiles, since
         # every padded row costs its full compute there
         if device.type == "cuda":
-            return Tiles(rows=256, batch=256, queries=16, reduce=1 << 20, keys=256,
+            return Tiles(rows=256, batch=256, queries=16, reduce=1 << 20, keys=256, prefill=256,
                          triton=importlib.util.find_spec("triton") is not None)
-        return Tiles(rows=8, batch=64, queries=8, reduce=1 << 14, keys=64)
+        return Tiles(rows=8, batch=64, queries=8, reduce=1 << 14, keys=64, prefill=64)
 
     def reduce_rows(self, row: int) -> int:
         """Rows of a reduction tile whose rows hold ``row`` elements: a power of two."""
@@ -225,6 +226,22 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def _attention_bmm(a: torch.Tensor, b: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """``a @ b`` for attention's ``[entries, rows, k] x [entries, k, n]``, outside the dispatch mode:
+    ``a``'s rows in tiles of ``rows`` (None: as they are), every operand contiguous. A CPU batched
+    matmul computes each entry on its own, so only the rows are tiled; a decode step has one row
+    count (the query heads of a key/value head), a prefill many, and they never mix (see
+    :func:`lgen.steppers.align_left`)."""
+    with _disable_current_modes():
+        b = b.contiguous()
+        if rows is None:
+            return torch.bmm(a.contiguous(), b)
+        m = a.shape[1]
+        padded = torch.cat([a, a.new_zeros(a.shape[0], -m % rows, a.shape[2])], dim=1)
+        return torch.cat([torch.bmm(padded[:, i:i + rows].contiguous(), b)
+                          for i in range(0, padded.shape[1], rows)], dim=1)[:, :m]
+
+
 def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, *, tiles: Tiles, scaling: float | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
@@ -256,7 +273,9 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     allowed = allowed[:, :, None].expand(rows, kv_heads, groups, queries, length + pad)
     allowed = allowed.reshape(rows * kv_heads, groups * queries, length + pad)
     chunks = range(0, length + pad, c)
-    scores = torch.cat([torch.bmm(q, k[:, i:i + c].transpose(1, 2)) for i in chunks], dim=-1).float() * scale
+    tile = None if queries == 1 else tiles.prefill  # a decode step: one shape; a prefill: fixed tiles
+    scores = torch.cat([_attention_bmm(q, k[:, i:i + c].transpose(1, 2), tile) for i in chunks], dim=-1)
+    scores = scores.float() * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)  # a max is exact in any order
     top = torch.where(torch.isfinite(top), top, 0.0)
@@ -266,7 +285,7 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = torch.zeros((q.shape[0], q.shape[1], dim), dtype=torch.float32, device=q.device)
     for n, i in enumerate(chunks):
         total = total + sums[:, :, n:n + 1]
-        out = out + torch.bmm(weights[:, :, i:i + c].to(v.dtype), v[:, i:i + c]).float()
+        out = out + _attention_bmm(weights[:, :, i:i + c].to(v.dtype), v[:, i:i + c], tile).float()
     out = out / total.clamp_min(torch.finfo(torch.float32).tiny)
     out = out.to(query.dtype).reshape(rows, heads, queries, dim).transpose(1, 2).contiguous()
     return out, None

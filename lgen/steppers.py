@@ -261,7 +261,11 @@ class PoolCache(SlotCache):
 
 def align_left(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts moved to start at position 0 (padded on the right instead), so that a
-    prompt sits in the cache where it would sit alone (:mod:`lgen.invariant`)."""
+    prompt sits in the cache where it would sit alone (:mod:`lgen.invariant`). At least 2 wide: a
+    prefill then never has the one query of a decode step, which attention computes another way."""
+    if input_ids.shape[1] == 1:
+        input_ids = torch.cat([input_ids, input_ids], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.zeros_like(attention_mask)], dim=1)
     width = input_ids.shape[1]
     lengths = attention_mask.sum(-1, keepdim=True)
     cols = torch.arange(width, device=input_ids.device)[None, :]

@@ -219,3 +219,16 @@ def test_settings_it_cannot_run_are_refused(tiny_model, tmp_path):
         GenerationModule(str(capped), 8, batch_invariant=True)
     assert "batch_invariant" in GenerationModule(str(tiny_model), 8, batch_invariant=True).settings()
     assert "batch_invariant" not in GenerationModule(str(tiny_model), 8).settings()  # old outputs still resume
+
+
+def test_align_left_moves_prompts_to_position_zero():
+    from lgen.steppers import align_left
+
+    ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [0, 0, 0, 9]])
+    mask = (ids != 0).long()
+    aligned, kept = align_left(ids, mask)
+    assert kept.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert (aligned * kept).tolist() == [[5, 6, 0, 0], [1, 2, 3, 4], [9, 0, 0, 0]]
+    # one token wide: widened, so that a prefill never has a decode step's single query
+    aligned, kept = align_left(torch.tensor([[7], [8]]), torch.ones(2, 1, dtype=torch.long))
+    assert aligned[:, 0].tolist() == [7, 8] and kept.tolist() == [[1, 0], [1, 0]]
