@@ -154,9 +154,9 @@ class GenerationModule(LightningModule):
                               f"{cuda_graphs}{', for ' + str(missing) if missing else ''}); set torch_compile: false")
         self.torch_compile = torch_compile
         if batch_invariant and self.engine_name != "compact":
-            raise ConfigError("model.batch_invariant needs the compact engine (model.generate batches rows its own "
-                              f"way); here the engine is {self.engine_name}"
-                              f"{' for ' + str(missing) if missing else ''}: drop those settings or batch_invariant")
+            fix = (f"the settings {missing} need it: drop them" if missing else "set model.engine: auto")
+            raise ConfigError("model.batch_invariant needs the compact engine (model.generate lays batches out its "
+                              f"own way), and the engine here is generate; {fix}, or set batch_invariant: false")
         if batch_invariant and torch_compile:
             raise ConfigError("model.batch_invariant and model.torch_compile do not go together (compiled kernels "
                               "choose their own reductions); set one of them to false")
