@@ -2,7 +2,7 @@
 
     python benchmarks/prompts.py OUT.jsonl --prompts 180 [--seed 0]
 
-Each prompt is a function in one of six languages that ends where its body opens, as an
+Each prompt is a function in one of five languages that ends where its body opens, as an
 evaluation set's do: a doc comment of one to twelve lines (a summary, then details, argument notes
 and worked examples), then the signature. Lengths run from about 20 to 300 tokens, unlike one
 short prompt repeated. Rows: ``{"task_id", "prompt", "language"}``; the order is shuffled (seeded),

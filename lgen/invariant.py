@@ -226,6 +226,15 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def _check_attention(attention_mask: torch.Tensor | None, kwargs: dict) -> None:
+    """Refuse what both attentions of the mode leave out: dropout, soft-capping, sinks, and a mask
+    per head."""
+    if kwargs.get("dropout") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise ValueError("model.batch_invariant supports plain softmax attention only (no dropout, softcap or sinks)")
+    if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1):
+        raise ValueError(f"model.batch_invariant needs one mask for all heads, got shape {tuple(attention_mask.shape)}")
+
+
 def _attention_bmm(a: torch.Tensor, b: torch.Tensor, rows: int | None) -> torch.Tensor:
     """``a @ b`` for attention's ``[entries, rows, k] x [entries, k, n]``, outside the dispatch mode:
     ``a``'s rows in tiles of ``rows`` (None: as they are), every operand contiguous. A CPU batched
@@ -249,8 +258,7 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``tiles.keys``: a chunk past a row's last key adds exact zeros, so a row's result depends on
     its own keys only, not on the cache length its batch needs. Masked keys weigh exactly 0.
     ``query``: ``[rows, heads, queries, dim]``; ``key``/``value``: ``[rows, kv_heads, keys, dim]``."""
-    if kwargs.get("dropout") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
-        raise ValueError("model.batch_invariant supports plain softmax attention only (no dropout, softcap or sinks)")
+    _check_attention(attention_mask, kwargs)
     rows, heads, queries, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -262,8 +270,6 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         allowed = allowed[None, None]
     else:
         allowed = _allowed(attention_mask)
-        if allowed.dim() != 4 or allowed.shape[1] != 1:
-            raise ValueError(f"model.batch_invariant needs one mask for all heads, got shape {tuple(allowed.shape)}")
     allowed = allowed.expand(rows, 1, queries, length)
     # the query heads that share a key/value head stand in the query axis: [rows * kv_heads, groups * queries, dim]
     q = query.reshape(rows * kv_heads, groups * queries, dim)
@@ -320,10 +326,7 @@ def triton_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     engines' layout from position 0 (a prompt, then its tokens; a padding query sees garbage)."""
     from lgen import invariant_triton
 
-    if kwargs.get("dropout") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
-        raise ValueError("model.batch_invariant supports plain softmax attention only (no dropout, softcap or sinks)")
-    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
-        raise ValueError(f"model.batch_invariant needs one mask for all heads, got shape {tuple(attention_mask.shape)}")
+    _check_attention(attention_mask, kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         key, value = key.contiguous(), value.contiguous()

@@ -153,17 +153,8 @@ class GenerationModule(LightningModule):
                               f"engine compact and cuda_graphs: true (here engine {self.engine_name}, cuda_graphs: "
                               f"{cuda_graphs}{', for ' + str(missing) if missing else ''}); set torch_compile: false")
         self.torch_compile = torch_compile
-        if batch_invariant and self.engine_name != "compact":
-            fix = (f"the settings {missing} need it: drop them" if missing else "set model.engine: auto")
-            raise ConfigError("model.batch_invariant needs the compact engine (model.generate lays batches out its "
-                              f"own way), and the engine here is generate; {fix}, or set batch_invariant: false")
-        if batch_invariant and torch_compile:
-            raise ConfigError("model.batch_invariant and model.torch_compile do not go together (compiled kernels "
-                              "choose their own reductions); set one of them to false")
-        softcap = getattr(self.model_config.get_text_config(decoder=True), "attn_logit_softcapping", None)
-        if batch_invariant and softcap:
-            raise ConfigError(f"model.batch_invariant runs plain softmax attention, and this model soft-caps its "
-                              f"attention logits (attn_logit_softcapping: {softcap}); set batch_invariant: false")
+        if batch_invariant:
+            self._check_batch_invariant(missing, torch_compile)
         self.batch_invariant = batch_invariant
         self.seed = seed
         self.model = None
@@ -172,6 +163,20 @@ class GenerationModule(LightningModule):
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
         self._trace_hook: torch.utils.hooks.RemovableHandle | None = None  # ZeRO-3, during predict
         self._cudnn_sdp: bool | None = None  # the process's setting, put back after predict
+
+    def _check_batch_invariant(self, missing: list[str], torch_compile: bool) -> None:
+        """Refuse what ``batch_invariant`` cannot run, before anything loads."""
+        if self.engine_name != "compact":
+            fix = (f"the settings {missing} need it: drop them" if missing else "set model.engine: auto")
+            raise ConfigError("model.batch_invariant needs the compact engine (model.generate lays batches out its "
+                              f"own way), and the engine here is generate; {fix}, or set batch_invariant: false")
+        if torch_compile:
+            raise ConfigError("model.batch_invariant and model.torch_compile do not go together (compiled kernels "
+                              "choose their own reductions); set one of them to false")
+        softcap = getattr(self.model_config.get_text_config(decoder=True), "attn_logit_softcapping", None)
+        if softcap:
+            raise ConfigError(f"model.batch_invariant runs plain softmax attention, and this model soft-caps its "
+                              f"attention logits (attn_logit_softcapping: {softcap}); set batch_invariant: false")
 
     def _generation_config(self, file: str | None, overrides: dict[str, Any], hub: dict[str, Any]) -> GenerationConfig:
         if file is not None:
