@@ -24,7 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lgen import invariant
-from lgen.attention import packed_decode
+from lgen.attention import Spans, packed_decode, span_attention
 from lgen.steppers import PoolStepper
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -85,7 +85,7 @@ def attention(device: torch.device, dtype: torch.dtype, sizes: list[int], tiles:
                 with invariant.BatchInvariantOps(tiles):
                     return invariant.chunked_attention(module, *args, tiles=tiles, scaling=dim ** -0.5)[0]
             if backend == "triton":
-                return invariant.triton_attention(module, *args, ends=invariant._Ends(), scaling=dim ** -0.5)[0]
+                return span_attention(module, *args, spans=Spans(), scaling=dim ** -0.5)[0]
             with packed_decode(True), _backend(backend):
                 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
                 return ALL_ATTENTION_FUNCTIONS["sdpa"](module, *args, scaling=dim ** -0.5)[0]

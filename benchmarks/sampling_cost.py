@@ -6,7 +6,8 @@ Real next-token scores come from prefilling the varied prompts (benchmarks/promp
 each prompt's last position, repeated to ``--rows``. It prints ms per call of lgen's draw at several
 top-p candidate counts (``sampling.TOP_P_CANDIDATES``; rows whose top-p set is wider are drawn over
 the vocabulary, and the share of such rows is printed), of the vocabulary-wide draw, and of one
-decode step of a pool of ``--rows`` rows replayed from a CUDA graph.
+decode step of a pool of ``--rows`` rows replayed from a CUDA graph, with SDPA and (on CUDA) with
+the span attention.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prompts import varied_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lgen import models, sampling
-from lgen.attention import packed_decode, packing_needed
+from lgen.attention import packed_decode, packing_needed, span_decode, spans_available
 from lgen.steppers import PoolStepper
 
 
@@ -59,9 +60,11 @@ def main() -> None:
             pool.admit(torch.arange(start, start + n, device=args.device), enc["input_ids"][:n],
                        enc["attention_mask"][:n], 1)
         token = logits.argmax(-1)
-        with packed_decode(packing_needed()):
-            step = timed(lambda: pool.step(token), args.device, 10)
-        print(f"  a decode step of the pool: {step:7.2f} ms")
+        for spans in (False, True) if spans_available(logits.device) else (False,):
+            pool._graph = None  # a new capture, with this attention
+            with packed_decode(packing_needed()), span_decode(spans):
+                step = timed(lambda: pool.step(token), args.device, 10)
+            print(f"  a decode step of the pool, {'span attention' if spans else 'SDPA'}: {step:7.2f} ms")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,25 @@
-"""Decode-step attention for grouped key/value heads, without copying the cache per head.
+"""Decode-step attention: what runs behind transformers' ``sdpa`` name while an engine decodes.
 
-With a mask (left padding needs one), transformers' SDPA function in versions without
-``pack_gqa`` expands every layer's key/value cache to all query heads (``repeat_kv``) at every
-decode step. For one query token the copy is not needed: the query heads that share a key/value
-head can stand in the query-length axis of one SDPA call, and the mask (``[rows, 1, 1, keys]``)
-broadcasts over them. ``docs/performance.md`` has the measured difference.
+The engines decode over a static cache (:mod:`lgen.steppers`): every row has as many positions as
+the longest row needs, and a mask hides the rest. Two functions make a decode step cheaper; each
+is swapped in for one batch's decoding by a context manager and put back after:
+
+* :func:`packed_decode`: with a mask, transformers' SDPA function in versions without ``pack_gqa``
+  expands every layer's key/value cache to all query heads (``repeat_kv``) at every decode step.
+  For one query token the copy is not needed: the query heads that share a key/value head can
+  stand in the query-length axis of one SDPA call, and the mask (``[rows, 1, 1, keys]``)
+  broadcasts over them.
+* :func:`span_decode` (CUDA, with Triton): SDPA still reads the whole static cache of every row
+  and masks most of it away; :func:`span_attention` reads only the blocks of keys each row's
+  mask allows (:class:`Spans`), in a Triton kernel (:func:`lgen.triton_kernels.attention`).
+
+``docs/performance.md`` has the measured differences.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib.util
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -58,6 +68,107 @@ def packed_decode(enabled: bool) -> Iterator[None]:
         return
     previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
     AttentionInterface.register("sdpa", packed_sdpa)
+    try:
+        yield
+    finally:
+        AttentionInterface.register("sdpa", previous)
+
+
+def allowed_keys(mask: torch.Tensor) -> torch.Tensor:
+    """Where a query may look: a boolean mask as is; an additive one where it is not far negative."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+class Spans:
+    """Each query's span of keys and the mask as a float32 bias, for :func:`span_attention`.
+
+    A call returns ``(bias, starts, ends)`` for a ``[rows, 1, queries, keys]`` mask: ``bias`` is
+    ``[rows, queries, keys]``, the mask's additive value where a query may look and ``-inf``
+    elsewhere; every key a query may see lies in ``[start, end)``. Every layer of a forward shares
+    one mask, so they are computed at its first attention layer and kept for the next ones. A
+    static mask is one tensor changed in place between steps (and a CUDA graph replays the first
+    layer's computation), so a new forward shows as a layer index that did not grow.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.value: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.layer = -1
+
+    def __call__(self, mask: torch.Tensor, layer: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        first = layer is None or layer <= self.layer
+        self.layer = -1 if layer is None else layer
+        if first or mask is not self.mask or self.value is None:
+            allowed = allowed_keys(mask)[:, 0]
+            length = allowed.shape[-1]
+            index = torch.arange(length, device=mask.device, dtype=torch.int32)
+            starts = torch.where(allowed, index, length).amin(dim=-1).to(torch.int32)
+            ends = torch.where(allowed, index + 1, 0).amax(dim=-1).to(torch.int32)
+            values = torch.zeros(allowed.shape, device=mask.device) if mask.dtype == torch.bool else mask[:, 0].float()
+            self.value = (values.masked_fill(~allowed, float("-inf")), starts, ends)
+            self.mask = mask
+        return self.value
+
+
+def span_attention(module: torch.nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor, *, spans: Spans, scaling: float | None = None,
+                   block_queries: int = 64, **kwargs) -> tuple[torch.Tensor, None]:
+    """Softmax attention, as SDPA computes it with ``attention_mask``, by
+    :func:`lgen.triton_kernels.attention`, which reads only the key blocks of each query's span.
+    ``query``: ``[rows, heads, queries, dim]``; ``key``/``value``: ``[rows, kv_heads, keys, dim]``;
+    the mask: ``[rows or 1, 1, queries, keys or more]``. Returns ``[rows, queries, heads, dim]``.
+    ``block_queries``: see :func:`lgen.triton_kernels.attention`."""
+    from lgen import triton_kernels
+
+    rows, length = query.shape[0], key.shape[2]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    bias, starts, ends = spans(attention_mask, getattr(module, "layer_idx", None))
+    bias, starts, ends = bias[:, :, :length].expand(rows, -1, -1), starts.expand(rows, -1), ends.expand(rows, -1)
+    return triton_kernels.attention(query, key, value, bias, starts, ends, scale, block_queries=block_queries), None
+
+
+_SPAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def spans_available(device: torch.device) -> bool:
+    """Whether :func:`span_attention` runs here: on CUDA, with Triton installed."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def decode_spans(requested: bool | None, invariant: bool, device: torch.device) -> bool:
+    """Whether an engine decodes with :func:`span_decode`: as ``requested`` (None: where
+    :func:`spans_available`), never in the batch-invariant mode, which has its own attention."""
+    return not invariant and (spans_available(device) if requested is None else requested)
+
+
+def _span_decode_attention(previous: Callable, spans: Spans) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        unusual = any(arg is not None and name not in _NEUTRAL for name, arg in kwargs.items())
+        if (query.shape[2] != 1 or not query.is_cuda or query.dtype not in _SPAN_DTYPES or unusual
+                or kwargs.get("dropout") or kwargs.get("output_attentions") or attention_mask is None
+                or attention_mask.dim() != 4 or attention_mask.shape[1] != 1):
+            return previous(module, query, key, value, attention_mask, **kwargs)
+        groups = query.shape[1] // key.shape[1]  # the query heads of a key/value head: one query each
+        return span_attention(module, query, key, value, attention_mask, spans=spans, scaling=kwargs.get("scaling"),
+                              block_queries=16 if groups <= 16 else 64)
+    return attention
+
+
+@contextmanager
+def span_decode(enabled: bool) -> Iterator[None]:
+    """Within the block, a decode step's attention (one query token, one mask for all heads, nothing
+    unusual such as soft-capping) runs :func:`span_attention`; anything else, the prefill included,
+    goes to the function registered as ``sdpa`` before (transformers', or :func:`packed_sdpa`). Put
+    back after, also on an error. Nothing happens unless ``enabled`` (see :func:`spans_available`)."""
+    if not enabled:
+        yield
+        return
+    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register("sdpa", _span_decode_attention(previous, Spans()))
     try:
         yield
     finally:

@@ -30,7 +30,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lgen import invariant, lockstep, sampling
-from lgen.attention import packed_decode, packing_needed
+from lgen.attention import decode_spans, packed_decode, packing_needed, span_decode
 from lgen.data import Batch
 from lgen.steppers import EagerStepper, GraphStepper, PoolStepper
 from lgen.stopping import Finished, GenerateCriteria, StopRules, first_stops
@@ -110,6 +110,8 @@ class CompactEngine(_Batchwise):
             reached, runs a one-token forward at each step until then.
         packed_attention: decode attention without per-head cache copies (:mod:`lgen.attention`);
             default: where this transformers needs it.
+        span_attention: decode attention that reads only each row's keys (:mod:`lgen.attention`);
+            default: on CUDA with Triton.
         rules, tokenizer: make a batch's stopping rules, and decode its rows (for ``generate``).
         invariant: batch-invariant decoding (:mod:`lgen.invariant`): each row computed as if alone,
             its prompt laid out from position 0 in a :class:`PoolStepper`.
@@ -119,12 +121,13 @@ class CompactEngine(_Batchwise):
 
     def __init__(self, config: GenerationConfig, *, pad_token_id: int, compact_every: int = 4,
                  cuda_graphs: bool = False, synced: bool = False, packed_attention: bool | None = None,
-                 rules: Callable[[], StopRules] | None = None,
+                 span_attention: bool | None = None, rules: Callable[[], StopRules] | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, invariant: bool = False) -> None:
         self.rules, self.tokenizer = rules, tokenizer
         self.config, self.pad_token_id, self.compact_every = config, pad_token_id, compact_every
         self.cuda_graphs, self.synced, self.invariant = cuda_graphs, synced, invariant
         self.packed_attention = (packing_needed() if packed_attention is None else packed_attention) and not invariant
+        self.span_attention = span_attention
 
     @staticmethod
     def unsupported(config: GenerationConfig) -> list[str]:
@@ -143,7 +146,8 @@ class CompactEngine(_Batchwise):
     @torch.inference_mode()
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
             max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None) -> Generated:
-        with invariant.active(self.invariant, input_ids.device), packed_decode(self.packed_attention):
+        with (invariant.active(self.invariant, input_ids.device), packed_decode(self.packed_attention),
+              span_decode(decode_spans(self.span_attention, self.invariant, input_ids.device))):
             return self._run(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, rules=rules,
                              row_keys=row_keys)
 

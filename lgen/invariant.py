@@ -10,7 +10,7 @@ code, so it covers every architecture transformers loads) fixes the order of eve
   log-softmax, ``cumsum``, layer norm over the last dims) run on fixed tiles of rows, padded with
   zeros and laid out one way, so every call has the same shape and layout whatever the batch: the
   kernel and its reduction order are fixed, and a row's result depends on that row only. On CUDA,
-  matmuls and sums run instead in Triton kernels of one blocking (:mod:`lgen.invariant_triton`).
+  matmuls and sums run instead in Triton kernels of one blocking (:mod:`lgen.triton_kernels`).
 * **attention** (behind the ``sdpa`` name) reduces over the keys in blocks of a fixed size from key
   0, and a block past a row's last key adds exact zeros (:func:`chunked_attention`; on CUDA the
   Triton kernel, which does not read those blocks). The engines lay each row out *from position 0*
@@ -33,6 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from lgen.attention import Spans, allowed_keys, span_attention
+
 aten = torch.ops.aten
 
 
@@ -48,7 +50,7 @@ class Tiles:
     reduce: int
     keys: int
     prefill: int
-    triton: bool = False  # on CUDA: matmuls, sums and attention by :mod:`lgen.invariant_triton`
+    triton: bool = False  # on CUDA: matmuls, sums and attention by :mod:`lgen.triton_kernels`
 
     @staticmethod
     def for_device(device: torch.device) -> Tiles:
@@ -129,9 +131,9 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _mm(t: Tiles, a, b):
     if _kernels(t, a, b):
-        from lgen import invariant_triton
+        from lgen import triton_kernels
 
-        return invariant_triton.matmul(a, b)
+        return triton_kernels.matmul(a, b)
     return _by_rows(lambda x: aten.mm.default(x, b), a, t.rows)
 
 
@@ -139,9 +141,9 @@ def _addmm(t: Tiles, bias, a, b, *, beta=1, alpha=1):
     if bias.dim() != 1:  # [1 or rows, N]: which, a one-row batch cannot tell; the bias is added elementwise
         return bias * beta + _mm(t, a, b) * alpha
     if _kernels(t, a, b, bias) and beta == 1 and alpha == 1:
-        from lgen import invariant_triton
+        from lgen import triton_kernels
 
-        return invariant_triton.matmul(a, b, bias)
+        return triton_kernels.matmul(a, b, bias)
     return _by_rows(lambda x: aten.addmm.default(bias, x, b, beta=beta, alpha=alpha), a, t.rows)
 
 
@@ -167,11 +169,11 @@ def _reduction(op, mean: bool):
         if inner is None or not x.is_floating_point():
             return NotImplemented
         if _kernels(t, x):
-            from lgen import invariant_triton
+            from lgen import triton_kernels
 
             lead, row = x.shape[: x.dim() - inner], x.shape[x.dim() - inner:]
             flat = x.reshape(-1, row.numel())
-            out = invariant_triton.row_sum(flat if flat.stride(1) == 1 else flat.contiguous())
+            out = triton_kernels.row_sum(flat if flat.stride(1) == 1 else flat.contiguous())
             if mean:
                 out = out / row.numel()
             return out.to(dtype or x.dtype).reshape(*lead, *([1] * inner if keepdim else []))
@@ -219,13 +221,6 @@ _HANDLERS = {
 }
 
 
-def _allowed(mask: torch.Tensor) -> torch.Tensor:
-    """Where a query may look: a boolean mask as is; an additive one where it is not far negative."""
-    if mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2
-
-
 def _check_attention(attention_mask: torch.Tensor | None, kwargs: dict) -> None:
     """Refuse what both attentions of the mode leave out: dropout, soft-capping, sinks, and a mask
     per head."""
@@ -269,7 +264,7 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         allowed = torch.ones(queries, length, dtype=torch.bool, device=query.device).tril(length - queries)
         allowed = allowed[None, None]
     else:
-        allowed = _allowed(attention_mask)
+        allowed = allowed_keys(attention_mask)
     allowed = allowed.expand(rows, 1, queries, length)
     # the query heads that share a key/value head stand in the query axis: [rows * kv_heads, groups * queries, dim]
     q = query.reshape(rows * kv_heads, groups * queries, dim)
@@ -297,43 +292,6 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out, None
 
 
-class _Ends:
-    """One past each query's last allowed key, from the mask every layer of a forward shares:
-    computed at its first attention layer, kept for the next ones. A static mask is one tensor
-    changed in place between steps, so a new forward shows as a layer index that did not grow."""
-
-    def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
-        self.ends: torch.Tensor | None = None
-        self.layer = -1
-
-    def __call__(self, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
-        first = layer is None or layer <= self.layer
-        self.layer = -1 if layer is None else layer
-        if first or mask is not self.mask:
-            allowed = _allowed(mask)[:, 0]
-            index = torch.arange(1, allowed.shape[-1] + 1, device=mask.device, dtype=torch.int32)
-            self.ends = torch.where(allowed, index, 0).amax(dim=-1).to(torch.int32)
-            self.mask = mask
-        return self.ends
-
-
-def triton_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor, *, ends: _Ends, scaling: float | None = None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
-    """:func:`chunked_attention`'s contract by :func:`lgen.invariant_triton.attention`, which reads
-    each query's keys up to its last allowed one: the allowed keys must be a prefix, as in the
-    engines' layout from position 0 (a prompt, then its tokens; a padding query sees garbage)."""
-    from lgen import invariant_triton
-
-    _check_attention(attention_mask, kwargs)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if key.stride(-1) != 1 or value.stride(-1) != 1:
-        key, value = key.contiguous(), value.contiguous()
-    last = ends(attention_mask, getattr(module, "layer_idx", None))
-    return invariant_triton.attention(query, key, value, last, scale), None
-
-
 @contextmanager
 def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterator[Tiles]:
     """Within the block, matmuls and reductions run on fixed tiles and attention registered as
@@ -341,11 +299,13 @@ def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterato
     tiles = tiles or Tiles.for_device(device)
     previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
-    ends = _Ends()
+    spans = Spans()
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         if _kernels(tiles, query, key, value) and attention_mask is not None:
-            return triton_attention(module, query, key, value, attention_mask, ends=ends, **kwargs)
+            _check_attention(attention_mask, kwargs)
+            return span_attention(module, query, key, value, attention_mask, spans=spans,
+                                  scaling=kwargs.get("scaling"))
         return chunked_attention(module, query, key, value, attention_mask, tiles=tiles, **kwargs)
 
     AttentionInterface.register("sdpa", attention)

@@ -1,15 +1,16 @@
-"""Batch-invariant CUDA kernels (Triton), for :mod:`lgen.invariant` on a GPU.
+"""lgen's CUDA kernels (Triton): batch-invariant matmul and row sums, and attention over spans.
 
 Each kernel computes one row's result with a fixed blocking that never depends on the number of
 rows: one tile configuration (no split-K, no autotuning), reductions in a fixed order from index
-0. A row's result is then the same alone and in any batch, and the kernels read only what a row
-needs (attention stops at each row's last key instead of reading the whole static cache).
+0. A row's result is then the same alone and in any batch (:mod:`lgen.invariant`), and the kernels
+read only what a row needs.
 
 * :func:`matmul`: ``a @ b (+ bias)`` in float32 accumulation, tiles of 64 x 128 x 64.
 * :func:`row_sum`: sums over the last dim, one program per row.
-* :func:`attention`: softmax attention over key blocks of 64 from key 0 (online softmax), with
-  grouped key/value heads; each query sees the keys before its end (a row laid out from position
-  0 sees a prefix of the cache), and the blocks past it are not read.
+* :func:`attention`: softmax attention over key blocks of 64 aligned to key 0 (online softmax), with
+  grouped key/value heads. Each query reads only the blocks of its span of keys, not the whole
+  static cache: every decode step on CUDA uses it (:mod:`lgen.attention`), not only the
+  batch-invariant mode.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _attention_fn(q, k, v, ends, out, scale, Q, G, L, sqb, sqh, sqt, skb, skh, skl, svb, svh, svl, seb, set_,
-                  sob, soh, sot, KVH: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, IEEE: tl.constexpr):
+def _attention_fn(q, k, v, bias, starts, ends, out, scale, Q, G, L, sqb, sqh, sqt, skb, skh, skl, svb, svh, svl,
+                  sbb, sbt, seb, set_, sob, soh, sot, KVH: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // KVH
@@ -92,13 +93,15 @@ def _attention_fn(q, k, v, ends, out, scale, Q, G, L, sqb, sqh, sqt, skb, skh, s
     head = h * G + g
     qv = tl.load(q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=live[:, None] & dd[None, :],
                  other=0.0)
-    end = tl.load(ends + b * seb + t * set_, mask=live, other=0)
-    stop = tl.max(end, axis=0)
+    # the blocks that hold the block's queries' keys; blocks stay aligned to key 0, and a block wholly
+    # before a query's span adds exact zeros to it, so skipping it changes nothing
+    first = tl.min(tl.load(starts + b * seb + t * set_, mask=live, other=1 << 30), axis=0)
+    stop = tl.max(tl.load(ends + b * seb + t * set_, mask=live, other=0), axis=0)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, DP), dtype=tl.float32)
     rn = tl.arange(0, BN)
-    for n0 in range(0, stop, BN):
+    for n0 in range((first // BN) * BN, stop, BN):
         keys = n0 + rn
         inside = keys < L
         kb = tl.load(k + b * skb + h * skh + keys[:, None] * skl + d[None, :], mask=inside[:, None] & dd[None, :],
@@ -107,7 +110,9 @@ def _attention_fn(q, k, v, ends, out, scale, Q, G, L, sqb, sqh, sqt, skb, skh, s
             s = tl.dot(qv, tl.trans(kb), input_precision="ieee") * scale
         else:
             s = tl.dot(qv, tl.trans(kb)) * scale
-        s = tl.where(keys[None, :] < end[:, None], s, float("-inf"))  # a query's keys: [0, end)
+        # the mask as a bias: 0 (or the model's additive value) where a query may look, -inf elsewhere
+        s += tl.load(bias + b * sbb + t[:, None] * sbt + keys[None, :], mask=live[:, None] & inside[None, :],
+                     other=float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
@@ -127,30 +132,37 @@ def _attention_fn(q, k, v, ends, out, scale, Q, G, L, sqb, sqh, sqt, skb, skh, s
 
 # The query count and cache length change with the batch. With a head dim that is a multiple of 16
 # every stride is one too, whatever the batch, so strides stay specialised (aligned, vector loads).
-_SHAPES = ["Q", "L", "seb"]
+_SHAPES = ["Q", "L", "sbb", "sbt", "seb"]
 _attention_kernel = triton.jit(do_not_specialize=_SHAPES)(_attention_fn)
 _attention_kernel_any_dim = triton.jit(
     do_not_specialize=[*_SHAPES, "sqb", "sqh", "sqt", "skb", "skh", "skl", "svb", "svh", "svl", "sob", "soh", "sot"]
 )(_attention_fn)
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ends: torch.Tensor,
-              scale: float) -> torch.Tensor:
-    """``query`` ``[B, H, Q, D]``, ``key``/``value`` ``[B, KVH, L, D]`` (last dim contiguous), ``ends``
-    ``[B, Q]``: each query sees keys ``[0, end)`` (rows laid out from position 0, see
-    :mod:`lgen.invariant`). Returns ``[B, Q, H, D]``."""
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, starts: torch.Tensor,
+              ends: torch.Tensor, scale: float, *, block_queries: int = 64) -> torch.Tensor:
+    """Softmax attention that reads only each query's span of keys.
+
+    ``query`` ``[B, H, Q, D]``; ``key``/``value`` ``[B, KVH, L, D]`` (last dim contiguous); ``bias``
+    ``[B, Q, L]`` float32 (last dim contiguous), the mask: added to the scores, ``-inf`` where a query
+    may not look; ``starts``/``ends`` ``[B, Q]`` int32: every key a query may see lies in
+    ``[start, end)`` (see :class:`lgen.attention.Spans`). ``block_queries`` (a power of two, at least
+    16): the (query head, query) pairs of a key/value head one program takes; the batch-invariant
+    mode keeps 64 for decode steps and prefills alike, since the blocking must not depend on the
+    shape, while a plain decode step, with a few query heads per key/value head, wastes less with 16.
+    Returns ``[B, Q, H, D]``."""
     rows, heads, queries, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     out = torch.empty((rows, queries, heads, dim), dtype=query.dtype, device=query.device)
-    bm = 64  # one block size for decode steps and prefills alike: it must not depend on the shape
+    bm = block_queries
     grid = (triton.cdiv(groups * queries, bm), rows * kv_heads)
     kernel = _attention_kernel if dim % 16 == 0 else _attention_kernel_any_dim
     kernel[grid](
-        query, key, value, ends, out, scale, queries, groups, length,
+        query, key, value, bias, starts, ends, out, scale, queries, groups, length,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), ends.stride(0), ends.stride(1),
-        out.stride(0), out.stride(2), out.stride(1),
-        KVH=kv_heads, D=dim, DP=triton.next_power_of_2(dim), BM=bm, BN=64, IEEE=query.dtype == torch.float32,
-        num_warps=4, num_stages=2)
+        value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(1), ends.stride(0),
+        ends.stride(1), out.stride(0), out.stride(2), out.stride(1),
+        KVH=kv_heads, D=dim, DP=max(16, triton.next_power_of_2(dim)), BM=bm, BN=64,
+        IEEE=query.dtype == torch.float32, num_warps=4, num_stages=2)
     return out
