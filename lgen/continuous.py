@@ -28,7 +28,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lgen import invariant, sampling
-from lgen.attention import packed_decode, packing_needed
+from lgen.attention import decode_spans, packed_decode, packing_needed, span_decode
 from lgen.data import Batch
 from lgen.engine import CompactEngine, Results
 from lgen.steppers import PoolStepper
@@ -52,6 +52,11 @@ class _Pool:
     stop_rule: torch.Tensor  # [rows]
     stop_step: torch.Tensor  # [rows]
     owner: list[tuple[dict[str, Any], int] | None]  # (example, sample) of each row; None: free
+    cuda: torch.cuda.Stream | None  # the CUDA stream all of the pool's work runs on (None: the current one)
+
+    def in_flight(self) -> int:
+        """Rows whose record is not out yet (counted on the host: no sync)."""
+        return sum(owner is not None for owner in self.owner)
 
     def select(self, sel: torch.Tensor, padding: int = 0) -> None:
         """After the stepper took rows ``sel``: the same rows of everything else, the last
@@ -76,6 +81,8 @@ class ContinuousEngine:
         compact_every: decode steps between looks at which rows ended (each look is one host sync).
         cuda_graphs: replay the pool's step from a CUDA graph (CUDA only).
         packed_attention: decode attention without per-head cache copies (:mod:`lgen.attention`).
+        span_attention: decode attention that reads only each row's keys (:mod:`lgen.attention`);
+            default: on CUDA with Triton.
         invariant: batch-invariant decoding (:mod:`lgen.invariant`): each row computed as if alone.
     """
 
@@ -84,13 +91,16 @@ class ContinuousEngine:
 
     def __init__(self, config: GenerationConfig, *, rules: Callable[[], StopRules], tokenizer: PreTrainedTokenizerBase,
                  pad_token_id: int, compact_every: int = 4, cuda_graphs: bool = False,
-                 packed_attention: bool | None = None, invariant: bool = False) -> None:
+                 packed_attention: bool | None = None, span_attention: bool | None = None,
+                 invariant: bool = False) -> None:
         self.config, self.rules, self.tokenizer = config, rules, tokenizer
         self.pad_token_id, self.compact_every, self.cuda_graphs = pad_token_id, compact_every, cuda_graphs
         self.invariant = invariant
         self.packed_attention = (packing_needed() if packed_attention is None else packed_attention) and not invariant
+        self.span_attention = span_attention
         self.samples = int(config.num_return_sequences or 1)
-        self.pool: _Pool | None = None
+        self.filling: _Pool | None = None  # the pool of the stream whose groups are coming
+        self.draining: list[_Pool] = []  # pools of streams whose groups are all in
 
     @torch.inference_mode()
     def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None) -> Results:
@@ -99,34 +109,70 @@ class ContinuousEngine:
             raise ValueError("continuous batching needs a batch of a stream plan (data.connect(continuous=True))")
         if self.config.do_sample and row_keys is None:
             raise ValueError("sampling needs row_keys")
-        with invariant.active(self.invariant, batch.input_ids.device), packed_decode(self.packed_attention):
+        device = batch.input_ids.device
+        with (invariant.active(self.invariant, device), packed_decode(self.packed_attention),
+              span_decode(decode_spans(self.span_attention, self.invariant, device))):
             return self._generate(model, batch, row_keys)
 
     def _generate(self, model: torch.nn.Module, batch: Batch, row_keys: torch.Tensor | None) -> Results:
         group = batch.group
-        pool = self.pool
-        if pool is None or pool.stream != group.stream:
-            if pool is not None and bool(pool.live.any()):
-                raise RuntimeError(f"stream {pool.stream} ended with rows in flight")
-            pool = self.pool = self._new_pool(model, batch)
-        self._admit(pool, batch, row_keys)
         results: list[tuple[dict[str, Any], int, Any]] = []
         computed = 0
-        room = group.group_rows
-        while True:
-            live = int(pool.live.sum())
-            if not group.last and pool.capacity - live >= room:
-                break  # the next group fits
-            if group.last and not live:
-                break  # the stream is done
-            computed += self._decode(pool)
-            results += self._collect(pool)
-            self._fit(pool, draining=group.last)
-        if group.last:
-            self.pool = None
+        pool = self.filling
+        if pool is None or pool.stream != group.stream:
+            if pool is not None:
+                raise RuntimeError(f"stream {pool.stream} ended before its last group")
+            while self.draining and self._in_use() + group.pool_rows * (group.pool_length + self.compact_every) \
+                    > group.budget:  # the new pool must fit beside the draining ones: they go on alone
+                computed += self._window(self.draining, results)
+            pool = self.filling = self._new_pool(model, batch)
+        self._admit(pool, batch, row_keys)
+        decoded = False
+        if group.last:  # the stream's groups are all in: its pool drains beside the next streams' pools
+            self.filling = None
+            self.draining.append(pool)
+        if group.final:
+            while self.draining:
+                computed += self._window(self.draining, results)
+        elif not group.last:
+            while pool.capacity - pool.in_flight() < group.group_rows:  # until the next group fits
+                computed += self._window([pool, *self.draining], results)
+                decoded = True
+        if not decoded and self.draining:  # draining pools go on while the next group is prefilled: a
+            computed += self._window(self.draining, results)  # pool's own timeline is all that sets its rows
         return Results(results, computed)
 
+    def _in_use(self) -> int:
+        """Cache positions the draining pools hold."""
+        return sum(pool.stepper.rows * pool.stepper.length for pool in self.draining)
+
+    def _window(self, pools: list[_Pool], results: list[tuple[dict[str, Any], int, Any]]) -> int:
+        """``compact_every`` steps of each pool, a step of each in turn, then a look at each; adds the
+        rows that ended to ``results``, drops the draining pools left empty, and returns the
+        row-steps computed. Each pool runs on a CUDA stream of its own: while the host waits on one
+        pool's step (sampling reads its logits, a look reads which rows ended), the GPU runs the
+        other pools' steps, and the host's work between steps no longer leaves it idle."""
+        computed = sum(pool.tokens.shape[0] for pool in pools) * self.compact_every
+        for _ in range(self.compact_every):
+            for pool in pools:
+                with torch.cuda.stream(pool.cuda):
+                    self._step(pool)
+        for pool in pools:
+            with torch.cuda.stream(pool.cuda):
+                results += self._collect(pool)
+                self._fit(pool, draining=pool is not self.filling)
+        self.draining = [pool for pool in self.draining if pool.in_flight()]
+        return computed
+
     def _new_pool(self, model: torch.nn.Module, batch: Batch) -> _Pool:
+        device = batch.input_ids.device
+        cuda = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if cuda is not None:
+            cuda.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(cuda):
+            return self._pool_on(model, batch, cuda)
+
+    def _pool_on(self, model: torch.nn.Module, batch: Batch, cuda: torch.cuda.Stream | None) -> _Pool:
         group = batch.group
         device = batch.input_ids.device
         graph = self.cuda_graphs and device.type == "cuda"
@@ -143,9 +189,20 @@ class ContinuousEngine:
 
         return _Pool(group.stream, rows, stepper, rules, torch.zeros((rows, vocab), dtype=torch.float32, device=device),
                      torch.full((rows, width), self.pad_token_id, dtype=torch.long, device=device), full(0), full(0),
-                     full(False, torch.bool), full(False, torch.bool), full(-1), full(-1), [None] * rows)
+                     full(False, torch.bool), full(False, torch.bool), full(-1), full(-1), [None] * rows, cuda)
 
     def _admit(self, pool: _Pool, batch: Batch, row_keys: torch.Tensor | None) -> None:
+        """Prefill the group and give its rows free places, on the pool's CUDA stream: after the work
+        that made the batch's tensors, which are kept until the pool's stream is done with them."""
+        if pool.cuda is not None:
+            pool.cuda.wait_stream(torch.cuda.current_stream(pool.cuda.device))
+            for t in (batch.input_ids, batch.attention_mask, row_keys):
+                if t is not None:
+                    t.record_stream(pool.cuda)
+        with torch.cuda.stream(pool.cuda):
+            self._admit_on(pool, batch, row_keys)
+
+    def _admit_on(self, pool: _Pool, batch: Batch, row_keys: torch.Tensor | None) -> None:
         count = len(batch.examples) * self.samples
         free = [r for r, owner in enumerate(pool.owner) if owner is None]
         if count > len(free) and not pool.stepper.graph:  # an eager pool holds its live rows only: add rows
@@ -170,41 +227,45 @@ class ContinuousEngine:
         pool.stop_step[slots] = -1
         pool.rules.admit(slots, batch.max_new_tokens)
 
-    def _decode(self, pool: _Pool) -> int:
-        """``compact_every`` steps of the whole pool; returns the row-steps computed."""
-        rows = torch.arange(pool.tokens.shape[0], device=pool.tokens.device)
+    def _step(self, pool: _Pool) -> None:
+        """One decode step of the whole pool: sample each running row's token, advance the rules,
+        run the model."""
         last = pool.tokens.shape[1] - 1
-        for _ in range(self.compact_every):
-            running = pool.live & ~pool.done
-            token = torch.where(running, sampling.next_tokens(pool.logits, self.config, pool.keys, pool.steps),
-                                self.pad_token_id)
-            pool.tokens[rows, pool.steps.clamp(max=last)] = token
-            ended, which = pool.rules.advance(token)
-            pool.stop_rule, pool.stop_step = first_stops(pool.stop_rule, pool.stop_step, ended, which, pool.steps,
-                                                         running=running)
-            pool.done = pool.done | ended
-            pool.steps = pool.steps + 1
-            pool.logits = pool.stepper.step(token)
-        return self.compact_every * pool.tokens.shape[0]
+        running = pool.live & ~pool.done
+        token = torch.where(running, sampling.next_tokens(pool.logits, self.config, pool.keys, pool.steps),
+                            self.pad_token_id)
+        pool.tokens[torch.arange(pool.tokens.shape[0], device=token.device), pool.steps.clamp(max=last)] = token
+        ended, which = pool.rules.advance(token)
+        pool.stop_rule, pool.stop_step = first_stops(pool.stop_rule, pool.stop_step, ended, which, pool.steps,
+                                                     running=running)
+        pool.done = pool.done | ended
+        pool.steps = pool.steps + 1
+        pool.logits = pool.stepper.step(token)
 
     def _collect(self, pool: _Pool) -> list[tuple[dict[str, Any], int, Any]]:
         """The rows that ended, decoded and cut; their places are free after. Stop strings are
-        looked for here, in the live rows' text (the one host sync of ``compact_every`` steps)."""
-        running = (pool.live & ~pool.done).nonzero().squeeze(1)
-        if running.numel():
-            hits = pool.rules.scan(pool.tokens[running], self.compact_every, pool.steps[running])
-            if hits is not None and any(hits):
-                pool.done[running[torch.tensor(hits, device=running.device)]] = True
-        ended = (pool.live & pool.done).nonzero().squeeze(1)
+        looked for here, in the live rows' text. Reading which rows ended is the one host sync of
+        ``compact_every`` steps."""
+        live, done = torch.stack([pool.live, pool.done]).cpu()
+        running = (live & ~done).nonzero().squeeze(1)
+        if running.numel() and pool.rules.scanning:
+            at = running.to(pool.tokens.device)
+            hits = pool.rules.scan(pool.tokens[at], self.compact_every, pool.steps[at])
+            if any(hits):
+                hit = running[torch.tensor(hits)]
+                done[hit] = True
+                pool.done[hit.to(pool.done.device)] = True
+        ended = (live & done).nonzero().squeeze(1)
         if not ended.numel():
             return []
-        finished = pool.rules.finish(pool.tokens[ended], pool.stop_rule[ended], pool.stop_step[ended], self.tokenizer)
+        at = ended.to(pool.tokens.device)
+        finished = pool.rules.finish(pool.tokens[at], pool.stop_rule[at], pool.stop_step[at], self.tokenizer)
         out = []
         for slot, result in zip(ended.tolist(), finished):
             example, sample = pool.owner[slot]
             out.append((example, sample, result))
             pool.owner[slot] = None
-        pool.live[ended] = False
+        pool.live[at] = False
         return out
 
     def _fit(self, pool: _Pool, *, draining: bool) -> None:
@@ -212,7 +273,9 @@ class ContinuousEngine:
         live one), with a CUDA graph only once no prompt will join (a new size is a new capture)."""
         if pool.stepper.graph and not draining:
             return
-        live = pool.live.nonzero().squeeze(1)
+        if not pool.in_flight():
+            return
+        live = torch.tensor([r for r, owner in enumerate(pool.owner) if owner is not None], device=pool.live.device)
         sel = pool.stepper.compact(live)
         if sel is not None:
             pool.select(sel, sel.numel() - live.numel())

@@ -9,6 +9,7 @@ the examples already written by an earlier run through :meth:`skip`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import Counter
@@ -48,6 +49,8 @@ class Group:
     pool_length: int  # cache positions a row may need: the stream's longest prompt + max_new_tokens
     group_rows: int  # rows the stream's largest group brings: the room the next group needs
     max_new_tokens: int  # the most tokens a row of the stream may generate
+    final: bool  # the rank's last group: decode until every pool is empty
+    budget: int  # cache positions (rows x positions) the pools decoding together may hold
 
 
 @dataclass
@@ -436,6 +439,7 @@ class GenerationDataModule(LightningDataModule):
         group_size = max(1, min(self.per_device_batch_size, pool_rows // self.samples))
         streams = plan_streams(lengths, samples=self.samples, pool_rows=pool_rows, group_size=group_size)
         costs = [sum(self._row_span(lengths[i]) * self.samples for g in stream for i in g) for stream in streams]
+        budget = self.batch_tokens if self.batch_tokens is not None else pool_rows * length
         groups: list[list[tuple[int, Group]]] = []
         for s in deal_streams(costs, rank, world_size):
             stream = streams[s]
@@ -447,9 +451,14 @@ class GenerationDataModule(LightningDataModule):
             size = min(pool_rows, bucket(rows, 8))
             for k, g in enumerate(stream):
                 info = Group(stream=s, last=k == len(stream) - 1, pool_rows=size, pool_length=span,
-                             group_rows=max(len(x) for x in stream) * self.samples, max_new_tokens=mnt)
+                             group_rows=max(len(x) for x in stream) * self.samples, max_new_tokens=mnt,
+                             final=False, budget=budget)
                 groups.append([(i, info) for i in g])
-        return groups or [[(PADDING, None)]]
+        if not groups:
+            return [[(PADDING, None)]]
+        last = groups[-1]
+        groups[-1] = [(i, dataclasses.replace(info, final=True)) for i, info in last]
+        return groups
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -11,6 +11,7 @@ row and returns the next logits; ``compact`` keeps only the given rows.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +79,16 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
 _RECOMPILES = {"recompile_limit": 4096, "accumulated_recompile_limit": 1 << 16}
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture: its library workspaces are set up once."""
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
+
+
 class _CapturedStep:
     """The model's one-token step over static buffers (``token``, ``mask``, ``next_pos``,
     ``cache``), captured as a CUDA graph at its first run when ``graph``, and replayed after."""
@@ -92,15 +103,25 @@ class _CapturedStep:
         return out.logits[:, -1, :]
 
     def _capture(self) -> None:
-        stream = torch.cuda.Stream()
+        """Capture the step on a side stream, after one warm-up run there (it compiles kernels and sets
+        up library workspaces outside the capture, and writes what the replay writes). Unlike
+        ``torch.cuda.graph``, no device-wide synchronize and cache flush: other pools' work on other
+        streams goes on (a draining pool captures at each smaller size)."""
+        stream = _capture_stream(self.token.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up, as CUDA graph capture requires; it writes what the replay writes
-                self._forward()
+            self._forward()
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin()
+            try:
+                out = self._forward()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._out = self._forward()
+        self._graph, self._out = graph, out
 
     def _run(self) -> torch.Tensor:
         """One step's logits: replayed (captured first if need be), or run eagerly."""
@@ -321,19 +342,20 @@ class PoolStepper(_CapturedStep):
         per prompt in ``slots`` (``g * samples`` of them), and return their first logits."""
         if self.aligned:
             input_ids, attention_mask = align_left(input_ids, attention_mask)
-        prefill = GraphStepper(self.model, 0, graph=False)
-        logits = prefill.prefill(input_ids, attention_mask, samples, aligned=self.aligned)
         width = input_ids.shape[1]
         if width > self.length:
             raise ValueError(f"a prompt group of width {width} does not fit a pool of {self.length} positions")
-        for k, v, pk, pv in zip(self.cache.k, self.cache.v, prefill.cache.k, prefill.cache.v):
-            k[slots, :, :width] = pk[:, :, :width]
-            v[slots, :, :width] = pv[:, :, :width]
+        prefill = GraphStepper(self.model, 0, graph=False)
+        logits = prefill.prefill(input_ids, attention_mask, 1, aligned=self.aligned)
+        prompt = torch.arange(input_ids.shape[0], device=self.device).repeat_interleave(samples)  # each slot's
+        for k, v, pk, pv in zip(self.cache.k, self.cache.v, prefill.cache.k, prefill.cache.v):  # prompt, copied once
+            k[slots, :, :width] = pk[prompt, :, :width]
+            v[slots, :, :width] = pv[prompt, :, :width]
         self.mask[slots] = self.neg
-        self.mask[slots, :, :, :width] = prefill.mask[:, :, :, :width]
-        self.write_at[slots] = attention_mask.sum(-1).repeat_interleave(samples) if self.aligned else width
-        self.next_pos[slots] = prefill.next_pos
-        return logits
+        self.mask[slots, :, :, :width] = prefill.mask[prompt, :, :, :width]
+        self.write_at[slots] = attention_mask.sum(-1)[prompt] if self.aligned else width
+        self.next_pos[slots] = prefill.next_pos[prompt]
+        return logits[prompt]
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> torch.Tensor:
         """Admit one batch into all the rows (the compact engine's use)."""

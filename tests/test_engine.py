@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lgen import budget, engine, sampling, steppers
 from lgen.braces import token_table
-from lgen.stopping import GenerateCriteria
+from lgen.stopping import BraceMatching, EndOfSequence, GenerateCriteria, Length, StopRules, StopStrings
 
 
 @pytest.fixture(scope="module")
@@ -198,27 +198,33 @@ def test_candidate_draws_equal_the_vocabulary_wide_draw(top_k, top_p, scale):
     assert torch.equal(sampling.next_tokens(logits[5:9], config, keys[5:9], steps[5:9]), everywhere[5:9])
 
 
-def _stream_batches(tok, prompts, *, group, pool_rows, mnt, samples=1):
-    """One stream's groups as the data module makes them (no sorting: the order given)."""
+def _stream_batches(tok, prompts, *, group, pool_rows, mnt, samples=1, streams=1, pools=1):
+    """Streams of groups as the data module makes them: the prompts dealt to ``streams`` streams in
+    turn (no sorting), a memory budget that holds ``pools`` full pools."""
     from lgen.data import Batch, Group
 
     examples = [{"id": i, "part": [1, 1], "prompt_ids": tok(p, add_special_tokens=False)["input_ids"]}
                 for i, p in enumerate(prompts)]
     longest = max(len(e["prompt_ids"]) for e in examples)
-    chunks = [examples[g: g + group] for g in range(0, len(examples), group)]
-    for k, chunk in enumerate(chunks):
-        ids, mask = encode(tok, [prompts[e["id"]] for e in chunk])
-        yield Batch(ids, mask, mnt, False, chunk, Group(stream=0, last=k == len(chunks) - 1, pool_rows=pool_rows,
-                                                        pool_length=longest + mnt, group_rows=group * samples,
-                                                        max_new_tokens=mnt))
+    budget = pools * pool_rows * (longest + mnt + 3)  # the engines below look every 3 steps
+    for s in range(streams):
+        mine = examples[s::streams]
+        chunks = [mine[g: g + group] for g in range(0, len(mine), group)]
+        for k, chunk in enumerate(chunks):
+            ids, mask = encode(tok, [prompts[e["id"]] for e in chunk])
+            last = k == len(chunks) - 1
+            yield Batch(ids, mask, mnt, False, chunk,
+                        Group(stream=s, last=last, pool_rows=pool_rows, pool_length=longest + mnt,
+                              group_rows=group * samples, max_new_tokens=mnt, final=last and s == streams - 1,
+                              budget=budget))
 
 
-@pytest.mark.parametrize("stop_strings", [None, ["return"]])
-def test_continuous_batching_gives_each_row_what_it_gets_alone(lm, stop_strings):
+@pytest.mark.parametrize(("stop_strings", "streams", "pools"), [(None, 1, 1), (["return"], 1, 1), (None, 3, 2)])
+def test_continuous_batching_gives_each_row_what_it_gets_alone(lm, stop_strings, streams, pools):
     """A pool of 8 rows over 20 prompts (groups of 2 join as rows leave): every row's tokens, cut
-    and finish reason are those of the prompt decoded alone; greedy and sampled."""
+    and finish reason are those of the prompt decoded alone; greedy and sampled. With 3 streams and
+    memory for 2 pools, a stream's pool drains while the next one fills."""
     from lgen.continuous import ContinuousEngine
-    from lgen.stopping import BraceMatching, EndOfSequence, Length, StopRules, StopStrings
 
     model, tok = lm
     prompts = PROMPTS * 2
@@ -241,16 +247,20 @@ def test_continuous_batching_gives_each_row_what_it_gets_alone(lm, stop_strings)
             for k, (text, reason) in enumerate(decoded(r, out, tok)):
                 alone[(i, k + 1)] = (text, reason)
         engine = ContinuousEngine(config, rules=rules, tokenizer=tok, pad_token_id=tok.pad_token_id, compact_every=3)
-        got, calls_with_rows_in_flight = {}, 0
-        for batch in _stream_batches(tok, prompts, group=2, pool_rows=8, mnt=24, samples=samples):
-            in_flight = engine.pool is not None and bool(engine.pool.live.any())
-            calls_with_rows_in_flight += in_flight
+        got, calls_with_rows_in_flight, most_pools = {}, 0, 0
+        for batch in _stream_batches(tok, prompts, group=2, pool_rows=8, mnt=24, samples=samples,
+                                     streams=streams, pools=pools):
+            busy = [pool for pool in [engine.filling, *engine.draining] if pool is not None and pool.in_flight()]
+            calls_with_rows_in_flight += bool(busy)
+            most_pools = max(most_pools, len(busy))
             row_keys = torch.cat([keys[e["id"]] for e in batch.examples])
             for example, sample, f in engine.generate(model, batch, row_keys=row_keys).rows:
+                assert (example["id"], sample) not in got
                 got[(example["id"], sample)] = (f.text, f.reason)
         assert got == alone
         assert calls_with_rows_in_flight >= 5  # groups joined a pool that was decoding
-        assert engine.pool is None  # drained after the stream's last group
+        assert most_pools == min(streams, pools)  # pools of several streams decoded together, as memory allowed
+        assert engine.filling is None and not engine.draining  # all drained after the rank's last group
 
 
 def test_streams_are_planned_from_the_data_alone():

@@ -116,10 +116,12 @@ def greedy(tok):
 PROMPTS20 = PROMPTS + [p + " x" for p in PROMPTS]
 
 
-def compact_texts(model, tok, prompts, *, config=None, every=4, keys=None, invariant_mode=True, graphs=False):
+def compact_texts(model, tok, prompts, *, config=None, every=4, keys=None, invariant_mode=True, graphs=False,
+                  **options):
     ids, mask = (t.to(model.device) for t in encode(tok, prompts))
     rules = code_rules(tok, brace=False)
-    out = compact(tok, config or greedy(tok), compact_every=every, invariant=invariant_mode, cuda_graphs=graphs).run(
+    out = compact(tok, config or greedy(tok), compact_every=every, invariant=invariant_mode, cuda_graphs=graphs,
+                  **options).run(
         model, ids, mask, max_new_tokens=40, rules=rules, row_keys=None if keys is None else keys.to(model.device))
     return [text for text, _ in decoded(rules, out, tok)]
 
@@ -144,10 +146,12 @@ def test_sampled_rows_alone_and_together(bf16_llama):
     assert alone == [t for i, t in enumerate(together) if i // 2 % 3 == 0]
 
 
-def continuous_texts(model, tok, prompts, *, group: int, pool_rows: int, graphs: bool = False) -> list[str]:
+def continuous_texts(model, tok, prompts, *, group: int, pool_rows: int, graphs: bool = False,
+                     invariant_mode: bool = True, **options) -> list[str]:
     """The continuous engine over one stream of ``prompts`` in groups of ``group``."""
     engine = ContinuousEngine(greedy(tok), rules=lambda: code_rules(tok, brace=False), tokenizer=tok,
-                              pad_token_id=tok.pad_token_id, compact_every=3, invariant=True, cuda_graphs=graphs)
+                              pad_token_id=tok.pad_token_id, compact_every=3, invariant=invariant_mode,
+                              cuda_graphs=graphs, **options)
     got = {}
     starts = list(range(0, len(prompts), group))
     width = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
@@ -155,8 +159,9 @@ def continuous_texts(model, tok, prompts, *, group: int, pool_rows: int, graphs:
         chunk = prompts[start:start + group]
         ids, mask = (t.to(model.device) for t in encode(tok, chunk))
         examples = [{"id": start + i} for i in range(len(chunk))]
-        g = Group(stream=0, last=n == len(starts) - 1, group_rows=group, pool_rows=pool_rows,
-                  pool_length=width + 40, max_new_tokens=40)
+        last = n == len(starts) - 1
+        g = Group(stream=0, last=last, group_rows=group, pool_rows=pool_rows, pool_length=width + 40,
+                  max_new_tokens=40, final=last, budget=pool_rows * (width + 43))
         out = engine.generate(model, Batch(ids, mask, 40, False, examples, group=g), row_keys=None)
         got.update({ex["id"]: f.text for ex, _, f in out.rows})
     return [got[i] for i in range(len(prompts))]

@@ -206,7 +206,9 @@ def test_a_signal_stops_at_the_next_batch_and_the_same_command_resumes(tiny_mode
     assert code == 128 + signum, err[-2000:]
     assert f"lgen: stopped by {name} (" in err and "run the same command again to resume" in err
     written = lines(out)
-    assert seen <= len(written) <= seen + 2 * 2  # the batch in flight, at most one more
+    # the call in flight, and at most one more, write the rows that finish in them: with continuous
+    # batching on a CPU up to a pool's 32 rows (a stream's pool drains before the next one starts)
+    assert seen <= len(written) <= seen + 32 + 2 * 2 < 120
     assert seconds < 30  # a batch takes well under a second here; startup is not counted
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == len(written) and summary["records_missing"] == 120 - len(written)
