@@ -15,6 +15,7 @@ Worked example (``language="c"``, start level 1)::
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Literal
@@ -50,6 +51,13 @@ class Lexer:
     @property
     def n_states(self) -> int:
         return len(self.names)
+
+    @functools.cached_property
+    def moves(self) -> list[list[tuple[int, int, int]]]:
+        """``moves[q][c]`` = (pending, delta, next state) as Python ints: the tables for a loop over
+        characters on the host, where indexing numpy per character costs most of the time."""
+        return [[(int(self.pending[q, c]), int(self.delta[q, c]), int(self.next_state[q, c]))
+                 for c in range(N_CLASSES)] for q in range(self.n_states)]
 
 
 def _build_lexer(language: Language) -> Lexer:
@@ -130,16 +138,23 @@ def find_close(text: str, start_level: int = 1, language: Language = "c", state:
     This is the host-side twin of the token table (:class:`lgen.stopping.BraceMatching`), used once per finished row to
     cut the decoded prediction at the exact character.
     """
-    lex = lexer(language)
+    moves = lexer(language).moves
     level, opened = start_level, start_level > 0
     for i, c in enumerate(char_classes(text)):
-        # a pending change belongs to the previous character ('}x: the "}" is at i - 1)
-        for at, change in ((i - 1, lex.pending[state, c]), (i, lex.delta[state, c])):
-            level += int(change)
+        pending, delta, following = moves[state][c]
+        # a pending change belongs to the previous character ('}x: the "}" is at i - 1); a level above
+        # zero has always opened, so a character that changes nothing is skipped
+        if pending:
+            level += pending
             opened = opened or level > 0
-            if change < 0 and opened and level <= 0:
-                return at
-        state = int(lex.next_state[state, c])
+            if pending < 0 and opened and level <= 0:
+                return i - 1
+        if delta:
+            level += delta
+            opened = opened or level > 0
+            if delta < 0 and opened and level <= 0:
+                return i
+        state = following
     return None
 
 
