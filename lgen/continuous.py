@@ -10,12 +10,16 @@ prefilled together; how many rows decode together is the pool's size, set by the
     pool:       [g1 g2 g3 g4]  g1 ends  [g5 g2 g3 g4]  ...   (the pool stays full)
 
 Which rows share a step depends only on the stream, never on the number of ranks: a rank runs
-whole streams, one after the other, each in a pool of its own. Each row samples from its own
-stream (:mod:`lgen.sampling`) at its own step, so a record does not depend on its neighbours.
+whole streams, each in a pool of its own. Once a stream's groups are all in, its pool *drains*
+beside the next stream's *filling* pool, as long as the memory budget holds both; on a GPU each
+pool runs on a CUDA stream of its own, so while the host waits on one pool the GPU runs the other.
+A pool decodes only to make room for its own next group or to drain, so its timeline, and with it
+every row, is the same whichever pools run beside it. Each row samples from its own stream
+(:mod:`lgen.sampling`) at its own step, so a record does not depend on its neighbours.
 
 :meth:`ContinuousEngine.generate` is called once per group (``predict_step``): it admits the group,
-decodes until there is room for the next one (or, after the stream's last group, until the pool
-is empty) and returns the rows that finished meanwhile, whichever group they came from.
+decodes until there is room for the next one (the draining pools step along), and returns the rows
+that finished meanwhile, whichever pool they came from. The rank's last group drains every pool.
 """
 
 from __future__ import annotations
