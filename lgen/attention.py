@@ -135,8 +135,10 @@ _SPAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def spans_available(device: torch.device) -> bool:
-    """Whether :func:`span_attention` runs here: on CUDA, with Triton installed."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """Whether :func:`span_attention` runs here: on CUDA with Triton installed, on a GPU whose tensor
+    cores take bf16 (compute capability 8.0, Ampere, or later)."""
+    return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 def decode_spans(requested: bool | None, invariant: bool, device: torch.device) -> bool:

@@ -314,14 +314,15 @@ class GenerationModule(LightningModule):
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
         config, pad = self.generation_config, self.generation_config.pad_token_id
         graphs = self.cuda_graphs and self.device.type == "cuda" and not self.sharded
+        spans = False if self.torch_compile else None  # compiled layers keep transformers' attention
         if self.continuous:
             self.engine = ContinuousEngine(config, rules=self.stop_rules, tokenizer=self.tokenizer, pad_token_id=pad,
                                            compact_every=self.compact_every, cuda_graphs=graphs,
-                                           invariant=self.batch_invariant)
+                                           span_attention=spans, invariant=self.batch_invariant)
         elif self.engine_name == "compact":
             self.engine = CompactEngine(config, pad_token_id=pad, compact_every=self.compact_every, synced=self.synced,
-                                        cuda_graphs=graphs, rules=self.stop_rules, tokenizer=self.tokenizer,
-                                        invariant=self.batch_invariant)
+                                        cuda_graphs=graphs, span_attention=spans, rules=self.stop_rules,
+                                        tokenizer=self.tokenizer, invariant=self.batch_invariant)
         else:
             self.engine = GenerateEngine(config, synced=self.synced, rules=self.stop_rules, tokenizer=self.tokenizer)
 

@@ -83,7 +83,7 @@ _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per device for every capture: its library workspaces are set up once."""
+    """One side stream per device for the captures of steps that run on the default stream."""
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return _CAPTURE_STREAMS[device]
@@ -103,25 +103,42 @@ class _CapturedStep:
         return out.logits[:, -1, :]
 
     def _capture(self) -> None:
-        """Capture the step on a side stream, after one warm-up run there (it compiles kernels and sets
-        up library workspaces outside the capture, and writes what the replay writes). Unlike
-        ``torch.cuda.graph``, no device-wide synchronize and cache flush: other pools' work on other
-        streams goes on (a draining pool captures at each smaller size)."""
-        stream = _capture_stream(self.token.device)
-        stream.wait_stream(torch.cuda.current_stream())
+        """Capture the step, after one warm-up run on the capturing stream (it compiles kernels and
+        sets up library workspaces outside the capture, and writes what the replay writes).
+
+        Unlike ``torch.cuda.graph``, no device-wide synchronize and cache flush, which would stall the
+        other pools' work. A pool captures on its own CUDA stream: cuBLAS keeps a workspace per
+        stream and a graph keeps the one it was captured with, so graphs captured on one stream
+        must not replay at the same time on two. A step on the default stream (one batch at a
+        time) captures on a side stream. Should the capture run out of memory, the allocator's
+        cache is emptied (what ``torch.cuda.graph`` does every time) and it is tried once more."""
+        current = torch.cuda.current_stream()
+        side = current == torch.cuda.default_stream(current.device)
+        stream = _capture_stream(current.device) if side else current
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
             self._forward()
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin()
             try:
-                out = self._forward()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    graph.capture_end()
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
+                graph, out = self._record()
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                graph, out = self._record()
+        current.wait_stream(stream)
         self._graph, self._out = graph, out
+
+    def _record(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """One capture of the step on the current stream."""
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        try:
+            out = self._forward()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                graph.capture_end()
+            raise
+        graph.capture_end()
+        return graph, out
 
     def _run(self) -> torch.Tensor:
         """One step's logits: replayed (captured first if need be), or run eagerly."""

@@ -159,18 +159,25 @@ def test_span_attention_honours_any_mask(dtype, dim):
                        torch.zeros_like(out[:1]))
 
 
-def test_span_attention_gives_sdpa_rows_in_float32(tiny_model):
-    """float32 with CUDA graphs: the engines' rows with the span attention are SDPA's."""
+def test_span_attention_gives_sdpa_rows_in_float32(tiny_model, monkeypatch):
+    """float32 with CUDA graphs: the engines' rows with the span attention are SDPA's, and the span
+    attention did run (the decode steps did not fall back to SDPA)."""
     from test_invariant import PROMPTS20, compact_texts, continuous_texts, load
 
+    from lgen import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "span_attention", lambda *a, **k: calls.append(1) or span_attention(*a, **k))
     model, tok = load(tiny_model, dtype=torch.float32, device="cuda")
     for texts in (lambda **o: compact_texts(model, tok, PROMPTS20, invariant_mode=False, graphs=True, **o),
                   lambda **o: continuous_texts(model, tok, PROMPTS20, group=3, pool_rows=7, graphs=True,
                                                invariant_mode=False, **o)):
+        calls.clear()
         sdpa = texts(span_attention=False)
+        assert not calls
         assert texts(span_attention=True) == sdpa
+        assert calls  # each layer of each captured or eager decode step
         assert len(set(sdpa)) > 10
-
 
 def test_pools_decoding_together_give_the_rows_of_pools_decoding_alone(bf16_llama):
     """bf16 with CUDA graphs, 3 streams: with memory for one pool (streams one after another) and
