@@ -101,13 +101,16 @@ class Spans:
         first = layer is None or layer <= self.layer
         self.layer = -1 if layer is None else layer
         if first or mask is not self.mask or self.value is None:
+            # a prefill's mask is [rows, 1, queries, keys]: a byte per entry for the temporaries
             allowed = allowed_keys(mask)[:, 0]
             length = allowed.shape[-1]
-            index = torch.arange(length, device=mask.device, dtype=torch.int32)
-            starts = torch.where(allowed, index, length).amin(dim=-1).to(torch.int32)
-            ends = torch.where(allowed, index + 1, 0).amax(dim=-1).to(torch.int32)
+            hit = allowed.to(torch.uint8)
+            some = allowed.any(dim=-1)
+            starts = torch.where(some, hit.argmax(dim=-1), length).to(torch.int32)  # argmax: the first hit
+            ends = torch.where(some, length - hit.flip(-1).argmax(dim=-1), 0).to(torch.int32)
+            del hit
             values = torch.zeros(allowed.shape, device=mask.device) if mask.dtype == torch.bool else mask[:, 0].float()
-            self.value = (values.masked_fill(~allowed, float("-inf")), starts, ends)
+            self.value = (values.masked_fill_(~allowed, float("-inf")), starts, ends)
             self.mask = mask
         return self.value
 

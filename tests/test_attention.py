@@ -95,3 +95,18 @@ def test_engine_decode_steps_match_eager_attention(tiny_model, monkeypatch):
                 logits[impl] = torch.stack([stepper.step(torch.tensor([9, 9])) for _ in range(3)])
     torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-4)
     assert calls.count(1) == 3 * 2  # 3 decode steps x 2 layers went through the packed function
+
+
+def test_spans_are_each_querys_allowed_keys():
+    """Spans: first and one-past-last allowed key per query, the mask as a bias (-inf where a query
+    may not look), for additive and boolean masks; a query that may see nothing gets an empty span."""
+    from lgen.attention import Spans
+
+    allowed = torch.tensor([[[1, 1, 1, 0, 0], [0, 1, 0, 1, 0]], [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]], dtype=torch.bool)
+    additive = torch.where(allowed, torch.tensor([0.0, -1.5, 0.0, 2.0, 0.0]), torch.finfo(torch.bfloat16).min)
+    for mask in (allowed[:, None], additive.to(torch.bfloat16)[:, None]):
+        bias, starts, ends = Spans()(mask, None)
+        assert starts.tolist() == [[0, 1], [5, 4]] and ends.tolist() == [[3, 4], [0, 5]]
+        assert starts.dtype == ends.dtype == torch.int32
+        expected = torch.zeros(2, 2, 5) if mask.dtype == torch.bool else additive.to(torch.bfloat16).float()
+        assert torch.equal(bias, expected.masked_fill(~allowed, float("-inf")))
