@@ -44,9 +44,7 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     (prefill, no grouping, no mask or a per-head one, dropout, softcap, sinks, sparse indices, ...)
     goes to transformers' own SDPA function."""
     groups = getattr(module, "num_key_value_groups", 1)
-    unusual = any(arg is not None and name not in _NEUTRAL for name, arg in kwargs.items())
-    if (query.shape[2] != 1 or groups == 1 or unusual or kwargs.get("dropout") or kwargs.get("output_attentions")
-            or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1):
+    if groups == 1 or not _plain_decode_step(query, attention_mask, kwargs):
         return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows, heads, _, dim = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -55,23 +53,36 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-@contextmanager
-def packed_decode(enabled: bool) -> Iterator[None]:
-    """Within the block (one batch's decoding), attention registered as ``sdpa`` runs
-    :func:`packed_sdpa`; the previous function is put back after, also on an error.
+def _plain_decode_step(query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+    """A decode step the two functions here take: one query token, one mask for all heads, and
+    nothing that changes attention beyond it (dropout, soft-capping, sinks, sparse indices, ...)."""
+    unusual = any(arg is not None and name not in _NEUTRAL for name, arg in kwargs.items())
+    return not (query.shape[2] != 1 or unusual or kwargs.get("dropout") or kwargs.get("output_attentions")
+                or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1)
 
-    The name stays ``sdpa``, so model code that checks it (e.g. to build masks) sees no change; only
-    the function behind it is swapped. Nothing happens unless ``enabled`` (see :func:`packing_needed`).
-    """
-    if not enabled:
-        yield
-        return
+
+@contextmanager
+def behind_sdpa(function: Callable) -> Iterator[None]:
+    """Within the block, ``function`` runs wherever attention registered as ``sdpa`` runs; the
+    previous function is put back after, also on an error. The name stays ``sdpa``, so model code
+    that checks it (e.g. to build masks) sees no change; only the function behind it is swapped."""
     previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    AttentionInterface.register("sdpa", packed_sdpa)
+    AttentionInterface.register("sdpa", function)
     try:
         yield
     finally:
         AttentionInterface.register("sdpa", previous)
+
+
+@contextmanager
+def packed_decode(enabled: bool) -> Iterator[None]:
+    """Within the block (one batch's decoding), attention registered as ``sdpa`` runs
+    :func:`packed_sdpa`. Nothing happens unless ``enabled`` (see :func:`packing_needed`)."""
+    if not enabled:
+        yield
+        return
+    with behind_sdpa(packed_sdpa):
+        yield
 
 
 def allowed_keys(mask: torch.Tensor) -> torch.Tensor:
@@ -152,10 +163,7 @@ def decode_spans(requested: bool | None, invariant: bool, device: torch.device) 
 
 def _span_decode_attention(previous: Callable, spans: Spans) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
-        unusual = any(arg is not None and name not in _NEUTRAL for name, arg in kwargs.items())
-        if (query.shape[2] != 1 or not query.is_cuda or query.dtype not in _SPAN_DTYPES or unusual
-                or kwargs.get("dropout") or kwargs.get("output_attentions") or attention_mask is None
-                or attention_mask.dim() != 4 or attention_mask.shape[1] != 1):
+        if not (query.is_cuda and query.dtype in _SPAN_DTYPES and _plain_decode_step(query, attention_mask, kwargs)):
             return previous(module, query, key, value, attention_mask, **kwargs)
         groups = query.shape[1] // key.shape[1]  # the query heads of a key/value head: one query each
         return span_attention(module, query, key, value, attention_mask, spans=spans, scaling=kwargs.get("scaling"),
@@ -172,9 +180,5 @@ def span_decode(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    AttentionInterface.register("sdpa", _span_decode_attention(previous, Spans()))
-    try:
+    with behind_sdpa(_span_decode_attention(ALL_ATTENTION_FUNCTIONS["sdpa"], Spans())):
         yield
-    finally:
-        AttentionInterface.register("sdpa", previous)

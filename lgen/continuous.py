@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from lgen import invariant, sampling
-from lgen.attention import decode_spans, packed_decode, packing_needed, span_decode
+from lgen import sampling
+from lgen.attention import packing_needed
 from lgen.data import Batch
-from lgen.engine import CompactEngine, Results
+from lgen.engine import CompactEngine, Results, decoding
 from lgen.steppers import PoolStepper
 from lgen.stopping import StopRules, first_stops
 
@@ -113,9 +113,8 @@ class ContinuousEngine:
             raise ValueError("continuous batching needs a batch of a stream plan (data.connect(continuous=True))")
         if self.config.do_sample and row_keys is None:
             raise ValueError("sampling needs row_keys")
-        device = batch.input_ids.device
-        with (invariant.active(self.invariant, device), packed_decode(self.packed_attention),
-              span_decode(decode_spans(self.span_attention, self.invariant, device))):
+        with decoding(batch.input_ids.device, invariant_mode=self.invariant, packed=self.packed_attention,
+                      spans=self.span_attention):
             return self._generate(model, batch, row_keys)
 
     def _generate(self, model: torch.nn.Module, batch: Batch, row_keys: torch.Tensor | None) -> Results:

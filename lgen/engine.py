@@ -22,7 +22,8 @@ search, repetition penalty, ...) and prompt-learning adapters.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -94,6 +95,16 @@ _NEUTRAL = {"output_attentions", "output_hidden_states", "output_scores", "outpu
             "disable_compile", "is_assistant"}
 
 
+@contextmanager
+def decoding(device: torch.device, *, invariant_mode: bool, packed: bool, spans: bool | None) -> Iterator[None]:
+    """What runs while a compact engine (or the continuous one) decodes on ``device``: the
+    batch-invariant mode, or the decode attention ``packed`` and ``spans`` ask for
+    (:mod:`lgen.attention`; ``spans`` None: where it runs)."""
+    with (invariant.active(invariant_mode, device), packed_decode(packed),
+          span_decode(decode_spans(spans, invariant_mode, device))):
+        yield
+
+
 class CompactEngine(_Batchwise):
     """The compact decode loop over one batch at a time (see the module docstring); the default
     is :class:`lgen.continuous.ContinuousEngine`, and this one serves ranks in lockstep (ZeRO-3).
@@ -146,8 +157,8 @@ class CompactEngine(_Batchwise):
     @torch.inference_mode()
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
             max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None) -> Generated:
-        with (invariant.active(self.invariant, input_ids.device), packed_decode(self.packed_attention),
-              span_decode(decode_spans(self.span_attention, self.invariant, input_ids.device))):
+        with decoding(input_ids.device, invariant_mode=self.invariant, packed=self.packed_attention,
+                      spans=self.span_attention):
             return self._run(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, rules=rules,
                              row_keys=row_keys)
 

@@ -30,10 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lgen.attention import Spans, allowed_keys, span_attention
+from lgen.attention import Spans, allowed_keys, behind_sdpa, span_attention
 
 aten = torch.ops.aten
 
@@ -297,8 +295,6 @@ def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterato
     """Within the block, matmuls and reductions run on fixed tiles and attention registered as
     ``sdpa`` runs :func:`chunked_attention`; both are put back after, also on an error."""
     tiles = tiles or Tiles.for_device(device)
-    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
     spans = Spans()
 
     def attention(module, query, key, value, attention_mask, **kwargs):
@@ -308,12 +304,8 @@ def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterato
                                   scaling=kwargs.get("scaling"))
         return chunked_attention(module, query, key, value, attention_mask, tiles=tiles, **kwargs)
 
-    AttentionInterface.register("sdpa", attention)
-    try:
-        with BatchInvariantOps(tiles):
-            yield tiles
-    finally:
-        AttentionInterface.register("sdpa", previous)
+    with behind_sdpa(attention), BatchInvariantOps(tiles):
+        yield tiles
 
 
 @contextmanager
