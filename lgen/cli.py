@@ -16,8 +16,6 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
 import lgen
 from lgen.errors import Incomplete, Interrupted, LgenError
 
@@ -42,7 +40,8 @@ lgen {lgen.__version__}"""
 # third-party loggers whose INFO lines a user cannot act on (device availability, seeds, tips)
 QUIET = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
          "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda", "DeepSpeed", "datasets",
-         "transformers", "huggingface_hub")
+         "transformers", "huggingface_hub", "lightning.pytorch.trainer.connectors.signal_connector",
+         "lightning.fabric.utilities.distributed")
 NOISE = (".*custom batch sampler.*", ".*treespec, LeafSpec.*", ".*LightningCLI's args parameter.*",
          ".*does not have many workers.*", ".*Position ids are not supported.*", ".*No seed found.*",
          ".*GPU available but not used.*")
@@ -61,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lgen: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)} (lgen --help)",
               file=sys.stderr)
         return 2
+    if command == "predict":  # before the heavy imports: help, and config files that cannot work
+        from lgen import options
+
+        if "-h" in rest or "--help" in rest:
+            print(options.help_text())
+            return 0
+        try:
+            options.check_config_files(rest)
+        except LgenError as err:
+            print(f"lgen: error: {err}", file=sys.stderr)
+            return err.exit_code
     with quiet():
         try:
             return {"merge": merge_main, "export": export_main, "predict": predict_main}[command](rest)
@@ -85,6 +95,7 @@ def predict_main(args: list[str]) -> int:
     except Interrupted as err:
         raise Interrupted(err.signum, f"{err}{_so_far(cli.writer.summary, cli.output.path)}") from None
     finally:
+        cli.lock.release()
         _close_process_group()
     summary = cli.writer.summary
     if cli.writer.shortfall:
@@ -171,6 +182,8 @@ def _close_process_group() -> None:
     hosts the rendezvous store and writes the summary last) can exit first, and the other ranks'
     NCCL watchdogs then print store connection errors with C++ stack traces after a good run. No
     barrier: a rank whose rank-0-only work failed must not leave the others waiting."""
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

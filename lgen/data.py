@@ -302,6 +302,7 @@ class GenerationDataModule(LightningDataModule):
             "text_column_name": self.text_column_name, "reference_column_name": self.reference_column_name,
             "id_column_name": self.id_column_name, "mode": self.mode, "block_size": self.resolved_block_size,
             "max_window_size": self.resolved_window, "subsamples": self.subsamples,
+            "keep_columns": self.keep_columns,
         }
         # absent from fingerprints written before these options existed
         if self.sample_by != "line":

@@ -75,6 +75,7 @@ def resolve(name: str) -> str:
     if importlib.util.find_spec("gguf") is None:
         raise ModelSourceError(f"model_name_or_path={name!r} is a GGUF file, and converting it needs the gguf "
                                "package: pip install gguf")
+    _check_writable(target.parent, name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a transformers folder at %s (once)", source.name, target)
@@ -92,6 +93,19 @@ def resolve(name: str) -> str:
     except OSError:  # another process finished first; its copy is identical
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def _check_writable(folder: Path, name: str) -> None:
+    """Before a conversion that takes many seconds: the folder it is saved to must be writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK | os.X_OK)
+        reason = "permission denied"
+    except OSError as err:
+        writable, reason = False, err.strerror or str(err)
+    if not writable:
+        raise ModelSourceError(f"model_name_or_path={name!r} is converted once into the lgen cache, and {folder} "
+                               f"cannot be written ({reason}); set LGEN_CACHE to a writable folder")
 
 
 def _offline() -> bool:

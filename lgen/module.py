@@ -26,6 +26,45 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 
 
+def _number(config: GenerationConfig, key: str, *, integer: bool = False) -> float | int | None:
+    value = getattr(config, key, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"model.generation_kwargs / generation_config_file: {key} must be {kind}, got {value!r}")
+    return value
+
+
+def check_sampling(config: GenerationConfig) -> None:
+    """Refuse generation settings out of range before any weights load: transformers would run some
+    of them as something else (``num_return_sequences: 0`` as 1) and fail on others mid-run."""
+    where = "model.generation_kwargs / generation_config_file"
+    n = _number(config, "num_return_sequences", integer=True)
+    beams = _number(config, "num_beams", integer=True)
+    top_k = _number(config, "top_k", integer=True)
+    temperature, top_p = _number(config, "temperature"), _number(config, "top_p")
+    if n is not None and n < 1:
+        raise ConfigError(f"{where}: num_return_sequences must be >= 1, got {n}")
+    if beams is not None and beams < 1:
+        raise ConfigError(f"{where}: num_beams must be >= 1, got {beams}")
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"{where}: top_k must be >= 0 (0: no top-k cut), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"{where}: top_p must be in (0, 1], got {top_p}")
+    if config.do_sample and temperature is not None and temperature <= 0:
+        raise ConfigError(f"{where}: sampling needs temperature > 0, got {temperature}; for greedy decoding set "
+                          "do_sample: false")
+    n, beams = n or 1, beams or 1
+    if beams > 1 and n > beams:
+        raise ConfigError(f"{where}: beam search returns at most num_beams sequences: num_return_sequences={n} > "
+                          f"num_beams={beams}; raise num_beams or lower num_return_sequences")
+    if not config.do_sample and beams == 1 and n > 1:
+        raise ConfigError(f"{where}: num_return_sequences={n} with greedy decoding gives {n} identical sequences; "
+                          "set do_sample: true (a generation_kwargs given later, e.g. on the command line, replaces "
+                          "the whole dict, so repeat do_sample there)")
+
+
 class GenerationModule(LightningModule):
     """A Hugging Face causal LM that turns prompt batches into records.
 
@@ -97,6 +136,7 @@ class GenerationModule(LightningModule):
     ) -> None:
         super().__init__()
         self.model_name_or_path = model_name_or_path
+        self.config_name, self.tokenizer_name, self.use_fast_tokenizer = config_name, tokenizer_name, use_fast_tokenizer
         self.max_new_tokens = max_new_tokens
         self.model_revision = model_revision
         self.token = token
@@ -196,9 +236,7 @@ class GenerationModule(LightningModule):
         if unknown:
             raise ConfigError(f"model.generation_kwargs: {sorted(unknown)} are not generation settings "
                               "(see transformers.GenerationConfig)")
-        if config.do_sample and config.temperature is not None and config.temperature <= 0:
-            raise ConfigError(f"model.generation_kwargs / generation_config_file: sampling needs temperature > 0, "
-                              f"got {config.temperature}; for greedy decoding set do_sample: false")
+        check_sampling(config)
         if config.num_return_sequences is None:
             config.num_return_sequences = 1
         if config.pad_token_id is None:
@@ -206,6 +244,9 @@ class GenerationModule(LightningModule):
         if config.stop_strings:  # stop strings from a generation config count like model.stop_strings
             given = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
             self.stop_strings = list(dict.fromkeys(self.stop_strings + given))
+        if any(not isinstance(t, str) or not t for t in self.stop_strings):
+            raise ConfigError(f"model.stop_strings: {self.stop_strings} holds an empty string (or one that is not "
+                              "text), which would end every row at once; give non-empty strings")
         special = [t for t in self.stop_strings if any(sp in t for sp in self.tokenizer.all_special_tokens)]
         if special:
             raise ConfigError(f"model.stop_strings: {special} contain special tokens, which are left out of the "
@@ -368,6 +409,8 @@ class GenerationModule(LightningModule):
             "brace_matching": [self.use_brace_matching, self.brace_matching_start_level, self.brace_matching_language],
             "stop_strings": [self.stop_strings, self.keep_stop_string],
             **({"batch_invariant": True} if self.batch_invariant else {}),
+            "config": self.config_name, "tokenizer": [self.tokenizer_name, self.use_fast_tokenizer],
+            "engine": self.engine_name,
         }
 
     def predict_step(self, batch: Batch, batch_idx: int = 0) -> records.BatchRecords:

@@ -10,6 +10,7 @@ Files lgen owns in ``output_dir``::
     expected.test.json            every (id, part) of the split and the samples of each: what a
                                   complete output holds (written when a run starts; merge reads it)
     summary.json                  totals for the directory, and each run's own figures
+    lgen.lock                     held while a run lives, so that one run at a time writes here
     merged.test.jsonl             ``lgen merge`` output
     humaneval.test.jsonl, bigcode.test.json                ``lgen export`` output
 
@@ -18,6 +19,7 @@ Anything else in the directory is the user's, and lgen neither writes nor delete
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lgen.errors import OutputDirError
+from lgen.lock import LOCK
 from lgen.records import ExampleKey, RecordKey, complete_examples, id_key, record_key
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ MERGED = re.compile(r"^merged\.(.+)\.jsonl$")
 EXPECTED = re.compile(r"^expected\.(.+)\.json$")
 EXPORTED = re.compile(r"^(humaneval\.(.+)\.jsonl|bigcode\.(.+)\.json)$")
 OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json", "generation_config_diff.json",
-         "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json"}
+         "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json", LOCK}
 
 
 def shard_name(rank: int, world_size: int, split: str) -> str:
@@ -101,6 +104,19 @@ def drop_torn_tail(path: Path) -> int:
     return n
 
 
+def remove_derived(output_dir: str | Path, split: str) -> list[str]:
+    """Delete ``split``'s merged and exported files: a run that adds records makes them stale."""
+    d = Path(output_dir)
+    stale = [d / f"merged.{split}.jsonl", d / f"humaneval.{split}.jsonl", d / f"bigcode.{split}.json"]
+    removed = [p.name for p in stale if p.is_file()]
+    for name in removed:
+        (d / name).unlink()
+    if removed:
+        log.warning("removed %s: they lack the records this run adds (lgen merge / lgen export makes them again)",
+                    ", ".join(removed))
+    return removed
+
+
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     """Refuse unusable directories before any model loads."""
     d = Path(output_dir)
@@ -128,12 +144,18 @@ def clear_output_dir(output_dir: str | Path) -> list[str]:
     removed = []
     if d.is_dir():
         for p in sorted(d.iterdir()):
-            if is_owned(p.name) and p.is_file():
+            if is_owned(p.name) and p.is_file() and p.name != LOCK:
                 p.unlink()
                 removed.append(p.name)
     if removed:
         log.warning("overwrite_output_dir: removed %d files lgen wrote in %s", len(removed), d)
     return removed
+
+
+# fingerprint entries added in lgen 0.3: a directory made before then has none, and resumes
+ADDED = {"precision", "model.config", "model.tokenizer", "model.engine", "data.keep_columns"}
+# what the data gave (rows read, prompts): shown when the data differs, never compared
+COUNTS = "counts"
 
 
 def has_records(output_dir: str | Path) -> bool:
@@ -153,14 +175,33 @@ def check_fingerprint(output_dir: str | Path, fingerprint: dict[str, Any]) -> No
             raise OutputDirError(f"output_dir={str(output_dir)!r} has shards but no fingerprint.json, so lgen "
                                  "cannot tell what made them; set overwrite_output_dir: true or choose a new directory")
         return
-    old = _flatten(_upgrade(json.loads(path.read_text())))
-    new = _flatten(json.loads(json.dumps(fingerprint, default=str)))
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    recorded = _upgrade(json.loads(path.read_text()))
+    old, new = _flatten(recorded), _flatten(json.loads(json.dumps(fingerprint, default=str)))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                    and not k.startswith(COUNTS) and not (k in ADDED and k not in old))
     if differ and has_records(output_dir):
-        detail = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
+        detail = "; ".join(_difference(k, old.get(k), new.get(k)) for k in differ)
+        if any(k.startswith("data.") for k in differ):
+            detail += _counts(recorded.get(COUNTS), fingerprint.get(COUNTS))
         raise OutputDirError(f"output_dir={str(output_dir)!r} was made with other settings ({detail}). "
                              "Resume only with the same settings; to start over set overwrite_output_dir: true, "
                              "or choose a new output_dir")
+
+
+def _difference(key: str, old: Any, new: Any) -> str:
+    if key == "data.data_files" and isinstance(old, list) and isinstance(new, list):
+        changed = sum(a != b for a, b in zip(old, new))
+        if len(old) != len(new):
+            return f"data.data_files: was {len(old)} files, now {len(new)}"
+        return f"data.data_files: the content of {changed} of {len(new)} files changed"
+    return f"{key}: was {old!r}, now {new!r}"
+
+
+def _counts(old: Any, new: Any) -> str:
+    def said(c: Any) -> str:
+        return f"{c.get('rows')} rows, {c.get('examples')} prompts" if isinstance(c, dict) else "unknown"
+
+    return f"; the directory was made from {said(old)}, the data now gives {said(new)}" if new else ""
 
 
 def _upgrade(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -181,14 +222,26 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def unwritable(path: Path, err: OSError) -> OutputDirError:
+    """The one-line error for a file lgen could not write (a full disk, a quota, a read-only mount)."""
+    fix = ("free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable")
+    return OutputDirError(f"cannot write {path}: {err.strerror or err}; {fix}, then run the same command again: "
+                          "every record already written is kept")
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write whole or not at all: a temporary file, fsync, then an atomic rename."""
+    """Write whole or not at all: a temporary file, fsync, then an atomic rename; a failed write
+    leaves neither a temporary file nor a half-written ``path``."""
     tmp = path.with_name(path.name + ".lgen-tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data if isinstance(data, str) else json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data if isinstance(data, str) else json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise unwritable(path, err) from err
 
 
 def write_lines(path: Path, lines: Iterable[bytes]) -> int:

@@ -30,10 +30,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lgen import outputs, zero3
+from lgen import options, outputs, zero3
 from lgen.data import GenerationDataModule
 from lgen.errors import ConfigError
 from lgen.interrupt import GracefulStop
+from lgen.lock import DirectoryLock
+from lgen.merge import merge
 from lgen.module import GenerationModule
 from lgen.progress import GenerationProgressBar
 from lgen.writer import JsonlWriter
@@ -41,20 +43,30 @@ from lgen.writer import JsonlWriter
 log = logging.getLogger(__name__)
 
 # Trainer settings that matter for prediction; the others (epochs, gradients, validation, ...) are hidden
-TRAINER_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks",
-                "limit_predict_batches", "enable_progress_bar", "profiler", "plugins", "deterministic", "benchmark",
-                "inference_mode", "default_root_dir")
+TRAINER_KEYS = tuple(options.TRAINER_KEYS)
 # set for every run: lgen's writer is the output, its batch sampler the plan
 TRAINER_FIXED = {"enable_checkpointing": False, "enable_model_summary": False, "use_distributed_sampler": False}
 
+# options that cannot change a record, so a resume may change them (``make_fingerprint`` has the others;
+# the LINKED keys below carry the value of the key they are linked from)
+_BATCHING = "how rows are batched; a row's record is the same in any batch (bf16 near-ties aside: batch_invariant)"
+RECORD_NEUTRAL = {
+    "model.token": "a Hub credential", "data.token": "a Hub credential",
+    "model.compact_every": _BATCHING, "model.cuda_graphs": _BATCHING, "model.torch_compile": _BATCHING,
+    "data.per_device_batch_size": _BATCHING, "data.max_batch_tokens": _BATCHING, "data.sort_by_length": _BATCHING,
+    "data.streaming": "how the split is read, not what it holds",
+    "data.overwrite_cache": "whether tokenization is redone; it gives the same ids",
+    "data.preprocessing_num_workers": "processes for tokenization; they give the same ids",
+    **{f"trainer.{key}": "where and how the run executes; records do not depend on it"
+       for key in TRAINER_KEYS if key != "precision"},
+}
 # what a required or mistyped key takes, for one-line errors
 ACCEPTS = {
     "model.model_name_or_path": "a local model folder, a Hub model name, or the alias smollm2-135m-instruct",
     "model.max_new_tokens": "an integer >= 1, or auto",
     "output_dir": "the directory to write the records to",
 }
-# keys set through links (from the model side or the seed), never by the user
-LINKED = {"data.max_new_tokens", "data.token", "data.seed", "model.seed"}
+LINKED = options.LINKED
 # keys whose relative paths, when set in a config file, are read from that file's folder
 PATH_KEYS = ("data.data_files", "data.dataset_name", "data.chat_template", "model.model_name_or_path",
              "model.config_name", "model.tokenizer_name", "model.adapter_name_or_path", "model.generation_config_file")
@@ -101,8 +113,18 @@ class LgenCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         outputs.check_output_dir(self.config.output_dir, self.config.overwrite_output_dir)
+        self.lock = DirectoryLock(self.config.output_dir)
+        if rank_zero_only.rank == 0:  # before anything is read, deleted or written there
+            self.lock.acquire()
 
     def instantiate_classes(self) -> None:
+        try:
+            self._instantiate_classes()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _instantiate_classes(self) -> None:
         self.config_init = self.parser.instantiate_classes(self.config)
         cfg = self.config_init
         model: GenerationModule = cfg.model
@@ -121,8 +143,7 @@ class LgenCLI(LightningCLI):
                      token_budget=model.token_budget, lockstep=zero3.lockstep(strategy),
                      continuous=model.engine_name == "compact")
         data.setup("predict")
-        fingerprint = {"split": data.dataset_split, "data": data.settings(), "model": model.settings(),
-                       "seed": data.seed}
+        fingerprint = make_fingerprint(model, data, precision=str(self.trainer.precision))
         data.skip(self.output.prepare(fingerprint, overwrite=cfg.overwrite_output_dir, rank=rank_zero_only.rank,
                                       samples=model.num_return_sequences, expected=data.example_keys()))
 
@@ -145,9 +166,22 @@ class LgenCLI(LightningCLI):
         """Run prediction; with nothing left to generate, load no weights and leave the summary as is."""
         if not self.datamodule.todo:
             log.info("nothing to generate: all %d records are in %s", len(self.output.done), self.output.path)
+            if rank_zero_only.rank == 0:
+                if not (self.output.path / "summary.json").is_file():
+                    self.writer.rebuild_summary(self.datamodule.stats)
+                if self.config_init.merge:
+                    merge(self.output.path, self.output.split)
             self.writer.summary = self.output.summary()
             return
         self.trainer.predict(self.model, datamodule=self.datamodule, return_predictions=False)
+
+
+def make_fingerprint(model: GenerationModule, data: GenerationDataModule, *, precision: str) -> dict[str, Any]:
+    """Every setting that can change a record (``RECORD_NEUTRAL`` lists those that cannot), for
+    ``fingerprint.json``: a resume with other values is refused. Needs ``data`` set up."""
+    return {"split": data.dataset_split, "data": data.settings(), "model": model.settings(), "seed": data.seed,
+            "precision": precision,
+            outputs.COUNTS: {"rows": data.stats.get("rows_read"), "examples": len(data.examples or [])}}
 
 
 def explain(message: str, parser: LightningArgumentParser, argv: list[str]) -> str:
@@ -173,7 +207,7 @@ def explain(message: str, parser: LightningArgumentParser, argv: list[str]) -> s
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         return f"unknown key {key}{hint} (lgen predict --help lists every key)"
     if message.startswith("Problems parsing config"):
-        for path in _config_files(argv):
+        for path in options.config_files(argv):
             try:
                 yaml.safe_load(Path(path).read_text())
             except yaml.YAMLError as err:
@@ -190,21 +224,11 @@ def _expected(message: str) -> str:
     return ", or ".join(dict.fromkeys(found)) or "another value"
 
 
-def _config_files(argv: list[str]) -> list[str]:
-    files = []
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
-
-
 def resolve_config_paths(config: Namespace, argv: list[str]) -> None:
     """A relative path set in a config file is read from that file's folder, when it exists there,
     so ``lgen predict --config /abs/path/task.yaml`` works from any directory. A value given later
     on the command line, or a path that exists only relative to the current directory, is kept."""
-    for path in _config_files(argv):
+    for path in options.config_files(argv):
         try:
             own = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError):

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lgen import outputs
-from lgen.errors import Interrupted
+from lgen.errors import Interrupted, OutputDirError
 from lgen.merge import merge
 from lgen.records import BatchRecords, record_key
 
@@ -52,6 +52,7 @@ class JsonlWriter(BasePredictionWriter):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.output.path.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
+            outputs.remove_derived(self.output.path, self.output.split)
             for name, data in pl_module.config_dumps().items():
                 outputs.write_json(self.output.path / name, data)
             if self.config_text:
@@ -82,9 +83,12 @@ class JsonlWriter(BasePredictionWriter):
             self.stats["generation_seconds"] += prediction.seconds / len(prediction.records)
             self.reasons[record["finish_reason"]] += 1
         if lines:
-            self._file.write("".join(lines).encode("utf-8"))
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.write("".join(lines).encode("utf-8"))
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as err:
+                raise outputs.unwritable(self.path, err) from err
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._file is not None:
@@ -113,12 +117,31 @@ class JsonlWriter(BasePredictionWriter):
         if trainer.is_global_zero and hasattr(self, "_start"):
             status = (f"interrupted ({exception})" if isinstance(exception, Interrupted)
                       else f"failed ({type(exception).__name__})")
-            keys, reasons = outputs.scan(self.output.path, self.output.split)
-            self._write_summary(trainer, self.stats, reasons, len(keys), status)
+            try:
+                keys, reasons = outputs.scan(self.output.path, self.output.split)
+                self._write_summary(trainer, self.stats, reasons, len(keys), status)
+            except (OSError, OutputDirError) as err:  # e.g. the disk that failed the batch is still full
+                log.warning("summary.json not updated: %s", err)
 
     def _write_summary(self, trainer: Trainer, stats: Counter, reasons: Counter, records: int, status: str) -> None:
+        self.write_summary(stats, reasons, records, status, world_size=trainer.world_size,
+                           data_stats=getattr(trainer.datamodule, "stats", {}), loggers=trainer.loggers)
+
+    def rebuild_summary(self, data_stats: dict[str, Any]) -> None:
+        """A ``summary.json`` from the shards alone, for a directory whose summary was deleted (a
+        no-op resume writes it again); the history of earlier runs went with the file."""
+        self._start = time.perf_counter()
+        self._started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        keys, reasons = outputs.scan(self.output.path, self.output.split)
+        missing = self.output.expected - len(keys)
+        self.write_summary(Counter(), reasons, len(keys), "complete" if missing <= 0 else f"{missing} records missing",
+                           world_size=1, data_stats=data_stats)
+
+    def write_summary(self, stats: Counter, reasons: Counter, records: int, status: str, *, world_size: int,
+                      data_stats: dict[str, Any], loggers: Any = ()) -> None:
+        """Write ``summary.json``: the directory's totals, earlier runs' figures, and this run's."""
         wall = time.perf_counter() - self._start
-        data_stats = dict(getattr(trainer.datamodule, "stats", {}) or {})
+        data_stats = dict(data_stats or {})
         run = {
             "started": self._started,
             "status": status,
@@ -129,7 +152,7 @@ class JsonlWriter(BasePredictionWriter):
             "generation_seconds": round(stats["generation_seconds"], 3),
             "wall_seconds": round(wall, 3),
             "tokens_per_second": round(stats["generated_tokens"] / wall, 2) if wall > 0 else None,
-            "world_size": trainer.world_size,
+            "world_size": world_size,
             "versions": _versions(),
         }
         runs = [*_earlier_runs(self.output.summary()), run]
@@ -145,11 +168,11 @@ class JsonlWriter(BasePredictionWriter):
         }
         outputs.write_json(self.output.path / "summary.json", summary)
         self.summary = summary
-        if trainer.loggers:
+        if loggers:
             flat = {k: v for k, v in {**run, **summary}.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
             flat.update({f"finish_reason/{k}": v for k, v in reasons.items()})
-            for logger in trainer.loggers:
+            for logger in loggers:
                 logger.log_metrics(flat, step=0)
                 logger.save()
 

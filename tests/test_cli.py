@@ -41,9 +41,7 @@ def test_unknown_command(capsys):
 
 
 def test_predict_help_shows_what_prediction_uses(capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["predict", "--help"])
-    assert done.value.code == 0
+    assert main(["predict", "--help"]) == 0
     out = capsys.readouterr().out
     for key in ("--model.max_new_tokens", "--data.per_device_batch_size", "--output_dir", "--trainer.accelerator",
                 "--trainer.devices", "--trainer.num_nodes", "--trainer.strategy", "--trainer.precision",
@@ -52,7 +50,7 @@ def test_predict_help_shows_what_prediction_uses(capsys):
     for key in ("max_epochs", "gradient_clip_val", "ckpt_path", "return_predictions", "accumulate_grad_batches",
                 "num_sanity_val_steps", "use_distributed_sampler"):
         assert key not in out, key
-    assert len(out.splitlines()) < 500
+    assert len(out.splitlines()) < 120
 
 
 def test_missing_max_new_tokens_says_what_it_takes(capsys, tiny_model, code_jsonl, tmp_path):

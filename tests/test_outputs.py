@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import prompts_file
+from conftest import prompts_file, read
 
 from lgen.cli import main
 
@@ -128,7 +128,40 @@ def test_fingerprint_refuses_other_settings(tiny_model, tmp_path, capsys):
     (data.parent / "p.jsonl").write_text((data.parent / "p.jsonl").read_text() + json.dumps(
         {"task_id": "t/x", "prompt": "int z() {"}) + "\n")
     assert main(args(tiny_model, data, out)) == 2
-    assert "data.data_files: was [" in capsys.readouterr().err
+    assert ("data.data_files: the content of 1 of 1 files changed; the directory was made from 4 rows, 4 prompts, "
+            "the data now gives 5 rows, 5 prompts") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--trainer.precision", "bf16-true"], "precision: was '32-true', now 'bf16-true'"),
+    (["--data.keep_columns", "[lang]"], "data.keep_columns: was [], now ['lang']"),
+    (["--model.engine", "generate"], "model.engine: was 'compact', now 'generate'"),
+])
+def test_a_resume_refuses_settings_that_change_records(tiny_model, tmp_path, capsys, extra, words):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"task_id": f"t/{i}", "prompt": "int f() {", "lang": "c"}) + "\n"
+                            for i in range(3)))
+    out = tmp_path / "out"
+    assert main(args(tiny_model, data, out)) == 0
+    capsys.readouterr()
+    assert main(args(tiny_model, data, out, *extra)) == 2
+    assert words in capsys.readouterr().err
+    assert len(read(out)) == 3
+
+
+def test_a_directory_made_before_the_new_fingerprint_entries_resumes(tiny_model, tmp_path, capsys):
+    data = prompts_file(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "out"
+    assert main(args(tiny_model, data, out, "--trainer.limit_predict_batches", "1")) == 1
+    old = json.loads((out / "fingerprint.json").read_text())
+    for key in ("precision", "counts"):
+        del old[key]
+    for key in ("config", "tokenizer", "engine"):
+        del old["model"][key]
+    del old["data"]["keep_columns"]
+    (out / "fingerprint.json").write_text(json.dumps(old))
+    assert main(args(tiny_model, data, out)) == 0
+    assert sorted(r["id"] for r in read(out)) == [f"t/{i}" for i in range(4)]
 
 
 def test_overwrite_removes_only_lgen_files(tiny_model, tmp_path):
