@@ -11,6 +11,9 @@
   an empty list. The prompt is the dataset's text (``meta.prompt_text`` when a chat template
   wrapped it).
 
+Both are for complete-mode tasks (one prompt per row); a strided output (windows of long texts,
+``part`` other than ``[1, 1]``) is refused: ``lgen merge`` keeps its windows.
+
 ``extract_code`` keeps the code of an instruct model's Markdown answer: the first fenced block
 (```` ```lang ```` ... ```` ``` ````, or to the end when the row stopped before the fence closed); a
 lone bare fence after text closes code that began without one, and the text before it is kept; a
@@ -64,8 +67,10 @@ def export(output_dir: str | Path, split: str, fmt: Format, *, output: str | Pat
     naming how many, when records are missing, unless ``allow_partial``."""
     path = Path(output) if output is not None else default_path(output_dir, split, fmt)
     expected = load_expected(output_dir, split)
+    for _, part in expected.examples if expected is not None else ():
+        _refuse_windows(output_dir, part)
     lines = ordered_lines(output_dir, split, allow_partial=allow_partial)
-    records = (json.loads(line) for line in lines)
+    records = _complete_mode((json.loads(line) for line in lines), output_dir)
 
     def prediction(record: dict[str, Any]) -> str:
         return extract_code(record["prediction"]) if code else record["prediction"]
@@ -83,6 +88,20 @@ def export(output_dir: str | Path, split: str, fmt: Format, *, output: str | Pat
 def dataset_prompt(record: dict[str, Any]) -> str:
     """The dataset's prompt: ``meta.prompt_text`` when a chat template wrapped it."""
     return record["meta"].get("prompt_text", record["prompt"])
+
+
+def _refuse_windows(output_dir: str | Path, part: tuple[int, ...]) -> None:
+    if part != (1, 1):
+        raise OutputDirError(f"{output_dir} is a strided run (records with part {list(part)}: windows of one long "
+                             "text), and scorers would read its windows as samples of one task; lgen export is "
+                             "for complete-mode tasks: use lgen merge for windows")
+
+
+def _complete_mode(records: Iterable[dict[str, Any]], output_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """``records``, refusing a window (an output with no ``expected.{split}.json`` to tell first)."""
+    for r in records:
+        _refuse_windows(output_dir, tuple(r["part"]))
+        yield r
 
 
 def _by_row(records: Iterable[tuple[dict[str, Any], str]], expected: Expected | None, *, output_dir: str | Path,

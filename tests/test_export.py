@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import PROMPTS, TEMPLATE, lgen, prompts_file, read
+from conftest import CODE, PROMPTS, TEMPLATE, lgen, prompts_file, read
 
 from lgen.cli import main
 from lgen.errors import OutputDirError
@@ -151,6 +151,22 @@ def test_rows_the_length_filters_dropped_are_empty_lists(tiny_model, tmp_path, c
     assert main(["export", str(tmp_path / "out"), "--format", "humaneval"]) == 0
     assert [json.loads(line)["task_id"] for line in (tmp_path / "out" / "humaneval.test.jsonl").open()] == [
         "t/0", "t/2", "t/3"]
+
+
+def test_a_strided_output_is_refused(tiny_model, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"task_id": f"long/{i}", "prompt": "".join(CODE)}) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    run(tiny_model, data, out, "--data.mode", "strided", "--data.max_window_size", "24", "--data.block_size", "64")
+    assert all(r["part"][1] > 1 for r in read(out))
+    for fmt in ("humaneval", "bigcode"):
+        assert main(["export", str(out), "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert "is a strided run (records with part [1, " in err and "use lgen merge for windows" in err
+    (out / "expected.test.json").unlink()  # refused from the records themselves too
+    assert main(["export", str(out), "--format", "humaneval", "--allow-partial"]) == 2
+    assert "is a strided run" in capsys.readouterr().err
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("humaneval", "bigcode"))]
 
 
 @pytest.mark.parametrize("line,problem", [
