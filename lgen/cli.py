@@ -152,8 +152,8 @@ def export_main(argv: list[str]) -> int:
                                      "records are missing, naming how many.")
     parser.add_argument("output_dir")
     parser.add_argument("--format", required=True, choices=["humaneval", "bigcode"])
-    parser.add_argument("--output", help="the file to write (default: humaneval.{split}.jsonl or "
-                                         "bigcode.{split}.json in output_dir)")
+    parser.add_argument("--output", help="the file to write, in an existing directory outside output_dir "
+                                         "(default: humaneval.{split}.jsonl or bigcode.{split}.json in output_dir)")
     parser.add_argument("--split", help="the split to export (default: the only one there)")
     parser.add_argument("--allow-partial", action="store_true", help="export the records there are, even when "
                         "some are missing (bigcode: a row without records is an empty list, so positions still "

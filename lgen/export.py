@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -104,11 +105,35 @@ def default_path(output_dir: str | Path, split: str, fmt: Format) -> Path:
     return Path(output_dir) / (f"humaneval.{split}.jsonl" if fmt == "humaneval" else f"bigcode.{split}.json")
 
 
+def _target(output_dir: str | Path, split: str, fmt: Format, *, output: str | Path | None) -> Path:
+    """The file to write, refused before any record is read where it cannot be written, or where
+    ``lgen predict`` would later find a file it did not write in ``output_dir``."""
+    default = default_path(output_dir, split, fmt)
+    if output is None:
+        return default
+    path = Path(output)
+    if path.is_dir():
+        raise OutputDirError(f"--output={str(path)!r} is a directory; give a file path, e.g. {path / default.name}")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        problem = "does not exist" if not parent.exists() else "is not a directory"
+        raise OutputDirError(f"--output={str(path)!r}: its directory {parent} {problem}; create it first "
+                             "or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"--output={str(path)!r} is not writable ({parent} denies writing); choose another path")
+    inside = path.resolve().is_relative_to(Path(output_dir).resolve())
+    if inside and path.resolve() != default.resolve():
+        raise OutputDirError(f"--output={str(path)!r} is inside the output directory {output_dir}, where lgen "
+                             f"predict would refuse it as a file lgen did not write; leave --output unset to write "
+                             f"{default}, or write outside {output_dir}")
+    return path
+
+
 def export(output_dir: str | Path, split: str, fmt: Format, *, output: str | Path | None = None,
            allow_partial: bool = False, code: bool = False) -> Path:
     """Write ``output_dir``'s records of ``split`` for a scorer (see the module docstring); fails,
     naming how many, when records are missing, unless ``allow_partial``."""
-    path = Path(output) if output is not None else default_path(output_dir, split, fmt)
+    path = _target(output_dir, split, fmt, output=output)
     expected = load_expected(output_dir, split)
     for _, part in expected.examples if expected is not None else ():
         _refuse_windows(output_dir, part)

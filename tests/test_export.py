@@ -273,6 +273,38 @@ def test_a_line_that_is_not_utf8_is_named():
         parse_record(b'{"id": "\xff"}\n', Path("s.jsonl"), 3)
 
 
+def test_export_output_that_cannot_be_written_is_refused_before_reading(sampled, tmp_path, capsys):
+    out = copy_output(sampled, tmp_path / "out")
+    shard = out / "00001-of-00001.test.jsonl"
+    shard.write_text("not json\n" + shard.read_text())  # reading the records would fail: the checks come first
+    (tmp_path / "file").write_text("")
+    refused = {
+        tmp_path / "missing" / "g.json": f"its directory {tmp_path / 'missing'} does not exist; create it first",
+        tmp_path / "file" / "g.json": f"its directory {tmp_path / 'file'} is not a directory",
+        tmp_path: f"is a directory; give a file path, e.g. {tmp_path / 'bigcode.test.json'}",
+        out / "mine.json": f"is inside the output directory {out}, where lgen predict would refuse it as a file lgen "
+                           f"did not write; leave --output unset to write {out / 'bigcode.test.json'}, or write "
+                           f"outside {out}",
+        out / "00001-of-00001.test.jsonl": "is inside the output directory",  # a shard: never overwritten
+        out / "humaneval.test.jsonl": "is inside the output directory",  # another format's name
+    }
+    if not os.access("/proc/sys", os.W_OK):
+        refused[Path("/proc/sys/g.json")] = "is not writable (/proc/sys denies writing); choose another path"
+    for target, words in refused.items():
+        assert main(["export", str(out), "--format", "bigcode", "--output", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lgen: error: --output={str(target)!r}") and words in err and err.count("\n") == 1
+    assert not (tmp_path / "missing").exists() and shard.read_text().startswith("not json\n")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in sampled.iterdir()
+                                                           if not p.name.startswith(("humaneval", "bigcode")))
+
+
+def test_export_output_at_the_default_name_inside_is_written(sampled, tmp_path):
+    out = copy_output(sampled, tmp_path / "out")
+    assert main(["export", str(out), "--format", "bigcode", "--output", str(out / "bigcode.test.json")]) == 0
+    assert len(json.loads((out / "bigcode.test.json").read_text())) == 7
+
+
 @pytest.mark.parametrize("command,name", [
     (["export", "--format", "humaneval"], "humaneval.test.jsonl"),
     (["export", "--format", "bigcode"], "bigcode.test.json"),
