@@ -163,13 +163,15 @@ def export_main(argv: list[str]) -> int:
                                      "records are missing, naming how many.")
     parser.add_argument("output_dir")
     parser.add_argument("--format", required=True, choices=["humaneval", "bigcode"])
-    parser.add_argument("--output", help="the file to write (default: humaneval.{split}.jsonl or "
-                                         "bigcode.{split}.json in output_dir)")
+    parser.add_argument("--output", help="the file to write, in an existing directory outside output_dir "
+                                         "(default: humaneval.{split}.jsonl or bigcode.{split}.json in output_dir)")
     parser.add_argument("--split", help="the split to export (default: the only one there)")
     parser.add_argument("--allow-partial", action="store_true", help="export the records there are, even when "
-                                                                      "some are missing")
+                        "some are missing (bigcode: a row without records is an empty list, so positions still "
+                        "match the dataset's rows)")
     parser.add_argument("--extract-code", action="store_true", help="keep each prediction's first fenced code "
-                                                                     "block (for instruct models' Markdown answers)")
+                        "block, less a restated signature, so prompt + completion is the program (for instruct "
+                        "models' Markdown answers)")
     args = parser.parse_args(argv)
     split = _split(parser, args.output_dir, args.split)
     print(export(args.output_dir, split, args.format, output=args.output, allow_partial=args.allow_partial,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 from lgen.errors import Incomplete, OutputDirError
-from lgen.outputs import SHARD, complete_lines, read_expected, shards, write_lines
+from lgen.outputs import SHARD, read_expected, shard_records, shards, write_lines
 from lgen.records import RecordKey, record_key
 
 log = logging.getLogger(__name__)
@@ -27,14 +26,14 @@ def ordered_lines(output_dir: str | Path, split: str, *, allow_partial: bool = F
 
     The records a complete output holds come from ``expected.{split}.json``, which every run writes
     when it starts. A missing record fails, naming how many are missing, unless ``allow_partial``;
-    then what there is comes out. Memory stays small on large outputs: a first pass keeps only each
-    record's order and place (shard, byte offset); the second reads the lines in order.
+    then what there is comes out. A line that is not a record fails, naming the shard and the line
+    (:func:`lgen.outputs.parse_record`). Memory stays small on large outputs: a first pass keeps
+    only each record's order and place (shard, byte offset); the second reads the lines in order.
     """
     paths = shards(output_dir, split)
     index: dict[RecordKey, tuple[tuple[int, int, int], int, int]] = {}  # order, shard, offset
     for s, path in enumerate(paths):
-        for start, line in complete_lines(path):
-            r = json.loads(line)
+        for start, r in shard_records(path):
             index.setdefault(record_key(r), ((r["meta"].get("row", 0), r["part"][0], r["seq"][0]), s, start))
     if not index:
         raise OutputDirError(f"no {split!r} shards with records in {output_dir}")

@@ -7,8 +7,9 @@ Files lgen owns in ``output_dir``::
     generation_config_diff.json, adapter_config.json       config dumps, as run_gen.py wrote them
     lgen_config.yaml              the resolved lgen config
     fingerprint.json              dataset, model and generation settings this directory was made with
-    expected.test.json            every (id, part) of the split and the samples of each: what a
-                                  complete output holds (written when a run starts; merge reads it)
+    expected.test.json            every (id, part) of the split, the samples of each and its source
+                                  row: what a complete output holds (written when a run starts; merge
+                                  and export read it)
     summary.json                  totals for the directory, and each run's own figures
     lgen.lock                     held while a run lives, so that one run at a time writes here
     merged.test.jsonl             ``lgen merge`` output
@@ -26,6 +27,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ SHARD = re.compile(r"^(\d{5})-of-(\d{5})\.(.+)\.jsonl$")
 MERGED = re.compile(r"^merged\.(.+)\.jsonl$")
 EXPECTED = re.compile(r"^expected\.(.+)\.json$")
 EXPORTED = re.compile(r"^(humaneval\.(.+)\.jsonl|bigcode\.(.+)\.json)$")
+RECORD_FIELDS = ("id", "part", "seq", "finish_reason", "meta")  # what readers of a shard rely on
 OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json", "generation_config_diff.json",
          "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json", LOCK}
 
@@ -62,17 +65,66 @@ def shards(output_dir: str | Path, split: str) -> list[Path]:
 def complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line) of each complete line: a last line without its newline was torn by a
     crash and is skipped."""
+    for start, _, line in _numbered_lines(path):
+        yield start, line
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, 1-based line number, line) of each complete, non-blank line."""
     offset = 0
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             start, offset = offset, offset + len(line)
             if line.endswith(b"\n") and line.strip():
-                yield start, line
+                yield start, number, line
+
+
+def parse_record(line: bytes, path: Path, number: int) -> dict[str, Any]:
+    """Line ``number`` of shard ``path`` as a record. lgen appends whole lines and only a crash
+    tears the last one (dropped), so any other line that is not a record was changed by something
+    else: refused, naming the file, the line and the fix, rather than dropped without a word."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as err:
+        problem = f"not UTF-8 at byte {err.start + 1}"
+    except json.JSONDecodeError as err:
+        problem = f"{err.msg} at column {err.pos + 1}"  # 1-based, as colno (which restarts after a newline)
+    else:
+        problem = _not_a_record(record)
+        if problem is None:
+            return record
+    raise OutputDirError(f"{path} line {number} is not a record lgen wrote ({problem}); lgen only ever tears a "
+                         "shard's last line, so this file was changed by something else: delete that line (its "
+                         "record is generated again on resume) or set overwrite_output_dir: true")
+
+
+def _not_a_record(value: Any) -> str | None:
+    """What keeps a parsed line from being a record, e.g. ``"no seq"``; None for a record."""
+    if not isinstance(value, dict):
+        return f"a JSON {type(value).__name__}, not an object"
+    missing = [f for f in RECORD_FIELDS if f not in value]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for name in ("part", "seq"):
+        pair = value[name]
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(n) is int and n >= 1 for n in pair)):
+            return f"{name}={json.dumps(pair)} is not two whole numbers from 1"
+    if not isinstance(value["meta"], dict) or type(value["meta"].get("row", 0)) is not int:
+        return f"meta={json.dumps(value['meta'])} is not an object with a whole-number row"
+    if not isinstance(value["finish_reason"], str):
+        return f"finish_reason={json.dumps(value['finish_reason'])} is not a string"
+    return None
+
+
+def shard_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, record) of each complete line of a shard (see :func:`parse_record`)."""
+    for start, number, line in _numbered_lines(path):
+        yield start, parse_record(line, path, number)
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    for _, line in complete_lines(path):
-        yield json.loads(line)
+    for _, record in shard_records(path):
+        yield record
 
 
 def torn_bytes(path: Path) -> int:
@@ -281,23 +333,56 @@ def expected_path(output_dir: str | Path, split: str) -> Path:
     return Path(output_dir) / f"expected.{split}.json"
 
 
-def write_expected(output_dir: str | Path, split: str, examples: list[ExampleKey], samples: int) -> None:
-    """What a complete output of ``split`` holds: every (id, part), in dataset order, ``samples`` each."""
-    write_json(expected_path(output_dir, split), {
-        "split": split, "samples": samples,
-        "examples": [[json.loads(ident), list(part)] for ident, part in examples],
-    })
+def write_expected(output_dir: str | Path, split: str, examples: list[ExampleKey], samples: int, *,
+                   rows: list[int] | None = None, rows_read: int | None = None) -> None:
+    """What a complete output of ``split`` holds: every (id, part), in dataset order, ``samples``
+    each; with ``rows`` (each example's source row) and ``rows_read`` (the rows the split had,
+    before the length filters), exports can keep each record at its dataset row."""
+    data: dict[str, Any] = {"split": split, "samples": samples,
+                            "examples": [[json.loads(ident), list(part)] for ident, part in examples]}
+    if rows is not None:
+        data["rows"] = list(rows)
+    if rows_read is not None:
+        data["rows_read"] = rows_read
+    write_json(expected_path(output_dir, split), data)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """``expected.{split}.json``: what a complete output of a split holds."""
+
+    examples: list[ExampleKey]  # every (id, part), in dataset order
+    samples: int
+    rows: list[int] | None = None  # each example's source row (None: an older lgen wrote the file)
+    rows_read: int | None = None  # the rows of the split, before the length filters dropped any
+
+    def keys(self) -> list[RecordKey]:
+        """Every record key, in dataset order."""
+        return [(ident, part, k) for ident, part in self.examples for k in range(1, self.samples + 1)]
+
+
+def load_expected(output_dir: str | Path, split: str) -> Expected | None:
+    """The split's :class:`Expected`; None where no run wrote the file."""
+    path = expected_path(output_dir, split)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        expected = Expected([(id_key(ident), tuple(part)) for ident, part in data["examples"]], int(data["samples"]),
+                            data.get("rows"), data.get("rows_read"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise OutputDirError(f"{path} is not the file lgen wrote ({type(err).__name__}: {err}); delete it and rerun "
+                             "the same lgen predict command, which writes it again") from None
+    if expected.rows is not None and len(expected.rows) != len(expected.examples):
+        raise OutputDirError(f"{path} lists {len(expected.rows)} rows for {len(expected.examples)} examples; delete "
+                             "it and rerun the same lgen predict command, which writes it again")
+    return expected
 
 
 def read_expected(output_dir: str | Path, split: str) -> list[RecordKey] | None:
     """Every record key a complete output holds, in dataset order; None where no run wrote the file."""
-    path = expected_path(output_dir, split)
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return [(id_key(ident), tuple(part), k) for ident, part in data["examples"]
-            for k in range(1, data["samples"] + 1)]
-
+    expected = load_expected(output_dir, split)
+    return None if expected is None else expected.keys()
 
 
 class OutputDir:
@@ -318,10 +403,12 @@ class OutputDir:
         self.expected = 0  # records a complete output holds
 
     def prepare(self, fingerprint: dict[str, Any], *, overwrite: bool, rank: int, samples: int,
-                expected: list[ExampleKey]) -> set[ExampleKey]:
+                expected: list[ExampleKey], rows: list[int] | None = None,
+                rows_read: int | None = None) -> set[ExampleKey]:
         """Get the directory ready for this run; returns the (id, part) pairs whose every sample
         (``samples`` of them) is already written, which this run skips. ``expected`` lists every
-        (id, part) of the split."""
+        (id, part) of the split, ``rows`` the source row of each and ``rows_read`` the rows the split
+        had (for ``expected.{split}.json``)."""
         self.fingerprint = fingerprint
         self.expected = len(expected) * samples
         if overwrite:
@@ -341,7 +428,7 @@ class OutputDir:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / "fingerprint.json").is_file() or not has_records(self.path):
                 write_json(self.path / "fingerprint.json", fingerprint)
-            write_expected(self.path, self.split, expected, samples)
+            write_expected(self.path, self.split, expected, samples, rows=rows, rows_read=rows_read)
         return complete_examples(self.done, samples)
 
     def summary(self) -> dict[str, Any]:

@@ -145,7 +145,8 @@ class LgenCLI(LightningCLI):
         data.setup("predict")
         fingerprint = make_fingerprint(model, data, precision=str(self.trainer.precision))
         data.skip(self.output.prepare(fingerprint, overwrite=cfg.overwrite_output_dir, rank=rank_zero_only.rank,
-                                      samples=model.num_return_sequences, expected=data.example_keys()))
+                                      samples=model.num_return_sequences, expected=data.example_keys(),
+                                      rows=[ex["row"] for ex in data.examples], rows_read=data.stats["rows_read"]))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self.config_init.trainer, **kwargs}
