@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from lgen import records
 from lgen.errors import ConfigError, DataError
 from lgen.plan import PADDING, PlannedBatches, bucket, deal, deal_streams, plan_batches, plan_streams
-from lgen.sources import load_split, local_files
+from lgen.sources import file_format, load_split, local_files
 from lgen.windows import Windowing, make_examples
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class GenerationDataModule(LightningDataModule):
 
     Args:
         dataset_name: a Hub dataset, a folder written by ``save_to_disk``, or, with ``data_files``,
-            a builder name (``json``, ``csv``, ``parquet``, ``text``; inferred from the file suffix when unset).
+            a builder name (``json``, ``csv``, ``parquet``, ``text``; inferred from the file suffix when unset,
+            also under ``.gz``, ``.bz2``, ``.xz``, ``.zst``: ``rows.jsonl.gz`` is ``json``).
         data_files: local file(s) for ``dataset_split``.
         dataset_config_name: the dataset configuration (also written to each record's ``meta.subset``).
         dataset_split: the split to generate for; it also names the output shards.
@@ -391,7 +392,7 @@ class GenerationDataModule(LightningDataModule):
             return "raise data.block_size or lower model.max_new_tokens"
         hint = "rows must hold at least max_window_size + max_new_tokens tokens: lower data.max_window_size"
         if self.sample_by == "line" and (self.dataset_name == "text" or any(
-                str(f).endswith(".txt") for f in self.data_files or [])):
+                file_format(f) == "text" for f in self.data_files or [])):
             hint += ("; a text file is read one row per line, so for longer rows set data.sample_by: paragraph "
                      "(blank-line separated) or document")
         return hint

@@ -226,3 +226,16 @@ def test_chat_settings_are_checked(tok, kw, message):
                               **({"mode": "complete"} | kw))
     with pytest.raises(ConfigError, match=re.escape(message)):
         dm.connect(tok)
+
+
+@pytest.mark.parametrize("suffix,opener", [(".gz", "gzip"), (".bz2", "bz2"), (".xz", "lzma")])
+@pytest.mark.parametrize("dataset_name", [None, "json"])
+def test_compressed_json_lines_load(tok, tmp_path, suffix, opener, dataset_name):
+    """datasets decompresses; the format comes from the suffix under the compression's."""
+    import importlib
+
+    path = tmp_path / f"d.jsonl{suffix}"
+    with importlib.import_module(opener).open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": words(0, 3)}) + "\n" + json.dumps({"text": "w9 w10"}) + "\n")
+    dm = module(tok, str(path), dataset_name=dataset_name, mode="complete", block_size=10, max_new_tokens=2)
+    assert view(dm) == [(0, [1, 1], "w0 w1 w2", ""), (1, [1, 1], "w9 w10", "")]

@@ -196,3 +196,16 @@ def test_strided_text_hints_at_sample_by(capsys, tiny_model, tmp_path):
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "paragraphs" / "00001-of-00001.test.jsonl").open()]
     assert sorted({r["id"] for r in records}) == [0, 1] and all(r["part"][1] > 1 for r in records)
+
+
+def test_a_gzipped_jsonl_generates(capsys, tiny_model, code_jsonl, tmp_path):
+    import gzip
+
+    data = tmp_path / "prompts.jsonl.gz"
+    data.write_bytes(gzip.compress(code_jsonl.read_bytes()))
+    for extra in ([], ["--data.dataset_name", "json"]):
+        out = tmp_path / f"out{len(extra)}"
+        code, err = run(capsys, tiny_model, data, out, "--data.id_column_name", "task_id", *extra)
+        assert code == 0, err
+        records = [json.loads(line) for line in (out / "00001-of-00001.test.jsonl").open()]
+        assert sorted(r["id"] for r in records) == sorted(json.loads(line)["task_id"] for line in code_jsonl.open())
