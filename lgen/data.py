@@ -78,8 +78,10 @@ class GenerationDataModule(LightningDataModule):
         dataset_config_name: the dataset configuration (also written to each record's ``meta.subset``).
         dataset_split: the split to generate for; it also names the output shards.
         dataset_revision: dataset version (branch, tag or commit) on the Hub.
-        text_column_name: the prompt column; default ``text`` if present, else the first column.
-        reference_column_name: the reference column; setting it selects complete mode.
+        text_column_name: the prompt column (text); default ``text`` if present, else the first column.
+            A row whose prompt is null or missing is dropped.
+        reference_column_name: the reference column (text); setting it selects complete mode. A row
+            whose reference is null or missing is dropped.
         id_column_name: the id column; default the row index.
         keep_columns: columns copied into every record.
         streaming: read the split as a stream (it is still materialised before planning).
@@ -347,6 +349,7 @@ class GenerationDataModule(LightningDataModule):
         self._check_columns(list(raw.column_names))
         if len(raw) == 0:
             raise DataError(f"the dataset split {self.dataset_split!r} is empty: nothing to generate")
+        self._check_text(raw)
         windowing = Windowing(self.complete_mode, self.text_column_name, self.reference_column_name,
                               self.id_column_name, tuple(self.keep_columns), self.resolved_block_size,
                               self.resolved_window, self.max_new_tokens, self.subsamples, self.seed,
@@ -357,14 +360,20 @@ class GenerationDataModule(LightningDataModule):
             load_from_cache_file=not self.overwrite_cache, num_proc=self.preprocessing_num_workers,
             desc="tokenizing",
         )
-        drops = Counter(d for d in processed["drop"] if d)
-        for reason, n in drops.items():
-            log.warning("dropped %d of %d rows: %s", n, len(raw), reason)
+        dropped: dict[str, list[int]] = {}  # reason -> the rows it dropped, as meta.row counts them (from 0)
+        for reason, row in zip(processed["drop"], processed["row"]):
+            if reason:
+                dropped.setdefault(reason, []).append(row)
+        drops = {reason: len(rows) for reason, rows in dropped.items()}
+        for reason, rows in dropped.items():
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            log.warning("dropped %d of %d rows: %s (%s %s)", len(rows), len(raw), reason,
+                        "row" if len(rows) == 1 else "rows", shown)
         if self.id_column_name is None:
             log.info("no data.id_column_name: the row index is the id")
         kept = processed.filter(lambda d: not d, input_columns="drop")
         if len(kept) == 0:
-            raise DataError(f"every row was dropped by the length filters ({dict(drops)}); {self._drop_hint()}")
+            raise DataError(f"every row was dropped ({drops}); {self._drop_hint(set(drops))}")
         examples = []
         truncated = 0
         source = raw[self.text_column_name] if self.chat_template else None
@@ -381,21 +390,62 @@ class GenerationDataModule(LightningDataModule):
             log.warning("%d of %d prompts are longer than max_window_size=%d tokens and keep only their last %d, "
                         "as run_gen.py did; raise data.block_size (or data.max_window_size) to keep more",
                         truncated, len(examples), self.resolved_window, self.resolved_window)
-        self.stats = {"rows_read": len(raw), "rows_dropped": dict(drops), "examples": len(examples),
+        self.stats = {"rows_read": len(raw), "rows_dropped": drops, "examples": len(examples),
                       "prompts_truncated": truncated}
         self.pad_example = examples[0]  # what padding batches run (a rank with no work still steps)
         self.examples = examples
         self._todo = None
 
-    def _drop_hint(self) -> str:
-        if self.complete_mode:
-            return "raise data.block_size or lower model.max_new_tokens"
-        hint = "rows must hold at least max_window_size + max_new_tokens tokens: lower data.max_window_size"
-        if self.sample_by == "line" and (self.dataset_name == "text" or any(
-                file_format(f) == "text" for f in self.data_files or [])):
-            hint += ("; a text file is read one row per line, so for longer rows set data.sample_by: paragraph "
-                     "(blank-line separated) or document")
-        return hint
+    def _drop_hint(self, reasons: set[str]) -> str:
+        """What to change, by why the rows were dropped."""
+        hints = []
+        empty = reasons & {"empty prompt", "null or missing prompt"}
+        if empty:
+            hints.append(f"every prompt is empty or null: check data.text_column_name={self.text_column_name!r}"
+                         if empty == reasons else f"check data.text_column_name={self.text_column_name!r}")
+        if "null or missing reference" in reasons:
+            hints.append(f"check data.reference_column_name={self.reference_column_name!r}")
+        if "prompt + reference > block_size - 1" in reasons:
+            hints.append("prompt + reference must fit in block_size - 1: raise data.block_size or lower "
+                         "data.max_window_size")
+        if "chat prompt longer than max_window_size" in reasons:
+            room = "raise data.max_window_size" if self.max_window_size is not None \
+                else "raise data.block_size or lower model.max_new_tokens"
+            hints.append(f"a chat prompt must fit max_window_size whole: {room}")
+        if "shorter than max_window_size + max_new_tokens" in reasons:
+            hint = "rows must hold at least max_window_size + max_new_tokens tokens: lower data.max_window_size"
+            if self.sample_by == "line" and (self.dataset_name == "text" or any(
+                    file_format(f) == "text" for f in self.data_files or [])):
+                hint += ("; a text file is read one row per line, so for longer rows set data.sample_by: paragraph "
+                         "(blank-line separated) or document")
+            hints.append(hint)
+        return "; ".join(hints)
+
+    def _check_text(self, raw) -> None:
+        """Refuse a prompt or reference column that does not hold text (lists, dicts, numbers): each
+        value would be generated from as its ``str()``, ``['a', 'b']``. A column of nulls alone (an
+        empty CSV column reads as float64) passes: its rows are dropped as null."""
+        import datasets
+
+        for key in ("text_column_name", "reference_column_name"):
+            column = getattr(self, key)
+            if column is None:
+                continue
+            feature = raw.features[column]
+            if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null"):
+                continue
+            if all(v is None for v in raw[column]):
+                continue
+            if isinstance(feature, datasets.Value):
+                kind = f"{feature.dtype} values"
+            elif isinstance(feature, dict):
+                kind = "dicts"
+            elif isinstance(feature, (datasets.List, datasets.LargeList)):
+                kind = f"lists ({feature})"
+            else:
+                kind = f"{type(feature).__name__} values"
+            raise DataError(f"data.{key}={column!r} holds {kind}, not text; choose a text column "
+                            f"(columns: {list(raw.column_names)}) or convert this one to strings")
 
     def _check_unique(self, examples: list[dict[str, Any]]) -> None:
         """Refuse ids that name several rows: their records would share a key, and resume and the

@@ -228,6 +228,82 @@ def test_chat_settings_are_checked(tok, kw, message):
         dm.connect(tok)
 
 
+def test_null_and_missing_prompts_are_dropped_and_named(tok, tmp_path, caplog):
+    """JSON null, a key missing from a line and an empty CSV field are no prompt: dropped, with the
+    rows named, never generated from as the text "None"."""
+    rows = [{"text": words(0, 2)}, {"text": None}, {"other": 1}, {"text": ""}] + [{"text": None}] * 5
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level("WARNING", logger="lgen.data"):
+        dm = module(tok, path, mode="complete", block_size=10, max_new_tokens=2)
+    assert view(dm) == [(0, [1, 1], "w0 w1", "")]
+    assert dm.stats["rows_dropped"] == {"null or missing prompt": 7, "empty prompt": 1}
+    assert "dropped 7 of 9 rows: null or missing prompt (rows 1, 2, 4, 5, 6, ...)" in caplog.messages
+    assert "dropped 1 of 9 rows: empty prompt (row 3)" in caplog.messages
+    (tmp_path / "d.csv").write_text(f"text,k\n{words(0, 2)},1\n,2\n")
+    dm = module(tok, str(tmp_path / "d.csv"), mode="complete", block_size=10, max_new_tokens=2)
+    assert view(dm) == [(0, [1, 1], "w0 w1", "")]
+    assert dm.stats["rows_dropped"] == {"null or missing prompt": 1}
+    strided = module(tok, path, block_size=6, max_window_size=1, max_new_tokens=1)
+    assert [tok_text(strided, ex["input_ids"]) for ex in strided.examples] == ["w0"]
+    assert strided.stats["rows_dropped"] == {"null or missing prompt": 7,
+                                             "shorter than max_window_size + max_new_tokens": 1}
+
+
+def test_null_references_are_dropped(tok, tmp_path):
+    rows = [{"text": words(0, 2), "ref": words(2, 3)}, {"text": words(0, 2), "ref": None}, {"text": words(0, 2)}]
+    dm = module(tok, write_jsonl(tmp_path / "d.jsonl", rows), block_size=10, max_new_tokens="auto",
+                reference_column_name="ref")
+    assert view(dm) == [(0, [1, 1], "w0 w1", "w2")]
+    assert dm.stats["rows_dropped"] == {"null or missing reference": 2}
+
+
+def test_null_prompts_with_a_chat_template_are_dropped(tok, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 2)}, {"text": None}])
+    dm = module(tok, path, mode="complete", block_size=40, max_new_tokens=4, chat_template=str(template))
+    assert [ex["meta"]["prompt_text"] for ex in dm.examples] == [words(0, 2)]
+    assert dm.stats["rows_dropped"] == {"null or missing prompt": 1}
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"text": None}, {"text": None}], "every row was dropped ({'null or missing prompt': 2}); every prompt is "
+                                       "empty or null: check data.text_column_name='text'"),
+    ([{"text": ""}, {"text": None}], "every row was dropped ({'empty prompt': 1, 'null or missing prompt': 1}); "
+                                     "every prompt is empty or null: check data.text_column_name='text'"),
+])
+def test_every_prompt_empty_or_null_names_the_column(tok, tmp_path, rows, message):
+    with pytest.raises(DataError) as err:
+        module(tok, write_jsonl(tmp_path / "d.jsonl", rows), mode="complete", block_size=10, max_new_tokens=2)
+    assert str(err.value) == message
+
+
+def test_an_empty_csv_column_is_null_not_numbers(tok, tmp_path):
+    (tmp_path / "d.csv").write_text("text,k\n,1\n,2\n")  # pandas reads the empty column as float64 NaN
+    with pytest.raises(DataError, match=re.escape("every prompt is empty or null: check data.text_column_name")):
+        module(tok, str(tmp_path / "d.csv"), mode="complete", block_size=10, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("value,kind", [
+    (["w0", "w1"], "lists (List(Value('string')))"),
+    ({"a": "w0"}, "dicts"),
+    (3, "int64 values"),
+    (1.5, "float64 values"),
+])
+def test_a_prompt_column_that_is_not_text_is_refused(tok, tmp_path, value, kind):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": value, "other": "w0"}])
+    with pytest.raises(DataError) as err:
+        module(tok, path, mode="complete", block_size=10, max_new_tokens=2)
+    assert str(err.value) == (f"data.text_column_name='text' holds {kind}, not text; choose a text column "
+                              "(columns: ['text', 'other']) or convert this one to strings")
+
+
+def test_a_reference_column_that_is_not_text_is_refused(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "w0", "ref": ["w1"]}])
+    with pytest.raises(DataError, match=re.escape("data.reference_column_name='ref' holds lists")):
+        module(tok, path, block_size=10, max_new_tokens="auto", reference_column_name="ref")
+
+
 @pytest.mark.parametrize("suffix,opener", [(".gz", "gzip"), (".bz2", "bz2"), (".xz", "lzma")])
 @pytest.mark.parametrize("dataset_name", [None, "json"])
 def test_compressed_json_lines_load(tok, tmp_path, suffix, opener, dataset_name):
@@ -239,3 +315,19 @@ def test_compressed_json_lines_load(tok, tmp_path, suffix, opener, dataset_name)
         f.write(json.dumps({"text": words(0, 3)}) + "\n" + json.dumps({"text": "w9 w10"}) + "\n")
     dm = module(tok, str(path), dataset_name=dataset_name, mode="complete", block_size=10, max_new_tokens=2)
     assert view(dm) == [(0, [1, 1], "w0 w1 w2", ""), (1, [1, 1], "w9 w10", "")]
+
+
+@pytest.mark.parametrize("rows,kw,hint", [
+    ([{"text": words(0, 3), "ref": words(3, 10)}], {"reference_column_name": "ref", "max_new_tokens": "auto"},
+     "prompt + reference must fit in block_size - 1: raise data.block_size or lower data.max_window_size"),
+    ([{"text": words(0, 3), "ref": None}], {"reference_column_name": "ref", "max_new_tokens": "auto"},
+     "check data.reference_column_name='ref'"),
+    ([{"text": words(0, 3), "ref": words(3, 10)}, {"text": None, "ref": "w0"}],
+     {"reference_column_name": "ref", "max_new_tokens": "auto"},
+     "check data.text_column_name='text'; prompt + reference must fit in block_size - 1"),
+])
+def test_every_row_dropped_hints_by_reason(tok, tmp_path, rows, kw, hint):
+    with pytest.raises(DataError) as err:
+        module(tok, write_jsonl(tmp_path / "d.jsonl", rows), block_size=8, **kw)
+    assert str(err.value).split("); ", 1)[1].startswith(hint)
+    assert "every prompt is empty or null" not in str(err.value)

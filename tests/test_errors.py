@@ -209,3 +209,13 @@ def test_a_gzipped_jsonl_generates(capsys, tiny_model, code_jsonl, tmp_path):
         assert code == 0, err
         records = [json.loads(line) for line in (out / "00001-of-00001.test.jsonl").open()]
         assert sorted(r["id"] for r in records) == sorted(json.loads(line)["task_id"] for line in code_jsonl.open())
+
+
+def test_null_prompts_are_not_generated(capsys, tiny_model, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "int f() {"}\n{"prompt": null}\n{"lang": "c"}\n')
+    code, err = run(capsys, tiny_model, data, tmp_path / "out")
+    assert code == 0, err
+    assert "dropped 2 of 3 rows: null or missing prompt (rows 1, 2)" in err
+    records = [json.loads(line) for line in (tmp_path / "out" / "00001-of-00001.test.jsonl").open()]
+    assert [(r["id"], r["prompt"]) for r in records] == [(0, "int f() {")]
