@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -83,7 +84,7 @@ class GenerationDataModule(LightningDataModule):
         reference_column_name: the reference column (text); setting it selects complete mode. A row
             whose reference is null or missing is dropped.
         id_column_name: the id column; default the row index.
-        keep_columns: columns copied into every record.
+        keep_columns: columns copied into every record; their values must be JSON (no bytes or dates).
         streaming: read the split as a stream (it is still materialised before planning).
         overwrite_cache: re-run tokenization instead of using the ``datasets`` cache.
         preprocessing_num_workers: processes for tokenization.
@@ -385,6 +386,7 @@ class GenerationDataModule(LightningDataModule):
             if self.chat_template:  # the dataset's prompt, before the template (exports need it)
                 ex["meta"]["prompt_text"] = str(source[ex["row"]])
             examples.append(ex)
+        self._check_json(examples, raw.features)
         self._check_unique(examples)
         if truncated:
             log.warning("%d of %d prompts are longer than max_window_size=%d tokens and keep only their last %d, "
@@ -446,6 +448,22 @@ class GenerationDataModule(LightningDataModule):
                 kind = f"{type(feature).__name__} values"
             raise DataError(f"data.{key}={column!r} holds {kind}, not text; choose a text column "
                             f"(columns: {list(raw.column_names)}) or convert this one to strings")
+
+    def _check_json(self, examples: list[dict[str, Any]], features) -> None:
+        """Refuse ids and kept values that a JSON record cannot hold (bytes, datetime, Decimal ...)
+        here, before the output directory is touched: the writer would fail on the first record,
+        after ``overwrite_output_dir`` emptied it."""
+        checks = [(f"data.keep_columns: column {c!r}", c, lambda ex, c=c: ex["keep"][c],
+                   "leave it out of data.keep_columns, or convert the column to text first") for c in self.keep_columns]
+        if self.id_column_name is not None:
+            checks.insert(0, (f"data.id_column_name={self.id_column_name!r}", self.id_column_name, lambda ex: ex["id"],
+                              "choose another id column, or leave data.id_column_name unset to use the row index"))
+        for key, column, value, fix in checks:
+            for ex in examples:
+                bad = _not_json(value(ex))
+                if bad is not None:
+                    raise ConfigError(f"{key} holds {bad} values ({features[column]}; row {ex['row']}), which a JSON "
+                                      f"record cannot hold; {fix}")
 
     def _check_unique(self, examples: list[dict[str, Any]]) -> None:
         """Refuse ids that name several rows: their records would share a key, and resume and the
@@ -542,6 +560,22 @@ class GenerationDataModule(LightningDataModule):
         return Batch(input_ids, attention_mask, int(mnt), any(is_pad for is_pad, _, _ in items),
                      [{k: v for k, v in ex.items() if k != "input_ids"} | {"prompt_ids": ex["input_ids"]}
                       for ex in examples], items[0][2])
+
+
+def _not_json(value: Any) -> str | None:
+    """The type in ``value`` that JSON cannot hold, or None: ``{"a": b"x"}`` -> ``bytes``."""
+    found: list[type] = []
+
+    def default(obj: Any) -> Any:
+        found.append(type(obj))
+        raise TypeError
+
+    try:
+        json.dumps(value, default=default)
+    except (TypeError, ValueError):
+        kind = found[0] if found else type(value)
+        return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return None
 
 
 class _Examples(torch.utils.data.Dataset):

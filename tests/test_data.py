@@ -304,6 +304,55 @@ def test_a_reference_column_that_is_not_text_is_refused(tok, tmp_path):
         module(tok, path, block_size=10, max_new_tokens="auto", reference_column_name="ref")
 
 
+def binary_and_time_parquet(path) -> str:
+    """A parquet file whose columns JSON cannot hold: binary, timestamp, date, decimal."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "text": ["w0 w1", "w2"],
+        "blob": pa.array([b"\x00\x01", b"x"], pa.binary()),
+        "when": pa.array([datetime.datetime(2024, 1, 2, 3, 4)] * 2, pa.timestamp("ms")),
+        "day": pa.array([datetime.date(2024, 1, 2)] * 2, pa.date32()),
+        "price": pa.array([decimal.Decimal("1.50")] * 2, pa.decimal128(5, 2)),
+        "nested": pa.array([[b"x"], []], pa.list_(pa.binary())),
+        "fine": [1, 2],
+    })
+    pq.write_table(table, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("column,kind,feature", [
+    ("blob", "bytes", "Value('binary')"),
+    ("when", "datetime.datetime", "Value('timestamp[ms]')"),
+    ("day", "datetime.date", "Value('date32')"),
+    ("price", "decimal.Decimal", "Value('decimal128(5, 2)')"),
+    ("nested", "bytes", "List(Value('binary'))"),
+])
+def test_keep_columns_json_cannot_hold_are_refused_in_setup(tok, tmp_path, column, kind, feature):
+    path = binary_and_time_parquet(tmp_path / "d.parquet")
+    with pytest.raises(ConfigError) as err:
+        module(tok, path, mode="complete", block_size=10, max_new_tokens=2, keep_columns=["fine", column])
+    assert str(err.value) == (f"data.keep_columns: column {column!r} holds {kind} values ({feature}; row 0), which a "
+                              "JSON record cannot hold; leave it out of data.keep_columns, or convert the column to "
+                              "text first")
+
+
+def test_an_id_column_json_cannot_hold_is_refused(tok, tmp_path):
+    path = binary_and_time_parquet(tmp_path / "d.parquet")
+    with pytest.raises(ConfigError) as err:
+        module(tok, path, mode="complete", block_size=10, max_new_tokens=2, id_column_name="when")
+    assert str(err.value) == ("data.id_column_name='when' holds datetime.datetime values (Value('timestamp[ms]'); "
+                              "row 0), which a JSON record cannot hold; choose another id column, or leave "
+                              "data.id_column_name unset to use the row index")
+    dm = module(tok, path, mode="complete", block_size=10, max_new_tokens=2, id_column_name="fine",
+                keep_columns=["fine"])
+    assert [(ex["id"], ex["keep"]) for ex in dm.examples] == [(1, {"fine": 1}), (2, {"fine": 2})]
+
+
 @pytest.mark.parametrize("suffix,opener", [(".gz", "gzip"), (".bz2", "bz2"), (".xz", "lzma")])
 @pytest.mark.parametrize("dataset_name", [None, "json"])
 def test_compressed_json_lines_load(tok, tmp_path, suffix, opener, dataset_name):

@@ -198,6 +198,25 @@ def test_strided_text_hints_at_sample_by(capsys, tiny_model, tmp_path):
     assert sorted({r["id"] for r in records}) == [0, 1] and all(r["part"][1] > 1 for r in records)
 
 
+def test_an_unserialisable_keep_column_keeps_the_old_records(capsys, tiny_model, code_jsonl, tmp_path):
+    """A column JSON cannot hold is refused in setup, before overwrite_output_dir empties the directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    code, err = run(capsys, tiny_model, code_jsonl, out)
+    assert code == 0, err
+    shard = out / "00001-of-00001.test.jsonl"
+    before = shard.read_bytes()
+    data = tmp_path / "blobs.parquet"
+    pq.write_table(pa.table({"prompt": ["int f() {"], "blob": pa.array([b"\x89PNG"], pa.binary())}), data)
+    code, err = run(capsys, tiny_model, data, out, "--data.keep_columns", "[blob]", "--overwrite_output_dir", "true")
+    assert code == 2, err
+    assert "data.keep_columns: column 'blob' holds bytes values (Value('binary'); row 0)" in err
+    assert "leave it out of data.keep_columns" in err and "Traceback" not in err
+    assert shard.read_bytes() == before
+
+
 def test_a_gzipped_jsonl_generates(capsys, tiny_model, code_jsonl, tmp_path):
     import gzip
 
