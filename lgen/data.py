@@ -97,7 +97,8 @@ class GenerationDataModule(LightningDataModule):
             ``auto`` (the default): on CUDA, what fits in the memory left after the weights (the
             least over all ranks); on a CPU, no token cap (continuous batching: 32 rows).
         block_size: cap on prompt + generation; default from the tokenizer and model.
-        max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``.
+        max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``. With an
+            integer ``max_new_tokens`` the two must fit in ``block_size``.
         subsamples: in strided mode, keep this many randomly chosen windows per row (seeded).
         sort_by_length: plan batches longest-first (much less padding); records are the same rows.
         sample_by: how a text file (``.txt``, or ``dataset_name: text``) is cut into rows: ``line``,
@@ -242,10 +243,10 @@ class GenerationDataModule(LightningDataModule):
         if window < 1:
             raise ConfigError(f"max_window_size={window} (block_size={block}, max_new_tokens={mnt}) leaves no room "
                               "for a prompt: raise data.block_size or lower model.max_new_tokens")
-        if not self.complete_mode and window + mnt > block:
+        if mnt != "auto" and window + mnt > block:  # the default window, block - mnt, always fits
             raise ConfigError(f"data.max_window_size + model.max_new_tokens = {window} + {mnt} = {window + mnt} "
                               f"exceeds data.block_size={block}; lower one of them or raise data.block_size")
-        if self.complete_mode and window > block:
+        if mnt == "auto" and window > block:
             raise ConfigError(f"data.max_window_size={window} exceeds data.block_size={block}: "
                               "a prompt would not fit; lower data.max_window_size")
         self.resolved_block_size, self.resolved_window = block, window

@@ -158,11 +158,28 @@ def test_missing_columns_name_the_key_and_list_columns(tok, tmp_path, kw, words_
     ({"max_new_tokens": 4, "max_window_size": 6, "block_size": 8},
      "data.max_window_size + model.max_new_tokens = 6 + 4 = 10 exceeds data.block_size=8"),
     ({"max_new_tokens": None}, "model.max_new_tokens must be set"),
+    ({"mode": "complete", "max_new_tokens": 4, "max_window_size": 6, "block_size": 8},
+     "data.max_window_size + model.max_new_tokens = 6 + 4 = 10 exceeds data.block_size=8; lower one of them or "
+     "raise data.block_size"),
+    ({"reference_column_name": "r", "max_new_tokens": "auto", "max_window_size": 9, "block_size": 8},
+     "data.max_window_size=9 exceeds data.block_size=8: a prompt would not fit; lower data.max_window_size"),
 ])
 def test_length_settings_are_checked_before_loading(tok, kw, message):
     dm = GenerationDataModule(data_files="never-read.jsonl", **kw)
-    with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         dm.connect(tok)
+
+
+@pytest.mark.parametrize("kw,window", [
+    ({"mode": "complete", "max_new_tokens": 3, "block_size": 8}, 5),  # the default window fills the block
+    ({"mode": "complete", "max_new_tokens": 3, "block_size": 8, "max_window_size": 5}, 5),
+    ({"reference_column_name": "r", "max_new_tokens": "auto", "block_size": 8, "max_window_size": 8}, 8),
+    ({"max_new_tokens": 3, "block_size": 8}, 5),
+])
+def test_a_window_that_fits_the_block_is_accepted(tok, kw, window):
+    dm = GenerationDataModule(data_files="never-read.jsonl", **kw)
+    dm.connect(tok)
+    assert dm.resolved_window == window
 
 
 def test_all_rows_dropped_is_an_error(tok, tmp_path):
