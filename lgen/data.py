@@ -93,13 +93,14 @@ class GenerationDataModule(LightningDataModule):
             decode together: the pool does (``max_batch_tokens``; on a CPU 32 rows). Otherwise the
             most prompts in one batch.
         max_batch_tokens: the cache tokens that decode together, rows x samples x (longest prompt +
-            max_new_tokens; ``block_size`` with ``max_new_tokens: auto``), so memory has a bound.
+            max_new_tokens; ``block_size`` with ``max_new_tokens: auto``), so memory has a bound. An
+            integer must hold one row of the longest prompt.
             ``auto`` (the default): on CUDA, what fits in the memory left after the weights (the
             least over all ranks); on a CPU, no token cap (continuous batching: 32 rows).
         block_size: cap on prompt + generation; default from the tokenizer and model.
         max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``. With an
             integer ``max_new_tokens`` the two must fit in ``block_size``.
-        subsamples: in strided mode, keep this many randomly chosen windows per row (seeded).
+        subsamples: strided mode only: keep this many randomly chosen windows per row (seeded).
         sort_by_length: plan batches longest-first (much less padding); records are the same rows.
         sample_by: how a text file (``.txt``, or ``dataset_name: text``) is cut into rows: ``line``,
             ``paragraph`` (blank-line separated) or ``document`` (one row per file). Strided mode
@@ -235,6 +236,9 @@ class GenerationDataModule(LightningDataModule):
                               "without references give an integer")
         if self.mode == "strided" and self.reference_column_name is not None:
             raise ConfigError("data.mode: strided takes its references from the text; unset data.reference_column_name")
+        if self.complete_mode and self.subsamples is not None:
+            raise ConfigError(f"data.subsamples={self.subsamples} picks strided windows, and complete mode has one "
+                              "prompt per row; unset data.subsamples")
         if isinstance(mnt, int) and mnt < 1:
             raise ConfigError(f"model.max_new_tokens must be >= 1, got {mnt}")
         window = self.max_window_size
@@ -389,6 +393,7 @@ class GenerationDataModule(LightningDataModule):
             examples.append(ex)
         self._check_json(examples, raw.features)
         self._check_unique(examples)
+        self._check_batch_tokens(examples)
         if truncated:
             log.warning("%d of %d prompts are longer than max_window_size=%d tokens and keep only their last %d, "
                         "as run_gen.py did; raise data.block_size (or data.max_window_size) to keep more",
@@ -465,6 +470,22 @@ class GenerationDataModule(LightningDataModule):
                 if bad is not None:
                     raise ConfigError(f"{key} holds {bad} values ({features[column]}; row {ex['row']}), which a JSON "
                                       f"record cannot hold; {fix}")
+
+    def _check_batch_tokens(self, examples: list[dict[str, Any]]) -> None:
+        """Refuse an integer ``max_batch_tokens`` below what the longest row needs: the plan would
+        exceed it, one row a batch, instead of keeping memory within it."""
+        if not isinstance(self.max_batch_tokens, int):
+            return
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        need = self._row_tokens(longest)
+        if self.max_batch_tokens >= need:
+            return
+        what = (f"data.block_size ({self.resolved_block_size}, with model.max_new_tokens: auto)"
+                if self.max_new_tokens == "auto" else
+                f"the longest prompt + model.max_new_tokens ({longest} + {self.max_new_tokens})")
+        samples = f" x {self.samples} samples" if self.samples > 1 else ""
+        raise ConfigError(f"data.max_batch_tokens={self.max_batch_tokens} cannot hold one row: {what}{samples} "
+                          f"= {need} cache tokens; set it to at least {need}, or auto")
 
     def _check_unique(self, examples: list[dict[str, Any]]) -> None:
         """Refuse ids that name several rows: their records would share a key, and resume and the

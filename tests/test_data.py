@@ -163,6 +163,9 @@ def test_missing_columns_name_the_key_and_list_columns(tok, tmp_path, kw, words_
      "raise data.block_size"),
     ({"reference_column_name": "r", "max_new_tokens": "auto", "max_window_size": 9, "block_size": 8},
      "data.max_window_size=9 exceeds data.block_size=8: a prompt would not fit; lower data.max_window_size"),
+    ({"mode": "complete", "max_new_tokens": 2, "subsamples": 3},
+     "data.subsamples=3 picks strided windows, and complete mode has one prompt per row; unset data.subsamples"),
+    ({"reference_column_name": "r", "max_new_tokens": "auto", "subsamples": 1}, "data.subsamples=1 picks strided"),
 ])
 def test_length_settings_are_checked_before_loading(tok, kw, message):
     dm = GenerationDataModule(data_files="never-read.jsonl", **kw)
@@ -180,6 +183,32 @@ def test_a_window_that_fits_the_block_is_accepted(tok, kw, window):
     dm = GenerationDataModule(data_files="never-read.jsonl", **kw)
     dm.connect(tok)
     assert dm.resolved_window == window
+
+
+@pytest.mark.parametrize("kw,samples,message", [
+    ({"max_new_tokens": 3, "max_batch_tokens": 7}, 1,
+     "data.max_batch_tokens=7 cannot hold one row: the longest prompt + model.max_new_tokens (5 + 3) = 8 cache "
+     "tokens; set it to at least 8, or auto"),
+    ({"max_new_tokens": 3, "max_batch_tokens": 15}, 2,
+     "data.max_batch_tokens=15 cannot hold one row: the longest prompt + model.max_new_tokens (5 + 3) x 2 samples "
+     "= 16 cache tokens; set it to at least 16, or auto"),
+    ({"max_new_tokens": "auto", "reference_column_name": "ref", "max_batch_tokens": 29}, 3,
+     "data.max_batch_tokens=29 cannot hold one row: data.block_size (10, with model.max_new_tokens: auto) x 3 "
+     "samples = 30 cache tokens; set it to at least 30, or auto"),
+])
+def test_max_batch_tokens_must_hold_one_row(tok, tmp_path, kw, samples, message):
+    rows = [{"text": words(0, 2), "ref": "w0"}, {"text": words(0, 5), "ref": "w0"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dm = GenerationDataModule(data_files=path, mode="complete", block_size=10, **kw)
+    dm.connect(tok, samples=samples)
+    with pytest.raises(ConfigError) as err:
+        dm.setup()
+    assert str(err.value) == message
+    need = int(message.split("at least ")[1].split(",")[0])
+    dm = GenerationDataModule(data_files=path, mode="complete", block_size=10, **kw | {"max_batch_tokens": need})
+    dm.connect(tok, samples=samples)
+    dm.setup()
+    assert len(dm.examples) == 2
 
 
 def test_all_rows_dropped_is_an_error(tok, tmp_path):

@@ -238,3 +238,15 @@ def test_null_prompts_are_not_generated(capsys, tiny_model, tmp_path):
     assert "dropped 2 of 3 rows: null or missing prompt (rows 1, 2)" in err
     records = [json.loads(line) for line in (tmp_path / "out" / "00001-of-00001.test.jsonl").open()]
     assert [(r["id"], r["prompt"]) for r in records] == [(0, "int f() {")]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data.subsamples", "2"], "lgen: error: data.subsamples=2 picks strided windows"),
+    (["--data.max_batch_tokens", "9"], "lgen: error: data.max_batch_tokens=9 cannot hold one row: the longest prompt "
+                                       "+ model.max_new_tokens (19 + 8) = 27 cache tokens; set it to at least 27"),
+])
+def test_data_settings_that_cannot_work_are_one_line(capsys, tiny_model, code_jsonl, tmp_path, extra, message):
+    code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith(message), err
+    assert "Traceback" not in err
