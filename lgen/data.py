@@ -274,6 +274,37 @@ class GenerationDataModule(LightningDataModule):
         elif not getattr(tokenizer, "chat_template", None):
             raise ConfigError("data.chat_template: true, but the tokenizer has no chat template; give a Jinja "
                               "template file instead (data.chat_template: path/to/template.jinja)")
+        self._render_sample(tokenizer)
+
+    def _render_sample(self, tokenizer) -> None:
+        """Render one conversation (with the system message when there is one) now, so that a template
+        that cannot parse, or refuses it (``raise_exception``, as Gemma's refuses a system role), fails
+        here, naming the file and line, not as a jinja2 traceback from inside the tokenizing map."""
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+        def render(system: bool) -> None:
+            messages = [{"role": "system", "content": self.system_prompt}] if system else []
+            tokenizer.apply_chat_template([*messages, {"role": "user", "content": "Hello"}], tokenize=False,
+                                          add_generation_prompt=True, chat_template=self.template)
+
+        try:
+            render(self.system_prompt is not None)
+        except TemplateError as err:
+            where = "data.chat_template: true (the tokenizer's template)" if self.template is None \
+                else f"data.chat_template={self.chat_template!r}"
+            message = " ".join(str(err).split())
+            if isinstance(err, TemplateSyntaxError):
+                line = f", line {err.lineno}" if err.lineno else ""
+                raise ConfigError(f"{where}{line}: the template does not parse ({message}); fix the template") from None
+            fix = "fix the template, or give another one"
+            if self.system_prompt is not None:
+                try:
+                    render(False)
+                    fix = "the template takes no system message: unset data.system_prompt, or give another template"
+                except TemplateError:
+                    pass
+            raise ConfigError(f"{where} fails on a sample conversation ({type(err).__name__}: {message}); {fix}") \
+                from None
 
     def skip(self, done: Iterable[records.ExampleKey]) -> None:
         """Leave out the examples whose every record an earlier run wrote (resume)."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lgen.errors import DataError
+
 
 def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windowing) -> dict[str, list]:
     """Batched ``.map``: rows in, examples out (several per row in strided mode). A null prompt or
@@ -29,10 +31,8 @@ def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windo
     missing = [t is None for t in rows[w.text]]
     texts = ["" if t is None else t for t in rows[w.text]]
     if w.chat:  # the text a chat model sees: the prompt as a user message, the assistant's turn opened
-        system = [{"role": "system", "content": w.system}] if w.system is not None else []
-        ids = [[] if gone else tok(tok.apply_chat_template([*system, {"role": "user", "content": t}], tokenize=False,
-                                                           add_generation_prompt=True, chat_template=w.template),
-                                   add_special_tokens=False)["input_ids"] for t, gone in zip(texts, missing)]
+        ids = [[] if gone else tok(_chat(tok, w, t, indices[i]), add_special_tokens=False)["input_ids"]
+               for i, (t, gone) in enumerate(zip(texts, missing))]
     else:
         ids = tok(texts, add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {k: [] for k in ("id", "row", "part", "input_ids", "reference", "drop", "truncated")}
@@ -89,6 +89,20 @@ def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windo
         for k, ref in zip(chosen, decoded):
             emit(i, [k + 1, len(windows)], windows[k], ref)
     return out
+
+
+def _chat(tok, w: Windowing, text: str, row: int) -> str:
+    """The chat template applied to one prompt; a template that fails on this row names it (one that
+    fails on any conversation was refused by ``GenerationDataModule.connect``)."""
+    from jinja2.exceptions import TemplateError
+
+    system = [{"role": "system", "content": w.system}] if w.system is not None else []
+    try:
+        return tok.apply_chat_template([*system, {"role": "user", "content": text}], tokenize=False,
+                                       add_generation_prompt=True, chat_template=w.template)
+    except TemplateError as err:
+        raise DataError(f"data.chat_template fails on row {row} ({type(err).__name__}: {err}); fix the template "
+                        "or that row") from None
 
 
 @dataclass(frozen=True)

@@ -399,6 +399,51 @@ def test_an_id_column_json_cannot_hold_is_refused(tok, tmp_path):
     assert [(ex["id"], ex["keep"]) for ex in dm.examples] == [(1, {"fine": 1}), (2, {"fine": 2})]
 
 
+GEMMA_LIKE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+              + TEMPLATE)
+
+
+@pytest.mark.parametrize("text,system,message", [
+    ("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}", None,
+     ", line 2: the template does not parse (unexpected '}'); fix the template"),
+    (GEMMA_LIKE, "be brief", " fails on a sample conversation (TemplateError: System role not supported); the "
+                             "template takes no system message: unset data.system_prompt, or give another template"),
+    ("{{ messages[0]['content'].nope.x }}", None, " fails on a sample conversation (UndefinedError: 'str object' "
+                                                  "has no attribute 'nope'); fix the template, or give another one"),
+])
+def test_a_chat_template_that_cannot_work_is_refused_in_connect(tok, tmp_path, text, system, message):
+    template = tmp_path / "chat.jinja"
+    template.write_text(text)
+    dm = GenerationDataModule(data_files="never-read.jsonl", mode="complete", block_size=40, max_new_tokens=4,
+                              chat_template=str(template), system_prompt=system)
+    with pytest.raises(ConfigError) as err:
+        dm.connect(tok)
+    assert str(err.value) == f"data.chat_template={str(template)!r}{message}"
+
+
+def test_the_tokenizers_own_chat_template_is_checked_too(tmp_path):
+    own = make_word_tokenizer(tmp_path)
+    own.chat_template = GEMMA_LIKE
+    dm = GenerationDataModule(data_files="never-read.jsonl", mode="complete", block_size=40, max_new_tokens=4,
+                              chat_template=True, system_prompt="be brief")
+    with pytest.raises(ConfigError, match=re.escape("data.chat_template: true (the tokenizer's template) fails on a "
+                                                    "sample conversation (TemplateError: System role not supported)")):
+        dm.connect(own)
+    dm.system_prompt = None
+    dm.connect(own)  # without a system message it works
+
+
+def test_a_chat_template_that_fails_on_one_row_names_it(tok, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{% if 'w3' in m['content'] %}{{ raise_exception('no w3 here') }}"
+                        "{% endif %}{% endfor %}" + TEMPLATE)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words(0, 2)}, {"text": words(2, 4)}])
+    with pytest.raises(DataError) as err:
+        module(tok, path, mode="complete", block_size=40, max_new_tokens=4, chat_template=str(template))
+    assert str(err.value) == ("data.chat_template fails on row 1 (TemplateError: no w3 here); fix the template or "
+                              "that row")
+
+
 @pytest.mark.parametrize("suffix,opener", [(".gz", "gzip"), (".bz2", "bz2"), (".xz", "lzma")])
 @pytest.mark.parametrize("dataset_name", [None, "json"])
 def test_compressed_json_lines_load(tok, tmp_path, suffix, opener, dataset_name):

@@ -244,9 +244,14 @@ def test_null_prompts_are_not_generated(capsys, tiny_model, tmp_path):
     (["--data.subsamples", "2"], "lgen: error: data.subsamples=2 picks strided windows"),
     (["--data.max_batch_tokens", "9"], "lgen: error: data.max_batch_tokens=9 cannot hold one row: the longest prompt "
                                        "+ model.max_new_tokens (19 + 8) = 27 cache tokens; set it to at least 27"),
+    (["--data.chat_template", "BROKEN"],
+     "lgen: error: data.chat_template='BROKEN', line 2: the template does not parse (unexpected '}')"),
 ])
 def test_data_settings_that_cannot_work_are_one_line(capsys, tiny_model, code_jsonl, tmp_path, extra, message):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    extra = [str(broken) if e == "BROKEN" else e for e in extra]
     code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)
     assert code == 2, err
-    assert err.strip().splitlines()[-1].startswith(message), err
+    assert err.strip().splitlines()[-1].startswith(message.replace("BROKEN", str(broken))), err
     assert "Traceback" not in err
