@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ class GenerationDataModule(LightningDataModule):
             also under ``.gz``, ``.bz2``, ``.xz``, ``.zst``: ``rows.jsonl.gz`` is ``json``).
         data_files: local file(s) for ``dataset_split``.
         dataset_config_name: the dataset configuration (also written to each record's ``meta.subset``).
-        dataset_split: the split to generate for; it also names the output shards.
+        dataset_split: the split to generate for; it also names the output shards. With ``data_files``
+            a name ``datasets`` accepts: letters, digits and underscores, parts joined by dots.
         dataset_revision: dataset version (branch, tag or commit) on the Hub.
         text_column_name: the prompt column (text); default ``text`` if present, else the first column.
             A row whose prompt is null or missing is dropped.
@@ -157,6 +159,10 @@ class GenerationDataModule(LightningDataModule):
             raise ConfigError(f"data.subsamples must be >= 1, got {subsamples}")
         if isinstance(max_batch_tokens, int) and max_batch_tokens < 1:
             raise ConfigError(f"data.max_batch_tokens must be >= 1 or auto, got {max_batch_tokens}")
+        if data_files is not None and not re.fullmatch(r"\w+(\.\w+)*", dataset_split):
+            # datasets' own rule for the split of local files (naming._split_re)
+            raise ConfigError(f"data.dataset_split={dataset_split!r} is not a split name: with data.data_files it "
+                              "may hold only letters, digits and underscores, in parts joined by dots (e.g. val_2)")
         self.dataset_name = dataset_name
         self.data_files = [data_files] if isinstance(data_files, str) else data_files
         self.dataset_config_name = dataset_config_name

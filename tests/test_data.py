@@ -457,6 +457,15 @@ def test_compressed_json_lines_load(tok, tmp_path, suffix, opener, dataset_name)
     assert view(dm) == [(0, [1, 1], "w0 w1 w2", ""), (1, [1, 1], "w9 w10", "")]
 
 
+@pytest.mark.parametrize("split", ["val-2", "test[:5]", "a b", ""])
+def test_a_bad_split_name_for_local_files_is_refused(split):
+    with pytest.raises(ConfigError) as err:
+        GenerationDataModule(data_files="never-read.jsonl", dataset_split=split)
+    assert str(err.value) == (f"data.dataset_split={split!r} is not a split name: with data.data_files it may hold "
+                              "only letters, digits and underscores, in parts joined by dots (e.g. val_2)")
+    GenerationDataModule(data_files="never-read.jsonl", dataset_split="val_2.part1")
+
+
 @pytest.mark.parametrize("rows,kw,hint", [
     ([{"text": words(0, 3), "ref": words(3, 10)}], {"reference_column_name": "ref", "max_new_tokens": "auto"},
      "prompt + reference must fit in block_size - 1: raise data.block_size or lower data.max_window_size"),

@@ -241,6 +241,7 @@ def test_null_prompts_are_not_generated(capsys, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
+    (["--data.dataset_split", "val-2"], "lgen: error: data.dataset_split='val-2' is not a split name"),
     (["--data.subsamples", "2"], "lgen: error: data.subsamples=2 picks strided windows"),
     (["--data.max_batch_tokens", "9"], "lgen: error: data.max_batch_tokens=9 cannot hold one row: the longest prompt "
                                        "+ model.max_new_tokens (19 + 8) = 27 cache tokens; set it to at least 27"),
