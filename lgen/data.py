@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader
 from lgen import records
 from lgen.errors import ConfigError, DataError
 from lgen.plan import PADDING, PlannedBatches, bucket, deal, deal_streams, plan_batches, plan_streams
-from lgen.sources import load_split, local_files
+from lgen.sources import file_format, load_split, local_files
 from lgen.windows import Windowing, make_examples
 
 log = logging.getLogger(__name__)
@@ -72,15 +74,19 @@ class GenerationDataModule(LightningDataModule):
 
     Args:
         dataset_name: a Hub dataset, a folder written by ``save_to_disk``, or, with ``data_files``,
-            a builder name (``json``, ``csv``, ``parquet``, ``text``; inferred from the file suffix when unset).
+            a builder name (``json``, ``csv``, ``parquet``, ``text``; inferred from the file suffix when unset,
+            also under ``.gz``, ``.bz2``, ``.xz``, ``.zst``: ``rows.jsonl.gz`` is ``json``).
         data_files: local file(s) for ``dataset_split``.
         dataset_config_name: the dataset configuration (also written to each record's ``meta.subset``).
-        dataset_split: the split to generate for; it also names the output shards.
+        dataset_split: the split to generate for; it also names the output shards. With ``data_files``
+            a name ``datasets`` accepts: letters, digits and underscores, parts joined by dots.
         dataset_revision: dataset version (branch, tag or commit) on the Hub.
-        text_column_name: the prompt column; default ``text`` if present, else the first column.
-        reference_column_name: the reference column; setting it selects complete mode.
+        text_column_name: the prompt column (text); default ``text`` if present, else the first column.
+            A row whose prompt is null or missing is dropped.
+        reference_column_name: the reference column (text); setting it selects complete mode. A row
+            whose reference is null or missing is dropped.
         id_column_name: the id column; default the row index.
-        keep_columns: columns copied into every record.
+        keep_columns: columns copied into every record; their values must be JSON (no bytes or dates).
         streaming: read the split as a stream (it is still materialised before planning).
         overwrite_cache: re-run tokenization instead of using the ``datasets`` cache.
         preprocessing_num_workers: processes for tokenization.
@@ -89,12 +95,14 @@ class GenerationDataModule(LightningDataModule):
             decode together: the pool does (``max_batch_tokens``; on a CPU 32 rows). Otherwise the
             most prompts in one batch.
         max_batch_tokens: the cache tokens that decode together, rows x samples x (longest prompt +
-            max_new_tokens; ``block_size`` with ``max_new_tokens: auto``), so memory has a bound.
+            max_new_tokens; ``block_size`` with ``max_new_tokens: auto``), so memory has a bound. An
+            integer must hold one row of the longest prompt.
             ``auto`` (the default): on CUDA, what fits in the memory left after the weights (the
             least over all ranks); on a CPU, no token cap (continuous batching: 32 rows).
         block_size: cap on prompt + generation; default from the tokenizer and model.
-        max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``.
-        subsamples: in strided mode, keep this many randomly chosen windows per row (seeded).
+        max_window_size: the most prompt tokens; default ``block_size - max_new_tokens``. With an
+            integer ``max_new_tokens`` the two must fit in ``block_size``.
+        subsamples: strided mode only: keep this many randomly chosen windows per row (seeded).
         sort_by_length: plan batches longest-first (much less padding); records are the same rows.
         sample_by: how a text file (``.txt``, or ``dataset_name: text``) is cut into rows: ``line``,
             ``paragraph`` (blank-line separated) or ``document`` (one row per file). Strided mode
@@ -151,6 +159,10 @@ class GenerationDataModule(LightningDataModule):
             raise ConfigError(f"data.subsamples must be >= 1, got {subsamples}")
         if isinstance(max_batch_tokens, int) and max_batch_tokens < 1:
             raise ConfigError(f"data.max_batch_tokens must be >= 1 or auto, got {max_batch_tokens}")
+        if data_files is not None and not re.fullmatch(r"\w+(\.\w+)*", dataset_split):
+            # datasets' own rule for the split of local files (naming._split_re)
+            raise ConfigError(f"data.dataset_split={dataset_split!r} is not a split name: with data.data_files it "
+                              "may hold only letters, digits and underscores, in parts joined by dots (e.g. val_2)")
         self.dataset_name = dataset_name
         self.data_files = [data_files] if isinstance(data_files, str) else data_files
         self.dataset_config_name = dataset_config_name
@@ -230,6 +242,9 @@ class GenerationDataModule(LightningDataModule):
                               "without references give an integer")
         if self.mode == "strided" and self.reference_column_name is not None:
             raise ConfigError("data.mode: strided takes its references from the text; unset data.reference_column_name")
+        if self.complete_mode and self.subsamples is not None:
+            raise ConfigError(f"data.subsamples={self.subsamples} picks strided windows, and complete mode has one "
+                              "prompt per row; unset data.subsamples")
         if isinstance(mnt, int) and mnt < 1:
             raise ConfigError(f"model.max_new_tokens must be >= 1, got {mnt}")
         window = self.max_window_size
@@ -238,10 +253,10 @@ class GenerationDataModule(LightningDataModule):
         if window < 1:
             raise ConfigError(f"max_window_size={window} (block_size={block}, max_new_tokens={mnt}) leaves no room "
                               "for a prompt: raise data.block_size or lower model.max_new_tokens")
-        if not self.complete_mode and window + mnt > block:
+        if mnt != "auto" and window + mnt > block:  # the default window, block - mnt, always fits
             raise ConfigError(f"data.max_window_size + model.max_new_tokens = {window} + {mnt} = {window + mnt} "
                               f"exceeds data.block_size={block}; lower one of them or raise data.block_size")
-        if self.complete_mode and window > block:
+        if mnt == "auto" and window > block:
             raise ConfigError(f"data.max_window_size={window} exceeds data.block_size={block}: "
                               "a prompt would not fit; lower data.max_window_size")
         self.resolved_block_size, self.resolved_window = block, window
@@ -265,6 +280,37 @@ class GenerationDataModule(LightningDataModule):
         elif not getattr(tokenizer, "chat_template", None):
             raise ConfigError("data.chat_template: true, but the tokenizer has no chat template; give a Jinja "
                               "template file instead (data.chat_template: path/to/template.jinja)")
+        self._render_sample(tokenizer)
+
+    def _render_sample(self, tokenizer) -> None:
+        """Render one conversation (with the system message when there is one) now, so that a template
+        that cannot parse, or refuses it (``raise_exception``, as Gemma's refuses a system role), fails
+        here, naming the file and line, not as a jinja2 traceback from inside the tokenizing map."""
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+        def render(system: bool) -> None:
+            messages = [{"role": "system", "content": self.system_prompt}] if system else []
+            tokenizer.apply_chat_template([*messages, {"role": "user", "content": "Hello"}], tokenize=False,
+                                          add_generation_prompt=True, chat_template=self.template)
+
+        try:
+            render(self.system_prompt is not None)
+        except TemplateError as err:
+            where = "data.chat_template: true (the tokenizer's template)" if self.template is None \
+                else f"data.chat_template={self.chat_template!r}"
+            message = " ".join(str(err).split())
+            if isinstance(err, TemplateSyntaxError):
+                line = f", line {err.lineno}" if err.lineno else ""
+                raise ConfigError(f"{where}{line}: the template does not parse ({message}); fix the template") from None
+            fix = "fix the template, or give another one"
+            if self.system_prompt is not None:
+                try:
+                    render(False)
+                    fix = "the template takes no system message: unset data.system_prompt, or give another template"
+                except TemplateError:
+                    pass
+            raise ConfigError(f"{where} fails on a sample conversation ({type(err).__name__}: {message}); {fix}") \
+                from None
 
     def skip(self, done: Iterable[records.ExampleKey]) -> None:
         """Leave out the examples whose every record an earlier run wrote (resume)."""
@@ -347,6 +393,7 @@ class GenerationDataModule(LightningDataModule):
         self._check_columns(list(raw.column_names))
         if len(raw) == 0:
             raise DataError(f"the dataset split {self.dataset_split!r} is empty: nothing to generate")
+        self._check_text(raw)
         windowing = Windowing(self.complete_mode, self.text_column_name, self.reference_column_name,
                               self.id_column_name, tuple(self.keep_columns), self.resolved_block_size,
                               self.resolved_window, self.max_new_tokens, self.subsamples, self.seed,
@@ -357,14 +404,20 @@ class GenerationDataModule(LightningDataModule):
             load_from_cache_file=not self.overwrite_cache, num_proc=self.preprocessing_num_workers,
             desc="tokenizing",
         )
-        drops = Counter(d for d in processed["drop"] if d)
-        for reason, n in drops.items():
-            log.warning("dropped %d of %d rows: %s", n, len(raw), reason)
+        dropped: dict[str, list[int]] = {}  # reason -> the rows it dropped, as meta.row counts them (from 0)
+        for reason, row in zip(processed["drop"], processed["row"]):
+            if reason:
+                dropped.setdefault(reason, []).append(row)
+        drops = {reason: len(rows) for reason, rows in dropped.items()}
+        for reason, rows in dropped.items():
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            log.warning("dropped %d of %d rows: %s (%s %s)", len(rows), len(raw), reason,
+                        "row" if len(rows) == 1 else "rows", shown)
         if self.id_column_name is None:
             log.info("no data.id_column_name: the row index is the id")
         kept = processed.filter(lambda d: not d, input_columns="drop")
         if len(kept) == 0:
-            raise DataError(f"every row was dropped by the length filters ({dict(drops)}); {self._drop_hint()}")
+            raise DataError(f"every row was dropped ({drops}); {self._drop_hint(set(drops))}")
         examples = []
         truncated = 0
         source = raw[self.text_column_name] if self.chat_template else None
@@ -376,26 +429,101 @@ class GenerationDataModule(LightningDataModule):
             if self.chat_template:  # the dataset's prompt, before the template (exports need it)
                 ex["meta"]["prompt_text"] = str(source[ex["row"]])
             examples.append(ex)
+        self._check_json(examples, raw.features)
         self._check_unique(examples)
+        self._check_batch_tokens(examples)
         if truncated:
             log.warning("%d of %d prompts are longer than max_window_size=%d tokens and keep only their last %d, "
                         "as run_gen.py did; raise data.block_size (or data.max_window_size) to keep more",
                         truncated, len(examples), self.resolved_window, self.resolved_window)
-        self.stats = {"rows_read": len(raw), "rows_dropped": dict(drops), "examples": len(examples),
+        self.stats = {"rows_read": len(raw), "rows_dropped": drops, "examples": len(examples),
                       "prompts_truncated": truncated}
         self.pad_example = examples[0]  # what padding batches run (a rank with no work still steps)
         self.examples = examples
         self._todo = None
 
-    def _drop_hint(self) -> str:
-        if self.complete_mode:
-            return "raise data.block_size or lower model.max_new_tokens"
-        hint = "rows must hold at least max_window_size + max_new_tokens tokens: lower data.max_window_size"
-        if self.sample_by == "line" and (self.dataset_name == "text" or any(
-                str(f).endswith(".txt") for f in self.data_files or [])):
-            hint += ("; a text file is read one row per line, so for longer rows set data.sample_by: paragraph "
-                     "(blank-line separated) or document")
-        return hint
+    def _drop_hint(self, reasons: set[str]) -> str:
+        """What to change, by why the rows were dropped."""
+        hints = []
+        empty = reasons & {"empty prompt", "null or missing prompt"}
+        if empty:
+            hints.append(f"every prompt is empty or null: check data.text_column_name={self.text_column_name!r}"
+                         if empty == reasons else f"check data.text_column_name={self.text_column_name!r}")
+        if "null or missing reference" in reasons:
+            hints.append(f"check data.reference_column_name={self.reference_column_name!r}")
+        if "prompt + reference > block_size - 1" in reasons:
+            hints.append("prompt + reference must fit in block_size - 1: raise data.block_size or lower "
+                         "data.max_window_size")
+        if "chat prompt longer than max_window_size" in reasons:
+            room = "raise data.max_window_size" if self.max_window_size is not None \
+                else "raise data.block_size or lower model.max_new_tokens"
+            hints.append(f"a chat prompt must fit max_window_size whole: {room}")
+        if "shorter than max_window_size + max_new_tokens" in reasons:
+            hint = "rows must hold at least max_window_size + max_new_tokens tokens: lower data.max_window_size"
+            if self.sample_by == "line" and (self.dataset_name == "text" or any(
+                    file_format(f) == "text" for f in self.data_files or [])):
+                hint += ("; a text file is read one row per line, so for longer rows set data.sample_by: paragraph "
+                         "(blank-line separated) or document")
+            hints.append(hint)
+        return "; ".join(hints)
+
+    def _check_text(self, raw) -> None:
+        """Refuse a prompt or reference column that does not hold text (lists, dicts, numbers): each
+        value would be generated from as its ``str()``, ``['a', 'b']``. A column of nulls alone (an
+        empty CSV column reads as float64) passes: its rows are dropped as null."""
+        import datasets
+
+        for key in ("text_column_name", "reference_column_name"):
+            column = getattr(self, key)
+            if column is None:
+                continue
+            feature = raw.features[column]
+            if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null"):
+                continue
+            if all(v is None for v in raw[column]):
+                continue
+            if isinstance(feature, datasets.Value):
+                kind = f"{feature.dtype} values"
+            elif isinstance(feature, dict):
+                kind = "dicts"
+            elif isinstance(feature, (datasets.List, datasets.LargeList)):
+                kind = f"lists ({feature})"
+            else:
+                kind = f"{type(feature).__name__} values"
+            raise DataError(f"data.{key}={column!r} holds {kind}, not text; choose a text column "
+                            f"(columns: {list(raw.column_names)}) or convert this one to strings")
+
+    def _check_json(self, examples: list[dict[str, Any]], features) -> None:
+        """Refuse ids and kept values that a JSON record cannot hold (bytes, datetime, Decimal ...)
+        here, before the output directory is touched: the writer would fail on the first record,
+        after ``overwrite_output_dir`` emptied it."""
+        checks = [(f"data.keep_columns: column {c!r}", c, lambda ex, c=c: ex["keep"][c],
+                   "leave it out of data.keep_columns, or convert the column to text first") for c in self.keep_columns]
+        if self.id_column_name is not None:
+            checks.insert(0, (f"data.id_column_name={self.id_column_name!r}", self.id_column_name, lambda ex: ex["id"],
+                              "choose another id column, or leave data.id_column_name unset to use the row index"))
+        for key, column, value, fix in checks:
+            for ex in examples:
+                bad = _not_json(value(ex))
+                if bad is not None:
+                    raise ConfigError(f"{key} holds {bad} values ({features[column]}; row {ex['row']}), which a JSON "
+                                      f"record cannot hold; {fix}")
+
+    def _check_batch_tokens(self, examples: list[dict[str, Any]]) -> None:
+        """Refuse an integer ``max_batch_tokens`` below what the longest row needs: the plan would
+        exceed it, one row a batch, instead of keeping memory within it."""
+        if not isinstance(self.max_batch_tokens, int):
+            return
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        need = self._row_tokens(longest)
+        if self.max_batch_tokens >= need:
+            return
+        what = (f"data.block_size ({self.resolved_block_size}, with model.max_new_tokens: auto)"
+                if self.max_new_tokens == "auto" else
+                f"the longest prompt + model.max_new_tokens ({longest} + {self.max_new_tokens})")
+        samples = f" x {self.samples} samples" if self.samples > 1 else ""
+        raise ConfigError(f"data.max_batch_tokens={self.max_batch_tokens} cannot hold one row: {what}{samples} "
+                          f"= {need} cache tokens; set it to at least {need}, or auto")
 
     def _check_unique(self, examples: list[dict[str, Any]]) -> None:
         """Refuse ids that name several rows: their records would share a key, and resume and the
@@ -492,6 +620,22 @@ class GenerationDataModule(LightningDataModule):
         return Batch(input_ids, attention_mask, int(mnt), any(is_pad for is_pad, _, _ in items),
                      [{k: v for k, v in ex.items() if k != "input_ids"} | {"prompt_ids": ex["input_ids"]}
                       for ex in examples], items[0][2])
+
+
+def _not_json(value: Any) -> str | None:
+    """The type in ``value`` that JSON cannot hold, or None: ``{"a": b"x"}`` -> ``bytes``."""
+    found: list[type] = []
+
+    def default(obj: Any) -> Any:
+        found.append(type(obj))
+        raise TypeError
+
+    try:
+        json.dumps(value, default=default)
+    except (TypeError, ValueError):
+        kind = found[0] if found else type(value)
+        return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return None
 
 
 class _Examples(torch.utils.data.Dataset):

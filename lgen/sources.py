@@ -5,12 +5,27 @@ from __future__ import annotations
 
 import codecs
 import glob
+import importlib.util
 import json
 from pathlib import Path
 
 from lgen.errors import DataError
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# suffixes ``datasets`` decompresses as it reads: ``rows.jsonl.gz`` is JSON Lines
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def is_compressed(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in COMPRESSED
+
+
+def file_format(path: str | Path) -> str | None:
+    """The builder a file's suffix names, under a compression suffix: ``a.jsonl.gz`` -> ``json``."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes.pop()
+    return LOCAL_FORMATS.get(suffixes[-1]) if suffixes else None
 
 
 def local_files(data_files: list[str]) -> list[Path]:
@@ -55,15 +70,19 @@ def _load_files(builder: str | None, files: list[str], split: str, streaming: bo
             raise DataError(f"data.data_files: {f!r} does not exist")
         if any(ch in f for ch in "*?[") and not glob.glob(f):
             raise DataError(f"data.data_files: {f!r} matches no file")
-    builder = builder or LOCAL_FORMATS.get(Path(files[0]).suffix.lower())
+    builder = builder or file_format(files[0])
     if builder is None:
         raise DataError(f"data.dataset_name: cannot tell the format of {files[0]!r}; "
                         "set it to json, csv, parquet or text")
     paths = local_files(files)
     if all(p.stat().st_size == 0 for p in paths):
         raise DataError(f"the dataset in data.data_files={files} is empty: nothing to generate")
+    if any(p.suffix.lower() == ".zst" for p in paths) and importlib.util.find_spec("zstandard") is None:
+        raise DataError(f"data.data_files={files}: reading .zst files needs the zstandard package "
+                        "(pip install zstandard), or decompress them first")
+    plain = [p for p in paths if not is_compressed(p)]  # the checks read bytes; datasets decompresses the rest
     if builder in ("json", "csv", "text"):
-        for p in paths:
+        for p in plain:
             check_utf8(str(p))
     extra = {"sample_by": sample_by} if builder == "text" else {}
     try:
@@ -72,7 +91,7 @@ def _load_files(builder: str | None, files: list[str], split: str, streaming: bo
         if "corresponds to no data" in str(err):
             raise DataError(f"the dataset in data.data_files={files} is empty: nothing to generate") from err
         if builder == "json":
-            for p in paths:
+            for p in plain:
                 check_json_lines(p)
         raise DataError(f"data.data_files={files} could not be read as {builder!r}: "
                         f"{err.__cause__ or err}; check the file or set data.dataset_name") from err

@@ -20,16 +20,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lgen.errors import DataError
+
 
 def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windowing) -> dict[str, list]:
-    """Batched ``.map``: rows in, examples out (several per row in strided mode)."""
+    """Batched ``.map``: rows in, examples out (several per row in strided mode). A null prompt or
+    reference (a CSV field left empty, JSON ``null``, a key missing from a JSON line) drops the row;
+    the columns are text, ``GenerationDataModule.setup`` checked their types."""
     tok = tokenizer
-    texts = [str(t) for t in rows[w.text]]
+    missing = [t is None for t in rows[w.text]]
+    texts = ["" if t is None else t for t in rows[w.text]]
     if w.chat:  # the text a chat model sees: the prompt as a user message, the assistant's turn opened
-        system = [{"role": "system", "content": w.system}] if w.system is not None else []
-        ids = [tok(tok.apply_chat_template([*system, {"role": "user", "content": t}], tokenize=False,
-                                           add_generation_prompt=True, chat_template=w.template),
-                   add_special_tokens=False)["input_ids"] for t in texts]
+        ids = [[] if gone else tok(_chat(tok, w, t, indices[i]), add_special_tokens=False)["input_ids"]
+               for i, (t, gone) in enumerate(zip(texts, missing))]
     else:
         ids = tok(texts, add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {k: [] for k in ("id", "row", "part", "input_ids", "reference", "drop", "truncated")}
@@ -50,11 +53,16 @@ def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windo
 
     block, window, mnt = w.block_size, w.window, w.max_new_tokens
     if w.complete:
-        refs = [str(r) for r in rows[w.reference]] if w.reference else [""] * len(ids)
+        no_ref = [r is None for r in rows[w.reference]] if w.reference else [False] * len(ids)
+        refs = ["" if r is None else r for r in rows[w.reference]] if w.reference else [""] * len(ids)
         ref_lens = [len(r) for r in tok(refs, add_special_tokens=False)["input_ids"]] if w.reference else [0] * len(ids)
         for i, toks in enumerate(ids):
             prompt = toks[-window:]
-            if not prompt:
+            if missing[i]:
+                emit(i, [1, 1], [], refs[i], "null or missing prompt")
+            elif no_ref[i]:
+                emit(i, [1, 1], [], refs[i], "null or missing reference")
+            elif not prompt:
                 emit(i, [1, 1], [], refs[i], "empty prompt")
             elif w.chat and len(toks) > window:  # cut from the left, it would lose the template's start
                 emit(i, [1, 1], [], refs[i], "chat prompt longer than max_window_size")
@@ -64,6 +72,9 @@ def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windo
                 emit(i, [1, 1], prompt, refs[i], truncated=len(toks) > window)
         return out
     for i, toks in enumerate(ids):
+        if missing[i]:
+            emit(i, [1, 1], [], "", "null or missing prompt")
+            continue
         if len(toks) < window + mnt:
             emit(i, [1, 1], [], "", "shorter than max_window_size + max_new_tokens")
             continue
@@ -78,6 +89,20 @@ def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windo
         for k, ref in zip(chosen, decoded):
             emit(i, [k + 1, len(windows)], windows[k], ref)
     return out
+
+
+def _chat(tok, w: Windowing, text: str, row: int) -> str:
+    """The chat template applied to one prompt; a template that fails on this row names it (one that
+    fails on any conversation was refused by ``GenerationDataModule.connect``)."""
+    from jinja2.exceptions import TemplateError
+
+    system = [{"role": "system", "content": w.system}] if w.system is not None else []
+    try:
+        return tok.apply_chat_template([*system, {"role": "user", "content": text}], tokenize=False,
+                                       add_generation_prompt=True, chat_template=w.template)
+    except TemplateError as err:
+        raise DataError(f"data.chat_template fails on row {row} ({type(err).__name__}: {err}); fix the template "
+                        "or that row") from None
 
 
 @dataclass(frozen=True)

@@ -196,3 +196,63 @@ def test_strided_text_hints_at_sample_by(capsys, tiny_model, tmp_path):
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "paragraphs" / "00001-of-00001.test.jsonl").open()]
     assert sorted({r["id"] for r in records}) == [0, 1] and all(r["part"][1] > 1 for r in records)
+
+
+def test_an_unserialisable_keep_column_keeps_the_old_records(capsys, tiny_model, code_jsonl, tmp_path):
+    """A column JSON cannot hold is refused in setup, before overwrite_output_dir empties the directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    code, err = run(capsys, tiny_model, code_jsonl, out)
+    assert code == 0, err
+    shard = out / "00001-of-00001.test.jsonl"
+    before = shard.read_bytes()
+    data = tmp_path / "blobs.parquet"
+    pq.write_table(pa.table({"prompt": ["int f() {"], "blob": pa.array([b"\x89PNG"], pa.binary())}), data)
+    code, err = run(capsys, tiny_model, data, out, "--data.keep_columns", "[blob]", "--overwrite_output_dir", "true")
+    assert code == 2, err
+    assert "data.keep_columns: column 'blob' holds bytes values (Value('binary'); row 0)" in err
+    assert "leave it out of data.keep_columns" in err and "Traceback" not in err
+    assert shard.read_bytes() == before
+
+
+def test_a_gzipped_jsonl_generates(capsys, tiny_model, code_jsonl, tmp_path):
+    import gzip
+
+    data = tmp_path / "prompts.jsonl.gz"
+    data.write_bytes(gzip.compress(code_jsonl.read_bytes()))
+    for extra in ([], ["--data.dataset_name", "json"]):
+        out = tmp_path / f"out{len(extra)}"
+        code, err = run(capsys, tiny_model, data, out, "--data.id_column_name", "task_id", *extra)
+        assert code == 0, err
+        records = [json.loads(line) for line in (out / "00001-of-00001.test.jsonl").open()]
+        assert sorted(r["id"] for r in records) == sorted(json.loads(line)["task_id"] for line in code_jsonl.open())
+
+
+def test_null_prompts_are_not_generated(capsys, tiny_model, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "int f() {"}\n{"prompt": null}\n{"lang": "c"}\n')
+    code, err = run(capsys, tiny_model, data, tmp_path / "out")
+    assert code == 0, err
+    assert "dropped 2 of 3 rows: null or missing prompt (rows 1, 2)" in err
+    records = [json.loads(line) for line in (tmp_path / "out" / "00001-of-00001.test.jsonl").open()]
+    assert [(r["id"], r["prompt"]) for r in records] == [(0, "int f() {")]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data.dataset_split", "val-2"], "lgen: error: data.dataset_split='val-2' is not a split name"),
+    (["--data.subsamples", "2"], "lgen: error: data.subsamples=2 picks strided windows"),
+    (["--data.max_batch_tokens", "9"], "lgen: error: data.max_batch_tokens=9 cannot hold one row: the longest prompt "
+                                       "+ model.max_new_tokens (19 + 8) = 27 cache tokens; set it to at least 27"),
+    (["--data.chat_template", "BROKEN"],
+     "lgen: error: data.chat_template='BROKEN', line 2: the template does not parse (unexpected '}')"),
+])
+def test_data_settings_that_cannot_work_are_one_line(capsys, tiny_model, code_jsonl, tmp_path, extra, message):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    extra = [str(broken) if e == "BROKEN" else e for e in extra]
+    code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith(message.replace("BROKEN", str(broken))), err
+    assert "Traceback" not in err
