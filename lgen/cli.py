@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import sys
 import warnings
@@ -38,6 +39,8 @@ commands:
 lgen {lgen.__version__}"""
 
 # third-party loggers whose INFO lines a user cannot act on (device availability, seeds, tips)
+# a full disk or quota: the user's to fix, not a bug (a traceback would hide the one line that matters)
+FULL = (errno.ENOSPC, errno.EDQUOT)
 QUIET = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
          "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda", "DeepSpeed", "datasets",
          "transformers", "huggingface_hub", "lightning.pytorch.trainer.connectors.signal_connector",
@@ -80,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         except LgenError as err:
             print(f"lgen: error: {err}", file=sys.stderr)
             return err.exit_code
+        except OSError as err:
+            if err.errno not in FULL:
+                raise
+            where = f" writing {err.filename}" if err.filename else ""
+            print(f"lgen: error: {err.strerror}{where}; free some space (or raise the quota) and run the same "
+                  "command again: the records on disk are kept", file=sys.stderr)
+            return 2
 
 
 def predict_main(args: list[str]) -> int:

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 
 
-def _number(config: GenerationConfig, key: str, *, integer: bool = False) -> float | int | None:
+def _number(config: GenerationConfig | SimpleNamespace, key: str, *, integer: bool = False) -> float | int | None:
     value = getattr(config, key, None)
     if value is None:
         return None
@@ -36,7 +37,7 @@ def _number(config: GenerationConfig, key: str, *, integer: bool = False) -> flo
     return value
 
 
-def check_sampling(config: GenerationConfig) -> None:
+def check_sampling(config: GenerationConfig | SimpleNamespace) -> None:
     """Refuse generation settings out of range before any weights load: transformers would run some
     of them as something else (``num_return_sequences: 0`` as 1) and fail on others mid-run."""
     where = "model.generation_kwargs / generation_config_file"
@@ -232,11 +233,15 @@ class GenerationModule(LightningModule):
         for key in ("max_new_tokens", "max_length"):
             if key in overrides:
                 raise ConfigError(f"model.generation_kwargs: set model.max_new_tokens instead of {key}")
-        unknown = config.update(**overrides)
+        unknown = sorted(key for key in overrides if not hasattr(config, key))
         if unknown:
-            raise ConfigError(f"model.generation_kwargs: {sorted(unknown)} are not generation settings "
+            raise ConfigError(f"model.generation_kwargs: {unknown} are not generation settings "
                               "(see transformers.GenerationConfig)")
-        check_sampling(config)
+        check_sampling(SimpleNamespace(**{**config.to_dict(), **overrides}))  # before transformers' own checks
+        try:
+            config.update(**overrides)
+        except ValueError as err:
+            raise ConfigError(f"model.generation_kwargs: {err}") from None
         if config.num_return_sequences is None:
             config.num_return_sequences = 1
         if config.pad_token_id is None:

@@ -226,25 +226,37 @@ def _expected(message: str) -> str:
 
 
 def resolve_config_paths(config: Namespace, argv: list[str]) -> None:
-    """A relative path set in a config file is read from that file's folder, when it exists there,
-    so ``lgen predict --config /abs/path/task.yaml`` works from any directory. A value given later
-    on the command line, or a path that exists only relative to the current directory, is kept."""
+    """A relative path set in a config file is read from that file's folder, so ``lgen predict
+    --config /abs/path/task.yaml`` works from any directory: ``output_dir`` always, an input path
+    when it exists there (an input that exists only relative to the current directory, or a Hub
+    name, is kept). A value given later on the command line is read from the current directory.
+    A leading ``~`` is expanded wherever the path came from."""
     for path in options.config_files(argv):
         try:
-            own = yaml.safe_load(Path(path).read_text()) or {}
+            own = yaml.safe_load(Path(path).expanduser().read_text()) or {}
         except (OSError, yaml.YAMLError):
             continue
-        folder = Path(path).resolve().parent
-        for key in PATH_KEYS:
-            section, _, name = key.partition(".")
-            given = (own.get(section) or {}).get(name) if isinstance(own.get(section), dict) else None
+        folder = Path(path).expanduser().resolve().parent
+        for key in ("output_dir", *PATH_KEYS):
+            section, _, name = key.rpartition(".")
+            holder = own.get(section) if section else own
+            given = holder.get(name) if isinstance(holder, dict) else None
             if given is None or config.get(key) != given:
                 continue  # not set in this file, or set again after it
-            config[key] = ([_from(folder, g) for g in given] if isinstance(given, list) else _from(folder, given))
+            always = key == "output_dir"
+            config[key] = ([_from(folder, g, always) for g in given] if isinstance(given, list)
+                           else _from(folder, given, always))
+    for key in ("output_dir", *PATH_KEYS):
+        value = config.get(key)
+        config[key] = [_home(v) for v in value] if isinstance(value, list) else _home(value)
 
 
-def _from(folder: Path, value: Any) -> Any:
+def _from(folder: Path, value: Any, always: bool) -> Any:
     if not isinstance(value, str) or os.path.isabs(value) or value.startswith("~"):
         return value
     candidate = str(folder / value)
-    return candidate if glob.glob(candidate) else value
+    return candidate if always or glob.glob(candidate) else value
+
+
+def _home(value: Any) -> Any:
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value

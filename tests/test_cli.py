@@ -87,6 +87,32 @@ def test_config_file_mistakes_name_the_key_or_the_file(capsys, tmp_path):
     assert f"{broken} is not valid YAML" in err and "line 4" in err
 
 
+@pytest.mark.parametrize("text,words", [
+    (None, "no such file"),
+    ("", "is empty; give keys such as output_dir"),
+    ("- model\n- data\n", "holds a YAML list, not a mapping of keys"),
+    ("seed_everythin: 1\n", "unknown key seed_everythin; did you mean seed_everything?"),
+    ("modle:\n  max_new_tokens: 4\n", "unknown key modle; did you mean model?"),
+    ("model:\n  max_new_tokns: 4\n", "unknown key model.max_new_tokns; did you mean model.max_new_tokens?"),
+    ("data:\n  per_device_batch_siz: 4\n", "did you mean data.per_device_batch_size?"),
+])
+def test_a_config_file_that_cannot_work_is_named_with_its_mistake(capsys, tmp_path, text, words):
+    cfg = tmp_path / "task.yaml"
+    if text is not None:
+        cfg.write_text(text)
+    err = one_line_error(capsys, ["predict", "--config", str(cfg), "--output_dir", str(tmp_path / "o")])
+    assert str(cfg) in err and words in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_config_directory_is_refused_before_lightning_is_imported(tmp_path):
+    code = ("import sys; from lgen.cli import main; code = main(['predict', '--config', sys.argv[1]]); "
+            "print(code, 'lightning' in sys.modules, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
+    assert f"--config {tmp_path} is a directory; give a YAML file" in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU-only config runs here")
 def test_gpu_config_without_a_gpu_says_how_to_run_on_cpus(capsys, tiny_model, code_jsonl, tmp_path):
     err = one_line_error(capsys, ["predict", *base_args(tiny_model, code_jsonl, tmp_path / "o"),

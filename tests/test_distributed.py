@@ -29,10 +29,11 @@ def env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def lgen(argv: list[str]) -> None:
+def lgen(argv: list[str]) -> str:
     result = subprocess.run([sys.executable, "-m", "lgen", *argv], capture_output=True, text=True, timeout=600,
                             env=env())
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def records(out: Path) -> list[str]:
@@ -57,7 +58,8 @@ def one_process(tiny_model, tmp_path_factory):
 def test_two_processes_give_the_one_process_records(tiny_model, one_process, tmp_path):
     data, expected = one_process
     out = tmp_path / "out"
-    lgen(base(tiny_model, data, out, "--trainer.strategy", "ddp", "--trainer.devices", "2"))
+    err = lgen(base(tiny_model, data, out, "--trainer.strategy", "ddp", "--trainer.devices", "2"))
+    assert "Initializing distributed" not in err and "[rank: " not in err, err
     assert sorted(p.name for p in out.glob("*.jsonl")) == ["00001-of-00002.test.jsonl", "00002-of-00002.test.jsonl"]
     # 4 streams of 3, 3, 3 and 2 prompts: two to each rank, whole
     counts = [len(p.read_text().splitlines()) for p in sorted(out.glob("*.jsonl"))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -32,7 +33,8 @@ def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
     (["--model.max_new_tokens", "auto"], ["model.max_new_tokens: auto needs data.reference_column_name"]),
     (["--data.mode", "strided", "--data.block_size", "16", "--data.max_window_size", "12"],
      ["data.max_window_size + model.max_new_tokens = 12 + 8 = 20 exceeds data.block_size=16"]),
-    (["--data.block_size", "6", "--data.max_window_size", "9"], ["data.max_window_size=9 exceeds data.block_size=6"]),
+    (["--data.block_size", "6", "--data.max_window_size", "9"],
+     ["data.max_window_size + model.max_new_tokens = 9 + 8 = 17 exceeds data.block_size=6"]),
     (["--data.mode", "strided", "--data.block_size", "40"], ["every row was dropped", "lower data.max_window_size"]),
     (["--model.adapter_name_or_path", "./no/such/adapter"], ["model.adapter_name_or_path='./no/such/adapter'",
                                                              "does not exist"]),
@@ -40,6 +42,18 @@ def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
     (["--data.max_batch_tokens", "0"], ["data.max_batch_tokens must be >= 1 or auto, got 0"]),
     (["--model.generation_kwargs", "{do_sample: true, temperature: 0}"], ["sampling needs temperature > 0, got 0"]),
     (["--model.generation_kwargs", "{max_new_tokens: 5}"], ["set model.max_new_tokens instead of max_new_tokens"]),
+    (["--model.generation_kwargs", "{do_sample: true, num_return_sequences: 0}"],
+     ["num_return_sequences must be >= 1, got 0"]),
+    (["--model.generation_kwargs", "{do_sample: true, num_return_sequences: -2}"],
+     ["num_return_sequences must be >= 1, got -2"]),
+    (["--model.generation_kwargs", "{do_sample: true, top_p: 2.0}"], ["top_p must be in (0, 1], got 2.0"]),
+    (["--model.generation_kwargs", "{do_sample: true, top_k: -3}"], ["top_k must be >= 0", "got -3"]),
+    (["--model.generation_kwargs", "{do_sample: true, temperature: hot}"], ["temperature must be a number, got 'hot'"]),
+    (["--model.generation_kwargs", "{num_beams: 2, num_return_sequences: 3}"],
+     ["num_return_sequences=3 > num_beams=2"]),
+    (["--model.generation_kwargs", "{num_return_sequences: 4}"],
+     ["num_return_sequences=4 with greedy decoding", "replaces the whole dict, so repeat do_sample"]),
+    (["--model.stop_strings", "['']"], ["model.stop_strings: ['']", "empty string"]),
     (["--model.stop_strings", "['x</s>']"], ["model.stop_strings: ['x</s>'] contain special tokens", "eos_token_id"]),
     (["--model.torch_compile", "true", "--model.engine", "generate"],
      ["model.torch_compile", "engine generate", "set torch_compile: false"]),
@@ -256,3 +270,19 @@ def test_data_settings_that_cannot_work_are_one_line(capsys, tiny_model, code_js
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith(message.replace("BROKEN", str(broken))), err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the conversion needs gguf")
+def test_an_unwritable_lgen_cache_is_named_before_the_conversion(capsys, code_jsonl, tmp_path, monkeypatch):
+    from lgen import models
+
+    monkeypatch.setitem(models.ALIASES, "tiny-gguf", ("lgen", "__init__.py"))  # a file that exists
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LGEN_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be made, even by root
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", None)  # a conversion would fail
+    code = main([*ARGS, "--model.model_name_or_path", "tiny-gguf", "--data.data_files", str(code_jsonl),
+                 "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"is converted once into the lgen cache, and {tmp_path / 'a-file' / 'cache' / 'models'}" in err
+    assert "set LGEN_CACHE to a writable folder" in err

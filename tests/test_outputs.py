@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -238,6 +239,7 @@ def test_a_signal_stops_at_the_next_batch_and_the_same_command_resumes(tiny_mode
     name = signal.Signals(signum).name
     assert code == 128 + signum, err[-2000:]
     assert f"lgen: stopped by {name} (" in err and "run the same command again to resume" in err
+    assert "Received SIG" not in err  # Lightning's own line: lgen says it once
     written = lines(out)
     # the call in flight, and at most one more, write the rows that finish in them: with continuous
     # batching on a CPU up to a pool's 32 rows (a stream's pool drains before the next one starts)
@@ -268,6 +270,61 @@ def test_a_no_op_resume_keeps_the_summary(tiny_model, tmp_path, capsys):
     assert main(args(tiny_model, data, out)) == 0
     assert "nothing to generate: all 4 records are in" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text()) == before
+
+
+def test_a_no_op_resume_rebuilds_a_deleted_summary_and_merges(tiny_model, tmp_path, capsys):
+    data = prompts_file(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "out"
+    assert main(args(tiny_model, data, out)) == 0
+    before = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()
+    assert main(args(tiny_model, data, out, "--merge", "true")) == 0
+    rebuilt = json.loads((out / "summary.json").read_text())
+    for key in ("records", "records_expected", "records_missing", "finish_reasons", "rows_read"):
+        assert rebuilt[key] == before[key], key
+    merged = [json.loads(line) for line in (out / "merged.test.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in merged] == [f"t/{i}" for i in range(4)]
+
+
+def test_partial_merged_and_exported_files_go_when_records_are_added(tiny_model, tmp_path, capsys):
+    data = prompts_file(tmp_path / "p.jsonl", 6)
+    out = tmp_path / "out"
+    assert main(args(tiny_model, data, out)) == 0
+    shard = out / SHARD
+    shard.write_text("".join(shard.read_text().splitlines(keepends=True)[:3]))  # as if the run had stopped
+    assert main(["merge", str(out), "--allow-partial"]) == 0
+    assert main(["export", str(out), "--format", "humaneval", "--allow-partial"]) == 0
+    stale = sorted(p.name for p in out.iterdir() if p.name.startswith(("merged", "humaneval")))
+    assert len(stale) == 2, stale
+    capsys.readouterr()
+    assert main(args(tiny_model, data, out)) == 0
+    assert "removed" in capsys.readouterr().err
+    assert not [p for p in out.iterdir() if p.name.startswith(("merged", "humaneval"))]
+    assert len(lines(out)) == 6
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(tiny_model, tmp_path, capsys, monkeypatch):
+    data = prompts_file(tmp_path / "p.jsonl", 6)
+    clean = tmp_path / "clean"
+    assert main(args(tiny_model, data, clean)) == 0
+    out = tmp_path / "out"
+    fsync, calls = os.fsync, []
+
+    def full(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) > 3:  # the first batch and the first files are written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr("lgen.writer.os.fsync", full)
+    capsys.readouterr()
+    assert main(args(tiny_model, data, out)) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free some space" in err and "Traceback" not in err
+    assert not list(out.glob("*.lgen-tmp"))
+    monkeypatch.setattr("lgen.writer.os.fsync", fsync)
+    assert main(args(tiny_model, data, out)) == 0
+    assert sorted(lines(out)) == sorted(lines(clean))
 
 
 def test_a_run_that_loses_records_does_not_exit_0(tiny_model, tmp_path, capsys, monkeypatch):
@@ -331,9 +388,17 @@ def test_paths_in_a_config_file_are_read_from_its_folder(tiny_model, tmp_path, m
     prompts_file(task / "prompts.jsonl", 3)
     config = task / "task.yaml"
     config.write_text(f"model:\n  model_name_or_path: {tiny_model}\n  max_new_tokens: 8\n"
-                      "data:\n  data_files: prompts.jsonl\n  text_column_name: prompt\n  mode: complete\n")
-    monkeypatch.chdir(tmp_path)  # not the config's folder
-    out = tmp_path / "out"
-    assert main(["predict", "--config", str(config), "--output_dir", str(out), "--trainer.accelerator", "cpu",
-                 "--trainer.enable_progress_bar", "false"]) == 0
-    assert len(lines(out)) == 3
+                      "data:\n  data_files: prompts.jsonl\n  text_column_name: prompt\n  mode: complete\n"
+                      "output_dir: out\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the config's folder
+    run = ["predict", "--config", str(config), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    assert main(run) == 0
+    assert len(lines(task / "out")) == 3  # beside the config, as data_files
+    assert main([*run, "--output_dir", "mine"]) == 0  # on the command line: from the current directory
+    assert len(lines(elsewhere / "mine")) == 3
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config.write_text(config.read_text().replace("output_dir: out", "output_dir: ~/records"))
+    assert main(run) == 0
+    assert len(lines(tmp_path / "home" / "records")) == 3
