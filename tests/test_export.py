@@ -310,7 +310,7 @@ def test_export_output_at_the_default_name_inside_is_written(sampled, tmp_path):
     (["export", "--format", "bigcode"], "bigcode.test.json"),
     (["merge"], "merged.test.jsonl"),
 ])
-def test_a_full_disk_leaves_no_file_behind(sampled, tmp_path, monkeypatch, command, name):
+def test_a_full_disk_leaves_no_file_behind(sampled, tmp_path, monkeypatch, capsys, command, name):
     out = copy_output(sampled, tmp_path / "out")
     (out / name).write_text("the file an earlier command wrote\n")
     names = sorted(p.name for p in out.iterdir())
@@ -319,7 +319,9 @@ def test_a_full_disk_leaves_no_file_behind(sampled, tmp_path, monkeypatch, comma
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError, match="No space left on device"):
-        main([command[0], str(out), *command[1:]])
+    capsys.readouterr()
+    assert main([command[0], str(out), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lgen: error: No space left on device") and "\n" not in err, err
     assert sorted(p.name for p in out.iterdir()) == names  # no *.lgen-tmp
     assert (out / name).read_text() == "the file an earlier command wrote\n"
