@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return {"merge": merge_main, "export": export_main, "predict": predict_main}[command](rest)
         except Interrupted as err:
-            print(f"lgen: {err}; run the same command again to resume", file=sys.stderr)
+            if not err.quiet:
+                print(f"lgen: {err}; run the same command again to resume", file=sys.stderr)
             return err.exit_code
         except LgenError as err:
             print(f"lgen: error: {err}", file=sys.stderr)
@@ -102,8 +103,14 @@ def predict_main(args: list[str]) -> int:
                   parser_kwargs={"prog": "lgen predict", "description": COMMANDS["predict"].split(" (")[0]})
     try:
         cli.predict()
+        if cli.stop.signum:  # the signal came after the last batch: a stopped run never exits 0
+            raise Interrupted(cli.stop.signum)
     except Interrupted as err:
-        raise Interrupted(err.signum, f"{err}{_so_far(cli.writer.summary, cli.output.path)}") from None
+        dropped = cli.writer.stats["rows_dropped_at_stop"]
+        unfinished = f"; {dropped} unfinished rows dropped" if dropped else ""
+        stopped = Interrupted(err.signum, f"{err}{_so_far(cli.writer.summary, cli.output.path, unfinished)}")
+        stopped.quiet = cli.trainer.global_rank > 0  # rank 0 says it for the run
+        raise stopped from None
     finally:
         cli.lock.release()
         _close_process_group()
@@ -116,8 +123,10 @@ def predict_main(args: list[str]) -> int:
     return 0
 
 
-def _so_far(summary: dict[str, Any], output_dir: Any) -> str:
-    return f" ({summary['records']} of {summary['records_expected']} records are in {output_dir})" if summary else ""
+def _so_far(summary: dict[str, Any], output_dir: Any, more: str = "") -> str:
+    if not summary:
+        return f" ({more[2:]})" if more else ""
+    return f" ({summary['records']} of {summary['records_expected']} records are in {output_dir}{more})"
 
 
 def describe(summary: dict[str, Any], output_dir: Any, *, ran: bool = True) -> str:

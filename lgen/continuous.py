@@ -20,10 +20,16 @@ every row, is the same whichever pools run beside it. Each row samples from its 
 :meth:`ContinuousEngine.generate` is called once per group (``predict_step``): it admits the group,
 decodes until there is room for the next one (the draining pools step along), and returns the rows
 that finished meanwhile, whichever pool they came from. The rank's last group drains every pool.
+
+A stop (:class:`lgen.deadline.Deadline`) admits no more groups: every pool drains until the
+deadline, and the rows still running then are dropped, however large the pools or
+``max_new_tokens`` (they are generated again on resume, the same rows, since a row does not depend
+on the pool it ran in).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +40,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from lgen import sampling
 from lgen.attention import packing_needed
 from lgen.data import Batch
+from lgen.deadline import Deadline
 from lgen.engine import CompactEngine, Results, decoding
 from lgen.steppers import PoolStepper
 from lgen.stopping import StopRules, first_stops
@@ -74,6 +81,23 @@ class _Pool:
         self.rules.select(sel)
 
 
+class _Emitter:
+    """Hands the rows a long call finished to ``emit`` at most once every ``seconds`` (each hand-off
+    is a write and an fsync), emptying the list given."""
+
+    seconds = 1.0
+
+    def __init__(self, emit: Callable[[list], None] | None) -> None:
+        self.emit, self.last = emit, time.monotonic()
+
+    def __call__(self, results: list) -> None:
+        if self.emit is None or not results or time.monotonic() - self.last < self.seconds:
+            return
+        self.emit(results[:])
+        results.clear()
+        self.last = time.monotonic()
+
+
 class ContinuousEngine:
     """The compact decode loop over a pool that new prompts join (see the module docstring).
 
@@ -107,7 +131,8 @@ class ContinuousEngine:
         self.draining: list[_Pool] = []  # pools of streams whose groups are all in
 
     @torch.inference_mode()
-    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None) -> Results:
+    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None,
+                 deadline: Deadline | None = None, emit: Callable[[list], None] | None = None) -> Results:
         group = batch.group
         if group is None:
             raise ValueError("continuous batching needs a batch of a stream plan (data.connect(continuous=True))")
@@ -115,12 +140,15 @@ class ContinuousEngine:
             raise ValueError("sampling needs row_keys")
         with decoding(batch.input_ids.device, invariant_mode=self.invariant, packed=self.packed_attention,
                       spans=self.span_attention):
-            return self._generate(model, batch, row_keys)
+            return self._generate(model, batch, row_keys, deadline or Deadline(), _Emitter(emit))
 
-    def _generate(self, model: torch.nn.Module, batch: Batch, row_keys: torch.Tensor | None) -> Results:
+    def _generate(self, model: torch.nn.Module, batch: Batch, row_keys: torch.Tensor | None,
+                  deadline: Deadline, emitter: _Emitter) -> Results:
         group = batch.group
         results: list[tuple[dict[str, Any], int, Any]] = []
         computed = 0
+        if deadline.requested:
+            return self._wind_down(results, computed, deadline, emitter)
         pool = self.filling
         if pool is None or pool.stream != group.stream:
             if pool is not None:
@@ -128,6 +156,9 @@ class ContinuousEngine:
             while self.draining and self._in_use() + group.pool_rows * (group.pool_length + self.compact_every) \
                     > group.budget:  # the new pool must fit beside the draining ones: they go on alone
                 computed += self._window(self.draining, results)
+                emitter(results)
+                if deadline.requested:
+                    return self._wind_down(results, computed, deadline, emitter)
             pool = self.filling = self._new_pool(model, batch)
         self._admit(pool, batch, row_keys)
         decoded = False
@@ -135,28 +166,53 @@ class ContinuousEngine:
             self.filling = None
             self.draining.append(pool)
         if group.final:
-            while self.draining:
+            while self.draining and not deadline.requested:  # the rank's last call: it may run long
                 computed += self._window(self.draining, results)
+                emitter(results)
         elif not group.last:
-            while pool.capacity - pool.in_flight() < group.group_rows:  # until the next group fits
-                computed += self._window([pool, *self.draining], results)
+            while pool.capacity - pool.in_flight() < group.group_rows and not deadline.requested:
+                computed += self._window([pool, *self.draining], results)  # until the next group fits
                 decoded = True
+        if deadline.requested:
+            return self._wind_down(results, computed, deadline, emitter)
         if not decoded and self.draining:  # draining pools go on while the next group is prefilled: a
             computed += self._window(self.draining, results)  # pool's own timeline is all that sets its rows
         return Results(results, computed)
+
+    def _wind_down(self, results: list[tuple[dict[str, Any], int, Any]], computed: int,
+                   deadline: Deadline, emitter: _Emitter) -> Results:
+        """A stop: every pool drains until the deadline; the rows still running then are dropped."""
+        if self.filling is not None:
+            self.draining.append(self.filling)
+            self.filling = None
+        while self.draining and not deadline.expired():
+            computed += self._window(self.draining, results, deadline)
+            emitter(results)
+        dropped = sum(pool.in_flight() for pool in self.draining)
+        self.draining = []
+        return Results(results, computed, dropped)
+
+    def in_flight(self) -> int:
+        """Rows admitted whose records are not out yet, in every pool."""
+        return sum(pool.in_flight() for pool in [*([self.filling] if self.filling else []), *self.draining])
 
     def _in_use(self) -> int:
         """Cache positions the draining pools hold."""
         return sum(pool.stepper.rows * pool.stepper.length for pool in self.draining)
 
-    def _window(self, pools: list[_Pool], results: list[tuple[dict[str, Any], int, Any]]) -> int:
+    def _window(self, pools: list[_Pool], results: list[tuple[dict[str, Any], int, Any]],
+                deadline: Deadline | None = None) -> int:
         """``compact_every`` steps of each pool, a step of each in turn, then a look at each; adds the
         rows that ended to ``results``, drops the draining pools left empty, and returns the
         row-steps computed. Each pool runs on a CUDA stream of its own: while the host waits on one
         pool's step (sampling reads its logits, a look reads which rows ended), the GPU runs the
-        other pools' steps, and the host's work between steps no longer leaves it idle."""
+        other pools' steps, and the host's work between steps no longer leaves it idle. A
+        ``deadline`` that passes between steps ends the window there, without a look: what is in
+        flight is then dropped."""
         computed = sum(pool.tokens.shape[0] for pool in pools) * self.compact_every
         for _ in range(self.compact_every):
+            if deadline is not None and deadline.expired():
+                return computed
             for pool in pools:
                 with torch.cuda.stream(pool.cuda):
                     self._step(pool)

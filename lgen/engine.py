@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria
 
 from lgen import invariant, lockstep, sampling
 from lgen.attention import decode_spans, packed_decode, packing_needed, span_decode
 from lgen.data import Batch
+from lgen.deadline import Deadline
 from lgen.steppers import EagerStepper, GraphStepper, PoolStepper
 from lgen.stopping import Finished, GenerateCriteria, StopRules, first_stops
 
@@ -41,21 +42,24 @@ from lgen.stopping import Finished, GenerateCriteria, StopRules, first_stops
 class Generated:
     """``tokens``: ``[rows, steps]`` generated ids, padding after each row ended; ``stop_rule`` and
     ``stop_step``: the rule (its index in the :class:`StopRules`) that ended each row first, and the
-    step (-1: none); ``slots``: row-steps computed, for the useful-slot fraction."""
+    step (-1: none); ``slots``: row-steps computed, for the useful-slot fraction; ``dropped``: the
+    rows a stop's deadline cut before they ended (None: none), which must not become records."""
 
     tokens: torch.Tensor
     stop_rule: torch.Tensor
     stop_step: torch.Tensor
     slots: int
+    dropped: torch.Tensor | None = None
 
 
 @dataclass
 class Results:
     """What a ``generate`` call finished: (example, sample number from 1, the row cut where it
-    ended) for each row, and the row-steps computed."""
+    ended) for each row, the row-steps computed, and the rows dropped unfinished at a stop."""
 
     rows: list[tuple[dict[str, Any], int, Finished]]
     slots: int
+    dropped: int = 0
 
 
 class Engine(Protocol):
@@ -65,10 +69,16 @@ class Engine(Protocol):
     def unsupported(config: GenerationConfig) -> list[str]:
         """The generation settings of ``config`` this engine cannot do."""
 
-    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None) -> Results:
+    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None,
+                 deadline: Deadline | None = None, emit: Callable[[list], None] | None = None) -> Results:
         """Take one batch of prompts; return the rows that finished (for the batch engines, all of
         the batch's; for continuous batching, whichever ended meanwhile). ``row_keys``: one int64
-        per output row (prompt i's samples at ``i * n .. i * n + n - 1``), seeding sampling."""
+        per output row (prompt i's samples at ``i * n .. i * n + n - 1``), seeding sampling. Once
+        ``deadline`` is requested, admit no prompt; once it expired, drop the rows in flight. A
+        call that runs long may hand rows it finished to ``emit`` before it returns the rest."""
+
+    def in_flight(self) -> int:
+        """Rows admitted by earlier calls whose records are not out yet."""
 
 
 class _Batchwise:
@@ -76,15 +86,23 @@ class _Batchwise:
 
     rules: Callable[[], StopRules]
     tokenizer: PreTrainedTokenizerBase
+    synced: bool
 
-    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None) -> Results:
+    def in_flight(self) -> int:
+        return 0  # a batch is finished within its call
+
+    def generate(self, model: torch.nn.Module, batch: Batch, *, row_keys: torch.Tensor | None,
+                 deadline: Deadline | None = None, emit: Callable[[list], None] | None = None) -> Results:
+        if deadline is not None and deadline.requested and not self.synced:  # stopping: admit nothing (ranks
+            return Results([], 0)  # in lockstep run the batch, to the deadline they agree on, to join its forwards)
         rules = self.rules()
         out = self.run(model, batch.input_ids, batch.attention_mask, max_new_tokens=batch.max_new_tokens,
-                       rules=rules, row_keys=row_keys)
+                       rules=rules, row_keys=row_keys, deadline=deadline)
         finished = rules.finish(out.tokens, out.stop_rule, out.stop_step, self.tokenizer)
         samples = int(self.config.num_return_sequences or 1)
-        return Results([(batch.examples[r // samples], r % samples + 1, f) for r, f in enumerate(finished)],
-                       out.slots)
+        dropped = [False] * len(finished) if out.dropped is None else out.dropped.tolist()
+        return Results([(batch.examples[r // samples], r % samples + 1, f)
+                        for r, f in enumerate(finished) if not dropped[r]], out.slots, sum(dropped))
 
 
 _SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "num_return_sequences", "max_new_tokens",
@@ -156,14 +174,16 @@ class CompactEngine(_Batchwise):
 
     @torch.inference_mode()
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-            max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None) -> Generated:
+            max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None,
+            deadline: Deadline | None = None) -> Generated:
         with decoding(input_ids.device, invariant_mode=self.invariant, packed=self.packed_attention,
                       spans=self.span_attention):
             return self._run(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, rules=rules,
-                             row_keys=row_keys)
+                             row_keys=row_keys, deadline=deadline)
 
     def _run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-             max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None) -> Generated:
+             max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None,
+             deadline: Deadline | None) -> Generated:
         device = input_ids.device
         samples = int(self.config.num_return_sequences or 1)
         rows = input_ids.shape[0] * samples
@@ -206,8 +226,14 @@ class CompactEngine(_Batchwise):
                         hit = torch.tensor(hits, dtype=torch.bool, device=device)
                         done[keep[hit]] = True
                         keep = keep[~hit]
-                # the one host sync, every compact_every steps
-                if not (lockstep.any_rank(keep.numel() > 0, device) if self.synced else keep.numel() > 0):
+                # the one host sync, every compact_every steps; synced ranks agree on both flags
+                flags = int(keep.numel() > 0) | 2 * int(deadline is not None and deadline.expired())
+                flags = lockstep.all_max(flags, device) if self.synced else flags
+                if flags & 2:  # a stop's deadline passed: the rows still running are dropped
+                    cut = torch.zeros(rows + 1, dtype=torch.bool, device=device)
+                    cut[live[keep]] = True
+                    return Generated(tokens[:rows], stop_rule[:rows], stop_step[:rows], slots, cut[:rows])
+                if not flags & 1:
                     break
                 idle = keep.numel() == 0
                 sel = None if idle else stepper.compact(keep)
@@ -241,13 +267,31 @@ class GenerateEngine(_Batchwise):
         return []
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-            max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None) -> Generated:
+            max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None,
+            deadline: Deadline | None = None) -> Generated:
         config = copy.deepcopy(self.config)
         config.max_new_tokens = max_new_tokens
         config.stop_strings = None  # the rules find them
         width = input_ids.shape[1]
         criteria = GenerateCriteria(rules, prompt_width=width, max_new_tokens=max_new_tokens)
+        stops = [criteria] if deadline is None else [criteria, _Expired(deadline)]
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                stopping_criteria=[criteria], synced_gpus=self.synced)
+                                stopping_criteria=stops, synced_gpus=self.synced)
         generated = output[:, width:]
-        return Generated(generated, *rules.replay(generated, max_new_tokens), generated.numel())
+        stop_rule, stop_step = rules.replay(generated, max_new_tokens)
+        dropped = None
+        if (deadline is not None and deadline.expired() and generated.shape[1] < max_new_tokens
+                and criteria.done is not None):
+            dropped = ~criteria.done  # cut by the deadline before a rule (or a stop string) ended them
+        return Generated(generated, stop_rule, stop_step, generated.numel(), dropped)
+
+
+class _Expired(StoppingCriteria):
+    """Ends every row of ``model.generate`` once a stop's deadline passed."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None,
+                 **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.deadline.expired(), dtype=torch.bool, device=input_ids.device)

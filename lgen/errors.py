@@ -52,3 +52,4 @@ class Interrupted(LgenError):
         super().__init__(message or f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
         self.exit_code = 128 + signum
+        self.quiet = False  # another rank reports it

@@ -17,6 +17,7 @@ from lgen import budget, models, precision, records, sampling, zero3
 from lgen.braces import Language, token_table
 from lgen.continuous import ContinuousEngine
 from lgen.data import Batch
+from lgen.deadline import Deadline
 from lgen.engine import CompactEngine, Engine, GenerateEngine
 from lgen.errors import ConfigError
 from lgen.steppers import compile_layers
@@ -201,6 +202,7 @@ class GenerationModule(LightningModule):
         self.model = None
         self.engine: Engine | None = None  # built in on_predict_start, when the device is known
         self.sharded = self.synced = False  # set in setup, from the strategy
+        self.deadline: Deadline | None = None  # set by lgen.interrupt.GracefulStop for the run
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
         self._trace_hook: torch.utils.hooks.RemovableHandle | None = None  # ZeRO-3, during predict
         self._cudnn_sdp: bool | None = None  # the process's setting, put back after predict
@@ -428,10 +430,24 @@ class GenerationModule(LightningModule):
         keys = None
         if self.generation_config.do_sample:
             keys = sampling.row_keys(self.seed, batch.examples, samples, self.device)
-        start = time.perf_counter()
-        out = self.engine.generate(self.model, batch, row_keys=keys)
-        seconds = time.perf_counter() - start
+        self._mark = time.perf_counter()
+        out = self.engine.generate(self.model, batch, row_keys=keys, deadline=self.deadline, emit=self._emit)
         if batch.padding:
-            return records.BatchRecords()
-        return records.BatchRecords(records.build(out.rows, samples=samples, tokenizer=self.tokenizer),
-                                    [f.tokens for _, _, f in out.rows], seconds, out.slots)
+            return records.BatchRecords(dropped=out.dropped)
+        return self._batch_records(out.rows, slots=out.slots, dropped=out.dropped)
+
+    def _batch_records(self, rows: list, *, slots: int = 0, dropped: int = 0) -> records.BatchRecords:
+        now = time.perf_counter()
+        seconds, self._mark = now - self._mark, now
+        return records.BatchRecords(records.build(rows, samples=self.num_return_sequences, tokenizer=self.tokenizer),
+                                    [f.tokens for _, _, f in rows], seconds, slots, dropped)
+
+    def _emit(self, rows: list) -> None:
+        """Rows a long call (a pool's drain) finished before it ended: out to the callbacks that take
+        records (``on_records``: the writer, the progress bar) now, not when the call ends, so they
+        are on disk and counted as they finish."""
+        prediction = self._batch_records(rows)
+        for callback in self.trainer.callbacks:
+            hook = getattr(callback, "on_records", None)
+            if hook is not None:
+                hook(self.trainer, self, prediction)

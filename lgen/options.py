@@ -46,6 +46,8 @@ TOP = {
     "overwrite_output_dir": ("Delete the files lgen wrote in output_dir before starting (never other files).",
                              "false"),
     "merge": ("Write merged.{split}.jsonl in dataset order when the run ends.", "false"),
+    "stop_grace_seconds": ("After SIGTERM or Ctrl-C, how long the rows in flight may take to finish before they "
+                           "are dropped (and generated again on resume).", "5.0"),
     "seed_everything": ("Lightning's seed; also seeds sampling and data.subsamples.", "0"),
 }
 # keys set through links (from the model side or the seed), never by the user

@@ -92,12 +92,11 @@ class LgenCLI(LightningCLI):
         parser.add_lightning_class_args(GenerationDataModule, "data")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--output_dir", type=str, required=True,
-                            help="Directory for the JSONL shards, config dumps and summary.")
-        parser.add_argument("--overwrite_output_dir", type=bool, default=False,
-                            help="Delete the files lgen wrote in output_dir before starting (never other files).")
-        parser.add_argument("--merge", type=bool, default=False,
-                            help="Write merged.{split}.jsonl in dataset order when the run ends.")
+        top = {key: text for key, (text, _) in options.TOP.items()}  # lgen predict --help reads them too
+        parser.add_argument("--output_dir", type=str, required=True, help=top["output_dir"])
+        parser.add_argument("--overwrite_output_dir", type=bool, default=False, help=top["overwrite_output_dir"])
+        parser.add_argument("--merge", type=bool, default=False, help=top["merge"])
+        parser.add_argument("--stop_grace_seconds", type=float, default=5.0, help=top["stop_grace_seconds"])
         # the targets are LINKED
         parser.link_arguments("model.max_new_tokens", "data.max_new_tokens")
         parser.link_arguments("model.token", "data.token")
@@ -112,6 +111,8 @@ class LgenCLI(LightningCLI):
         resolve_config_paths(self.config, list(args or []))
 
     def before_instantiate_classes(self) -> None:
+        if not self.config.stop_grace_seconds >= 0:
+            raise ConfigError(f"stop_grace_seconds must be >= 0, got {self.config.stop_grace_seconds}")
         outputs.check_output_dir(self.config.output_dir, self.config.overwrite_output_dir)
         self.lock = DirectoryLock(self.config.output_dir)
         if rank_zero_only.rank == 0:  # before anything is read, deleted or written there
@@ -133,7 +134,7 @@ class LgenCLI(LightningCLI):
         self.output = outputs.OutputDir(cfg.output_dir, data.dataset_split)
         config_text = self.parser.dump(self.config, skip_none=False)
         self.writer = JsonlWriter(self.output, config_text=config_text, merge=cfg.merge)
-        self.stop = GracefulStop()
+        self.stop = GracefulStop(grace_seconds=cfg.stop_grace_seconds)
         self.trainer = self.instantiate_trainer()
         strategy = self.trainer.strategy
         model.check_strategy(strategy)

@@ -40,6 +40,10 @@ class GenerationProgressBar(ProgressBar):
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: BatchRecords, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.on_records(trainer, pl_module, outputs)
+
+    def on_records(self, trainer: Trainer, pl_module: LightningModule, outputs: BatchRecords) -> None:
+        """Count records, a batch's or those a long call finished before it ended."""
         if self._bar is None:
             return
         self._tokens += sum(outputs.tokens)

@@ -49,12 +49,14 @@ def complete_examples(keys: set[RecordKey], samples: int) -> set[ExampleKey]:
 @dataclass(frozen=True)
 class BatchRecords:
     """What ``predict_step`` returns for one batch: its records, the generated tokens of each, the
-    batch's generation seconds and the row-steps the engine computed (``slots``)."""
+    batch's generation seconds, the row-steps the engine computed (``slots``), and the rows a stop
+    dropped unfinished (``dropped``: generated again on resume)."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     seconds: float = 0.0
     slots: int = 0
+    dropped: int = 0
 
 
 def build(rows: list[tuple[dict[str, Any], int, Finished]], *, samples: int,

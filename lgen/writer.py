@@ -69,6 +69,12 @@ class JsonlWriter(BasePredictionWriter):
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         if not batch.padding:
             self.stats["records_planned"] += len(batch.examples) * pl_module.num_return_sequences
+        self.on_records(trainer, pl_module, prediction)
+
+    def on_records(self, trainer: Trainer, pl_module: LightningModule, prediction: BatchRecords) -> None:
+        """Write records, whole, flushed and fsynced: a batch's, or those a long call finished
+        before it ended (``GenerationModule`` hands them to every callback that has this hook)."""
+        self.stats["rows_dropped_at_stop"] += prediction.dropped
         lines = []
         for record, tokens in zip(prediction.records, prediction.tokens):
             self.stats["records_produced"] += 1
@@ -97,7 +103,13 @@ class JsonlWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.teardown(trainer, pl_module, "predict")
-        every = _gather({"stats": dict(self.stats), "reasons": dict(self.reasons)}, trainer)
+        try:
+            every = _gather({"stats": dict(self.stats), "reasons": dict(self.reasons)}, trainer)
+        except RuntimeError:  # a rank that stopped on a signal has left: this one stops too
+            deadline = getattr(pl_module, "deadline", None)
+            if deadline is None or not deadline.requested:
+                raise
+            raise Interrupted(deadline.signum) from None
         stats, reasons = Counter(), Counter()
         for part in every:
             stats.update(part["stats"])
@@ -148,6 +160,7 @@ class JsonlWriter(BasePredictionWriter):
             "examples_skipped_done": data_stats.pop("examples_skipped_done", 0),
             "records_written": stats["records_written"],
             "records_skipped_done": stats["records_skipped_done"],
+            "rows_dropped_at_stop": stats["rows_dropped_at_stop"],
             "generated_tokens": stats["generated_tokens"],
             "generation_seconds": round(stats["generation_seconds"], 3),
             "wall_seconds": round(wall, 3),

@@ -275,3 +275,101 @@ def test_streams_are_planned_from_the_data_alone():
     assert [deal_streams(costs, r, 2) for r in range(2)] == [[0, 1], [2, 3]]
     assert [deal_streams(costs, r, 3) for r in range(3)] == [[1], [0, 2], [3]]
     assert deal_streams(costs, 0, 1) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("grace", [3600.0, 0.0])
+def test_a_stop_admits_nothing_and_drops_what_the_deadline_cuts(lm, grace):
+    """After a stop, the pools wind down: a long grace lets every admitted row finish, with the
+    tokens it gets alone; none leaves the deadline drops them, counted. No later group joins."""
+    from lgen.continuous import ContinuousEngine
+    from lgen.deadline import Deadline
+
+    model, tok = lm
+    prompts = PROMPTS * 2
+    config = GenerationConfig(do_sample=False, pad_token_id=tok.pad_token_id)
+
+    def rules():
+        return StopRules([BraceMatching(token_table(tok, "c"), start_level=1), EndOfSequence([tok.eos_token_id]),
+                          Length()])
+
+    alone = {}
+    for i, p in enumerate(prompts):
+        r = rules()
+        out = compact(tok, config, compact_every=3).run(model, *encode(tok, [p]), max_new_tokens=24, rules=r,
+                                                         row_keys=None)
+        alone[i] = decoded(r, out, tok)[0]
+    engine = ContinuousEngine(config, rules=rules, tokenizer=tok, pad_token_id=tok.pad_token_id, compact_every=3)
+    deadline = Deadline(grace)
+    got, admitted, dropped, in_flight = {}, set(), 0, None
+    for n, batch in enumerate(_stream_batches(tok, prompts, group=2, pool_rows=8, mnt=24, samples=1, streams=1,
+                                              pools=1)):
+        if n == 4:
+            in_flight = engine.in_flight()
+            deadline.request(15)
+        else:
+            admitted |= {e["id"] for e in batch.examples} if not deadline.requested else set()
+        out = engine.generate(model, batch, row_keys=None, deadline=deadline)
+        dropped += out.dropped
+        got.update({example["id"]: (f.text, f.reason) for example, _, f in out.rows})
+    assert in_flight > 0 and engine.in_flight() == 0 and not engine.draining and engine.filling is None
+    assert set(got) <= admitted  # nothing admitted after the stop
+    assert all(got[i] == alone[i] for i in got)
+    assert len(got) + dropped == len(admitted)
+    assert (dropped == 0) if grace else (dropped == in_flight)
+
+
+@pytest.mark.parametrize("which", ["compact", "generate"])
+def test_batch_engines_drop_the_rows_a_deadline_cuts(lm, which):
+    from lgen.deadline import Deadline
+
+    model, tok = lm
+    ids, mask = encode(tok, PROMPTS)
+    config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make = (lambda: compact(tok, config, compact_every=2, rules=lambda: code_rules(tok), tokenizer=tok)) \
+        if which == "compact" else \
+        (lambda: engine.GenerateEngine(config, rules=lambda: code_rules(tok), tokenizer=tok))
+    batch = SimpleNamespace(input_ids=ids, attention_mask=mask, max_new_tokens=30,
+                            examples=[{"id": i} for i in range(len(PROMPTS))])
+    whole = make().generate(model, batch, row_keys=None)
+    assert len(whole.rows) == len(PROMPTS) and whole.dropped == 0
+    expired = Deadline(0.0)
+    expired._at = float("-inf")  # passed, but not requested at the call: the batch starts, then is cut
+    cut = make().generate(model, batch, row_keys=None, deadline=expired)
+    assert cut.dropped > 0 and len(cut.rows) + cut.dropped == len(PROMPTS)
+    by_id = {e["id"]: f for e, _, f in whole.rows}
+    assert all(f.text == by_id[e["id"]].text and f.reason == by_id[e["id"]].reason for e, _, f in cut.rows)
+    stopping = Deadline(3600.0)
+    stopping.request(15)
+    assert make().generate(model, batch, row_keys=None, deadline=stopping).rows == []  # admits nothing
+
+
+def _deadline_worker(rank: int, folder: str, init: str, results) -> None:
+    from lgen.deadline import Deadline
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    ids, mask = encode(tok, PROMPTS[:3] if rank == 0 else PROMPTS[3:])
+    config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    deadline = Deadline(0.0)
+    if rank == 0:  # only rank 0 got the signal, and its grace is over
+        deadline.request(15)
+    rules = code_rules(tok, brace=False)
+    out = compact(tok, config, compact_every=2, synced=True).run(model, ids, mask, max_new_tokens=40, rules=rules,
+                                                                 row_keys=None, deadline=deadline)
+    results[rank] = (len(calls), int(out.dropped.sum()) if out.dropped is not None else 0, ids.shape[0])
+    torch.distributed.destroy_process_group()
+
+
+def test_synced_ranks_agree_on_a_deadline(tiny_model, tmp_path):
+    """One rank's passed deadline cuts the batch on every rank in lockstep at the same step (a rank
+    that ran on alone would wait for the others' forwards forever)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_deadline_worker, args=(str(tiny_model), f"file://{tmp_path}/store", results), nprocs=2)
+    (calls0, dropped0, rows0), (calls1, dropped1, rows1) = results[0], results[1]
+    assert calls0 == calls1 == 2  # the prefill and one step: cut at the first look
+    assert 0 < dropped0 <= rows0 and 0 < dropped1 <= rows1
