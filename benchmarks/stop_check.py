@@ -6,8 +6,10 @@ and the rows dropped); then the same command again (resume), whose records are c
 uninterrupted run's, line for line.
 
     python benchmarks/stop_check.py OUT_DIR                       # the quickstart on CPU (32 x 96, batch 4)
-    python benchmarks/stop_check.py OUT_DIR --gpu --prompts 512 --max-new-tokens 1024 \\
+    python benchmarks/stop_check.py OUT_DIR --gpu --prompts 512 --max-new-tokens 1024 --after 8 \\
         --model OUT_DIR/rand1b --batch-size 64 --no-brace      # a long GPU job (benchmarks/random_model.py)
+
+``--after S`` sends the signal S seconds after the run starts predicting (its shard exists) instead.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     p.add_argument("--grace", type=float, default=5.0)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--no-brace", action="store_true", help="no brace matching: every row runs to max_new_tokens")
+    p.add_argument("--after", type=float, default=None, help="signal this many seconds into prediction")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     data = ROOT / "configs/data/quickstart.jsonl"
@@ -53,7 +56,7 @@ def main() -> None:
               "--data.data_files", str(data), "--model.max_new_tokens", str(a.max_new_tokens),
               "--data.per_device_batch_size", str(a.batch_size), "--trainer.enable_progress_bar", "false",
               "--stop_grace_seconds", str(a.grace), "--data.keep_columns", "null",
-              "--data.id_column_name", "task_id", "--data.block_size", str(max(512, 256 + a.max_new_tokens))]
+              "--data.id_column_name", "task_id", "--data.block_size", str(512 + a.max_new_tokens)]
     if a.no_brace:
         common += ["--model.use_brace_matching", "false"]
     if a.gpu:
@@ -69,8 +72,10 @@ def main() -> None:
         f.unlink()
     proc = subprocess.Popen(run, stderr=subprocess.PIPE, text=True)
     shard = stopped / "00001-of-00001.test.jsonl"
-    while not (shard.exists() and shard.stat().st_size) and proc.poll() is None:
+    while not (shard.exists() and (a.after is not None or shard.stat().st_size)) and proc.poll() is None:
         time.sleep(0.005)
+    if a.after is not None:
+        time.sleep(a.after)
     seen = shard.read_text().count("\n") if shard.exists() else 0
     proc.send_signal(signal.SIGTERM)
     sent = time.perf_counter()
