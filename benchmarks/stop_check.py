@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--no-brace", action="store_true", help="no brace matching: every row runs to max_new_tokens")
     p.add_argument("--after", type=float, default=None, help="signal this many seconds into prediction")
+    p.add_argument("--only-stop", action="store_true", help="only the stopped run (no uninterrupted run, no resume)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     data = ROOT / "configs/data/quickstart.jsonl"
@@ -63,9 +64,10 @@ def main() -> None:
         common += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-true", "--model.torch_dtype",
                    "bfloat16"]
     clean, stopped = a.out / "clean", a.out / "stopped"
-    start = time.perf_counter()
-    subprocess.run(lgen(*common, "--output_dir", str(clean), "--overwrite_output_dir", "true"), check=True)
-    print(f"uninterrupted: {len(records(clean))} records in {time.perf_counter() - start:.1f} s", flush=True)
+    if not a.only_stop:
+        start = time.perf_counter()
+        subprocess.run(lgen(*common, "--output_dir", str(clean), "--overwrite_output_dir", "true"), check=True)
+        print(f"uninterrupted: {len(records(clean))} records in {time.perf_counter() - start:.1f} s", flush=True)
 
     run = lgen(*common, "--output_dir", str(stopped))
     for f in stopped.glob("*"):
@@ -81,10 +83,14 @@ def main() -> None:
     sent = time.perf_counter()
     _, err = proc.communicate()
     gone = time.perf_counter() - sent
+    summary_at = (stopped / "summary.json").stat().st_mtime - (time.time() - time.perf_counter() + sent)
     summary = json.loads((stopped / "summary.json").read_text())
     print(f"SIGTERM at {seen} records on disk: exit {proc.returncode} after {gone:.2f} s; "
           f"{summary['records']} of {summary['records_expected']} records written, "
-          f"{summary['runs'][-1]['rows_dropped_at_stop']} unfinished rows dropped", flush=True)
+          f"{summary['runs'][-1]['rows_dropped_at_stop']} unfinished rows dropped; summary.json written "
+          f"{summary_at:.2f} s after the signal", flush=True)
+    if a.only_stop:
+        return
     print("  " + err.strip().splitlines()[-1])
     subprocess.run(run, check=True, stderr=subprocess.DEVNULL)
     got, want = by_key(records(stopped)), by_key(records(clean))

@@ -219,7 +219,8 @@ class ContinuousEngine:
         for pool in pools:
             with torch.cuda.stream(pool.cuda):
                 results += self._collect(pool)
-                self._fit(pool, draining=pool is not self.filling)
+                if deadline is None or not pool.stepper.graph:  # winding down: no new graph captures
+                    self._fit(pool, draining=pool is not self.filling)
         self.draining = [pool for pool in self.draining if pool.in_flight()]
         return computed
 
