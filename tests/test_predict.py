@@ -253,7 +253,7 @@ def test_zero3_trace_hook_lives_for_the_predict_run(tiny_model):
     assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, exact)
     module.model(input_ids=ids)
     module.model(input_ids=ids)
-    module.on_predict_end()
+    module.end_run()
     module.model(input_ids=ids)
     assert len(resets) == 2
 
@@ -276,3 +276,24 @@ def test_the_instruct_flow_exports_each_function_once(tmp_path):
     for row, e in zip(rows, exported):
         signature = [line for line in row["prompt"].splitlines() if line.strip()][-1].strip()
         assert signature not in e["completion"] and e["completion"].strip(), e
+
+
+def test_a_run_lets_go_of_its_weights_before_lightning_moves_them(tiny_model, code_jsonl, tmp_path, monkeypatch):
+    """Lightning's teardown copies the LightningModule's weights to host memory; lgen's run ends
+    holding none, whether it finished or failed."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from lgen.writer import JsonlWriter
+
+    moved = []
+    teardown = SingleDeviceStrategy.teardown
+    monkeypatch.setattr(SingleDeviceStrategy, "teardown", lambda self: (
+        moved.append(sum(p.numel() for p in self.lightning_module.parameters())), teardown(self))[1])
+    assert lgen(*base_args(tiny_model, code_jsonl, tmp_path / "a")) == 0
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(JsonlWriter, "on_records", full)
+    assert lgen(*base_args(tiny_model, code_jsonl, tmp_path / "b")) == 2
+    assert moved == [0, 0]
