@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--no-brace", action="store_true", help="no brace matching: every row runs to max_new_tokens")
     p.add_argument("--after", type=float, default=None, help="signal this many seconds into prediction")
     p.add_argument("--only-stop", action="store_true", help="only the stopped run (no uninterrupted run, no resume)")
-    a = p.parse_args()
+    a, extra = p.parse_known_args()  # the rest: more lgen predict options
     a.out.mkdir(parents=True, exist_ok=True)
     data = ROOT / "configs/data/quickstart.jsonl"
     if a.prompts:
@@ -60,6 +60,7 @@ def main() -> None:
               "--data.id_column_name", "task_id", "--data.block_size", str(512 + a.max_new_tokens)]
     if a.no_brace:
         common += ["--model.use_brace_matching", "false"]
+    common += [x for x in extra if x != "--"]
     if a.gpu:
         common += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-true", "--model.torch_dtype",
                    "bfloat16"]
