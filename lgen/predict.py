@@ -255,7 +255,7 @@ def resolve_config_paths(config: Namespace, argv: list[str]) -> None:
 def _from(folder: Path, value: Any, always: bool) -> Any:
     if not isinstance(value, str) or os.path.isabs(value) or value.startswith("~"):
         return value
-    candidate = str(folder / value)
+    candidate = os.path.normpath(folder / value)  # ../out/x from configs/ reads as out/x, not configs/../out/x
     return candidate if always or glob.glob(candidate) else value
 
 
