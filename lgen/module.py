@@ -203,6 +203,7 @@ class GenerationModule(LightningModule):
         self.engine: Engine | None = None  # built in on_predict_start, when the device is known
         self.sharded = self.synced = False  # set in setup, from the strategy
         self.deadline: Deadline | None = None  # set by lgen.interrupt.GracefulStop for the run
+        self.release_weights = True  # at the end of a run (lgen.api.LLM keeps them for its next job)
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
         self._trace_hook: torch.utils.hooks.RemovableHandle | None = None  # ZeRO-3, during predict
         self._cudnn_sdp: bool | None = None  # the process's setting, put back after predict
@@ -387,7 +388,7 @@ class GenerationModule(LightningModule):
         if self._cudnn_sdp is not None:
             torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp)
             self._cudnn_sdp = None
-        if not self.sharded:  # ZeRO-3's engine holds the partitioned weights; its strategy lets go of them
+        if self.release_weights and not self.sharded:  # ZeRO-3's strategy lets go of its partitioned weights
             self.model = None
 
     def token_budget(self, prompt_lengths: list[int], row_span: int) -> int | None:

@@ -136,18 +136,7 @@ class LgenCLI(LightningCLI):
         self.writer = JsonlWriter(self.output, config_text=config_text, merge=cfg.merge)
         self.stop = GracefulStop(grace_seconds=cfg.stop_grace_seconds)
         self.trainer = self.instantiate_trainer()
-        strategy = self.trainer.strategy
-        model.check_strategy(strategy)
-        data.connect(model.tokenizer,
-                     max_position_embeddings=getattr(model.model_config, "max_position_embeddings", None),
-                     reserved_tokens=model.virtual_tokens, samples=model.num_return_sequences,
-                     token_budget=model.token_budget, lockstep=zero3.lockstep(strategy),
-                     continuous=model.engine_name == "compact")
-        data.setup("predict")
-        fingerprint = make_fingerprint(model, data, precision=str(self.trainer.precision))
-        data.skip(self.output.prepare(fingerprint, overwrite=cfg.overwrite_output_dir, rank=rank_zero_only.rank,
-                                      samples=model.num_return_sequences, expected=data.example_keys(),
-                                      rows=[ex["row"] for ex in data.examples], rows_read=data.stats["rows_read"]))
+        prepare_run(model, data, self.trainer, self.output, overwrite=cfg.overwrite_output_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self.config_init.trainer, **kwargs}
@@ -224,6 +213,24 @@ def _expected(message: str) -> str:
     found = [names.get(t, t) for t in re.findall(r"Expected a <class '(\w+)'>", message)]
     found += [f"one of {lits}" for lits in re.findall(r"Literal\[([^\]]+)\]", message)]
     return ", or ".join(dict.fromkeys(found)) or "another value"
+
+
+def prepare_run(model: GenerationModule, data: GenerationDataModule, trainer: Trainer, output: outputs.OutputDir, *,
+                overwrite: bool) -> None:
+    """What a run does before any weights load, in this order: the strategy is checked, the data
+    learns the tokenizer and limits and is read and planned, and the output directory is checked
+    against the fingerprint, which leaves the data only the records still missing."""
+    strategy = trainer.strategy
+    model.check_strategy(strategy)
+    data.connect(model.tokenizer, max_position_embeddings=getattr(model.model_config, "max_position_embeddings", None),
+                 reserved_tokens=model.virtual_tokens, samples=model.num_return_sequences,
+                 token_budget=model.token_budget, lockstep=zero3.lockstep(strategy),
+                 continuous=model.engine_name == "compact")
+    data.setup("predict")
+    fingerprint = make_fingerprint(model, data, precision=str(trainer.precision))
+    data.skip(output.prepare(fingerprint, overwrite=overwrite, rank=rank_zero_only.rank,
+                             samples=model.num_return_sequences, expected=data.example_keys(),
+                             rows=[ex["row"] for ex in data.examples], rows_read=data.stats["rows_read"]))
 
 
 def resolve_config_paths(config: Namespace, argv: list[str]) -> None:

@@ -1,0 +1,112 @@
+"""Generation from Python: load a model once, then generate for several jobs in one process.
+
+``lgen predict`` is one job per process. :class:`LLM` holds a :class:`GenerationModule` (the
+model, its tokenizer, stop rules and sampling settings) and runs each :meth:`LLM.generate` call as
+``lgen predict`` runs a job, with the same data module, engines, writer and output directory, so
+the records are the same; the weights load at the first call and stay loaded for the next ones.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer, seed_everything
+
+from lgen import outputs
+from lgen.cli import quiet
+from lgen.data import GenerationDataModule
+from lgen.errors import ConfigError, Incomplete
+from lgen.interrupt import GracefulStop
+from lgen.lock import DirectoryLock
+from lgen.merge import ordered_lines
+from lgen.module import GenerationModule
+from lgen.predict import TRAINER_FIXED, prepare_run
+from lgen.writer import JsonlWriter
+
+
+class LLM:
+    """A model loaded once for many generation jobs.
+
+    Args:
+        model_name_or_path: a local folder, a Hub name, or an alias (``smollm2-135m-instruct``).
+        max_new_tokens: tokens to generate per prompt (or ``auto``), as ``model.max_new_tokens``.
+        seed: ``seed_everything``: seeds sampling (each row's stream) and ``subsamples``.
+        trainer: Lightning ``Trainer`` options (``accelerator``, ``devices``, ``precision``, ...), as
+            ``trainer:`` in a config; one process, so ``devices: 1`` (use ``lgen predict`` for DDP).
+        **model_options: any other ``model:`` key (``use_brace_matching``, ``stop_strings``,
+            ``generation_kwargs``, ``batch_invariant``, ``engine``, ...).
+
+    Example::
+
+        llm = LLM("smollm2-135m-instruct", max_new_tokens=96, use_brace_matching=True,
+                  brace_matching_start_level=1, trainer={"accelerator": "cpu"})
+        records = llm.generate(["int gcd(int a, int b) {"])
+        records = llm.generate(dataset, text_column_name="prompt", id_column_name="task_id")
+    """
+
+    def __init__(self, model_name_or_path: str, *, max_new_tokens: int | str, seed: int = 0,
+                 trainer: dict[str, Any] | None = None, **model_options: Any) -> None:
+        self.trainer_options = {"logger": False, "enable_progress_bar": False, **(trainer or {})}
+        if self.trainer_options.get("devices", 1) not in (1, "1", [0]):
+            raise ConfigError("LLM runs in one process: trainer devices must be 1; for several devices run "
+                              "lgen predict with a config")
+        self.seed = seed
+        self.module = GenerationModule(model_name_or_path, max_new_tokens=max_new_tokens, seed=seed,
+                                       **model_options)
+        self.module.release_weights = False
+
+    def generate(self, prompts: list[str] | Any, *, output_dir: str | Path | None = None,
+                 overwrite_output_dir: bool = False, **data_options: Any) -> list[dict[str, Any]]:
+        """Generate for ``prompts`` and return the records, in dataset order (row, window, sample).
+
+        Args:
+            prompts: a list of prompt strings (complete mode, ids ``0..n-1``), or a ``datasets.Dataset``
+                (set ``text_column_name`` and the other ``data:`` keys as in a config).
+            output_dir: where the records go, as ``lgen predict``'s (resumed when it holds some);
+                default: a temporary folder, removed after.
+            overwrite_output_dir: as ``lgen predict``'s.
+            **data_options: any ``data:`` key (``mode``, ``text_column_name``, ``id_column_name``,
+                ``keep_columns``, ``chat_template``, ``per_device_batch_size``, ...).
+        """
+        with tempfile.TemporaryDirectory(prefix="lgen-") as tmp, quiet():
+            data = self._data(prompts, Path(tmp), data_options)
+            out = Path(output_dir) if output_dir is not None else Path(tmp) / "out"
+            return self._run(data, out, overwrite=overwrite_output_dir)
+
+    def _data(self, prompts: Any, tmp: Path, options: dict[str, Any]) -> GenerationDataModule:
+        linked = {"max_new_tokens": self.module.max_new_tokens, "token": self.module.token, "seed": self.seed}
+        clash = sorted(set(options) & (set(linked) | {"data_files", "dataset_name"}))
+        if clash:
+            raise ConfigError(f"LLM.generate: {clash} come from the LLM or from prompts; leave them out")
+        if isinstance(prompts, (list, tuple)):
+            if not all(isinstance(p, str) for p in prompts):
+                raise ConfigError("LLM.generate: prompts must be a list of strings or a datasets.Dataset")
+            path = tmp / "prompts.jsonl"
+            path.write_text("".join(json.dumps({"id": i, "prompt": p}, ensure_ascii=False) + "\n"
+                                    for i, p in enumerate(prompts)), encoding="utf-8")
+            source = {"data_files": str(path)}
+            options = {"mode": "complete", "text_column_name": "prompt", "id_column_name": "id", **options}
+        elif hasattr(prompts, "save_to_disk"):
+            prompts.save_to_disk(str(tmp / "dataset"))
+            source = {"dataset_name": str(tmp / "dataset")}
+        else:
+            raise ConfigError(f"LLM.generate: prompts must be a list of strings or a datasets.Dataset, "
+                              f"got {type(prompts).__name__}")
+        return GenerationDataModule(**source, **options, **linked)
+
+    def _run(self, data: GenerationDataModule, out: Path, *, overwrite: bool) -> list[dict[str, Any]]:
+        outputs.check_output_dir(out, overwrite)
+        with DirectoryLock(out):
+            seed_everything(self.seed, verbose=False)  # as lgen predict (engine: generate samples with it)
+            output = outputs.OutputDir(out, data.dataset_split)
+            writer = JsonlWriter(output)
+            trainer = Trainer(**self.trainer_options, **TRAINER_FIXED, callbacks=[writer, GracefulStop()])
+            prepare_run(self.module, data, trainer, output, overwrite=overwrite)
+            if data.todo:
+                trainer.predict(self.module, datamodule=data, return_predictions=False)
+                if writer.shortfall:
+                    raise Incomplete(f"{writer.shortfall} records of this job were not written")
+            return [json.loads(line) for line in ordered_lines(out, data.dataset_split)]

@@ -1,0 +1,59 @@
+"""The Python API gives lgen predict's records, and loads the model once for several jobs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import base_args, lgen, read
+from transformers import AutoModelForCausalLM
+
+from lgen.api import LLM
+from lgen.errors import ConfigError
+
+OPTIONS = {"use_brace_matching": True, "brace_matching_start_level": 1}
+SAMPLED = {"do_sample": True, "temperature": 0.9, "top_k": 40, "num_return_sequences": 2}
+
+
+@pytest.mark.parametrize("generation_kwargs", [None, SAMPLED], ids=["greedy", "sampled"])
+def test_records_are_those_of_lgen_predict_and_the_model_loads_once(tiny_model, code_jsonl, tmp_path, monkeypatch,
+                                                                     generation_kwargs):
+    import datasets
+
+    extra = ["--model.generation_kwargs", json.dumps(generation_kwargs)] if generation_kwargs else []
+    assert lgen(*base_args(tiny_model, code_jsonl, tmp_path / "cli"), *extra) == 0
+    cli = sorted(read(tmp_path / "cli"), key=lambda r: (r["meta"]["row"], r["seq"]))
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: (loads.append(1), load(*a, **kw))[1])
+    llm = LLM(str(tiny_model), max_new_tokens=40, generation_kwargs=generation_kwargs, trainer={"accelerator": "cpu"},
+              **OPTIONS)
+    rows = datasets.load_dataset("json", data_files=str(code_jsonl), split="train")
+    options = {"mode": "complete", "text_column_name": "prompt", "id_column_name": "task_id",
+               "keep_columns": ["lang"], "per_device_batch_size": 4}
+    assert llm.generate(rows, **options) == cli
+    assert llm.generate(rows, **{**options, "per_device_batch_size": 1}) == cli  # the next job: same model
+    prompts = [json.loads(line)["prompt"] for line in code_jsonl.read_text().splitlines()]
+    plain = llm.generate(prompts)  # ids are row numbers: samples differ (a row's stream is keyed by its id)
+    assert [(r["id"], r["seq"]) for r in plain] == [(r["meta"]["row"], r["seq"]) for r in cli]
+    if generation_kwargs is None:
+        assert [r["prediction"] for r in plain] == [r["prediction"] for r in cli]
+    assert loads == [1]
+
+
+def test_an_output_dir_keeps_the_records_and_resumes(tiny_model, tmp_path):
+    llm = LLM(str(tiny_model), max_new_tokens=8, trainer={"accelerator": "cpu"})
+    first = llm.generate(["int f() {", "void g() {"], output_dir=tmp_path / "out")
+    assert len(read(tmp_path / "out")) == 2
+    assert llm.generate(["int f() {", "void g() {"], output_dir=tmp_path / "out") == first  # nothing to generate
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda llm: llm.generate([1, 2]), "list of strings"),
+    (lambda llm: llm.generate("int f() {"), "got str"),
+    (lambda llm: llm.generate(["x"], max_new_tokens=4), "['max_new_tokens'] come from the LLM"),
+])
+def test_bad_calls_are_named(tiny_model, call, words):
+    llm = LLM(str(tiny_model), max_new_tokens=8, trainer={"accelerator": "cpu"})
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        call(llm)
