@@ -49,7 +49,7 @@ class LLM:
 
     def __init__(self, model_name_or_path: str, *, max_new_tokens: int | str, seed: int = 0,
                  trainer: dict[str, Any] | None = None, **model_options: Any) -> None:
-        self.trainer_options = {"logger": False, "enable_progress_bar": False, **(trainer or {})}
+        self.trainer_options = {"logger": False, "enable_progress_bar": False, "devices": 1, **(trainer or {})}
         if self.trainer_options.get("devices", 1) not in (1, "1", [0]):
             raise ConfigError("LLM runs in one process: trainer devices must be 1; for several devices run "
                               "lgen predict with a config")
