@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import sys
 import warnings
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import lgen
-from lgen.errors import Incomplete, Interrupted, LgenError
+from lgen.errors import DISK_FULL, Incomplete, Interrupted, LgenError
 
 COMMANDS = {
     "predict": "generate completions for a dataset and write them as JSONL shards (lgen predict --help)",
@@ -39,8 +38,6 @@ commands:
 lgen {lgen.__version__}"""
 
 # third-party loggers whose INFO lines a user cannot act on (device availability, seeds, tips)
-# a full disk or quota: the user's to fix, not a bug (a traceback would hide the one line that matters)
-FULL = (errno.ENOSPC, errno.EDQUOT)
 QUIET = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
          "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda", "DeepSpeed", "datasets",
          "transformers", "huggingface_hub", "lightning.pytorch.trainer.connectors.signal_connector",
@@ -85,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lgen: error: {err}", file=sys.stderr)
             return err.exit_code
         except OSError as err:
-            if err.errno not in FULL:
+            if err.errno not in DISK_FULL:  # a traceback would hide the one line that matters
                 raise
             where = f" writing {err.filename}" if err.filename else ""
             print(f"lgen: error: {err.strerror}{where}; free some space (or raise the quota) and run the same "
@@ -107,8 +104,7 @@ def predict_main(args: list[str]) -> int:
             raise Interrupted(cli.stop.signum)
     except Interrupted as err:
         dropped = cli.writer.stats["rows_dropped_at_stop"]
-        unfinished = f"; {dropped} unfinished rows dropped" if dropped else ""
-        stopped = Interrupted(err.signum, f"{err}{_so_far(cli.writer.summary, cli.output.path, unfinished)}")
+        stopped = Interrupted(err.signum, f"{err}{_so_far(cli.writer.summary, cli.output.path, dropped=dropped)}")
         stopped.quiet = cli.trainer.global_rank > 0  # rank 0 says it for the run
         raise stopped from None
     finally:
@@ -123,10 +119,11 @@ def predict_main(args: list[str]) -> int:
     return 0
 
 
-def _so_far(summary: dict[str, Any], output_dir: Any, more: str = "") -> str:
-    if not summary:
-        return f" ({more[2:]})" if more else ""
-    return f" ({summary['records']} of {summary['records_expected']} records are in {output_dir}{more})"
+def _so_far(summary: dict[str, Any], output_dir: Any, *, dropped: int = 0) -> str:
+    parts = [f"{summary['records']} of {summary['records_expected']} records are in {output_dir}"] if summary else []
+    if dropped:
+        parts.append(f"{dropped} unfinished rows dropped")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def describe(summary: dict[str, Any], output_dir: Any, *, ran: bool = True) -> str:

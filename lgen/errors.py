@@ -8,7 +8,11 @@ codes. Anything else is a bug in lgen or a library and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import signal
+
+# a full disk or quota: the user's to fix (free space, then the same command resumes), not a bug
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class LgenError(Exception):

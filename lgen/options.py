@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import re
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,9 +158,10 @@ def unknown_keys(data: dict[str, Any]) -> list[str]:
     return unknown
 
 
-def suggest(key: str) -> str:
-    """``; did you mean X?`` for the closest keys (a group's typo too: ``modle`` -> ``model``)."""
-    candidates = sorted(known_keys() | {"model", "data", "trainer"})
+def suggest(key: str, keys: Iterable[str] | None = None) -> str:
+    """``; did you mean X?`` for the closest of ``keys`` (default: every key a config file takes),
+    a group's typo too (``modle`` -> ``model``)."""
+    candidates = sorted(set(known_keys() if keys is None else keys) | {"model", "data", "trainer"})
     close = difflib.get_close_matches(key, candidates, n=2, cutoff=0.8)
     if not close and "." in key:  # a mistyped group: compare the rest under each group
         group, rest = key.split(".", 1)

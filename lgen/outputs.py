@@ -20,7 +20,6 @@ Anything else in the directory is the user's, and lgen neither writes nor delete
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lgen.errors import OutputDirError
+from lgen.errors import DISK_FULL, OutputDirError
 from lgen.lock import LOCK
 from lgen.records import ExampleKey, RecordKey, complete_examples, id_key, record_key
 
@@ -159,8 +158,8 @@ def drop_torn_tail(path: Path) -> int:
 def remove_derived(output_dir: str | Path, split: str) -> list[str]:
     """Delete ``split``'s merged and exported files: a run that adds records makes them stale."""
     d = Path(output_dir)
-    stale = [d / f"merged.{split}.jsonl", d / f"humaneval.{split}.jsonl", d / f"bigcode.{split}.json"]
-    removed = [p.name for p in stale if p.is_file()]
+    removed = [name for name in (f"merged.{split}.jsonl", f"humaneval.{split}.jsonl", f"bigcode.{split}.json")
+               if (d / name).is_file()]
     for name in removed:
         (d / name).unlink()
     if removed:
@@ -276,7 +275,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def unwritable(path: Path, err: OSError) -> OutputDirError:
     """The one-line error for a file lgen could not write (a full disk, a quota, a read-only mount)."""
-    fix = ("free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable")
+    fix = "free some space" if err.errno in DISK_FULL else "make it writable"
     return OutputDirError(f"cannot write {path}: {err.strerror or err}; {fix}, then run the same command again: "
                           "every record already written is kept")
 

@@ -13,7 +13,6 @@ lgen runs it without subcommands (``lgen`` itself dispatches) and overrides its 
 
 from __future__ import annotations
 
-import difflib
 import glob
 import inspect
 import logging
@@ -194,9 +193,7 @@ def explain(message: str, parser: LightningArgumentParser, argv: list[str]) -> s
         for group, key in re.findall(r"(?:Group '([^']+)' )?does not accept (?:option|nested key) '([^']+)'", message)]
     if unknown:
         key = unknown[0].lstrip("-").split("=")[0]
-        close = difflib.get_close_matches(key, keys, n=2, cutoff=0.8)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        return f"unknown key {key}{hint} (lgen predict --help lists every key)"
+        return f"unknown key {key}{options.suggest(key, keys)} (lgen predict --help lists every key)"
     if message.startswith("Problems parsing config"):
         for path in options.config_files(argv):
             try:
