@@ -80,12 +80,18 @@ def test_unsupported_settings_are_listed():
     assert engine.GenerateEngine.unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == []
 
 
-def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
+def _join(rank: int, folder: str, init: str):
+    """A rank of a 2-process gloo group: the tiny model (its forwards counted in ``calls``) and tokenizer."""
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
     calls = []
     model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return model, tok, calls
+
+
+def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
+    model, tok, calls = _join(rank, folder, init)
     # rank 0: one batch that stops early and short; rank 1: more rows, longer
     prompts, max_new = (PROMPTS[:2], 6) if rank == 0 else (PROMPTS[2:], 30)
     ids, mask = encode(tok, prompts)
@@ -346,11 +352,7 @@ def test_batch_engines_drop_the_rows_a_deadline_cuts(lm, which):
 def _deadline_worker(rank: int, folder: str, init: str, results) -> None:
     from lgen.deadline import Deadline
 
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    calls = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    model, tok, calls = _join(rank, folder, init)
     ids, mask = encode(tok, PROMPTS[:3] if rank == 0 else PROMPTS[3:])
     config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     deadline = Deadline(0.0)
