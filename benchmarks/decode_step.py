@@ -7,7 +7,7 @@ The model has random weights built from a config (no download); the tokenizer is
 (``smollm2-135m-instruct``) so the FSM table has a real 49k vocabulary. Prompts are 128 tokens;
 ``eager ms`` is a one-token forward against a ``DynamicCache`` (transformers' own attention path);
 ``graph ms`` is lgen's compact engine step: a CUDA graph over a static cache and a padding mask,
-with grouped-head decode attention (:mod:`lgen.attention`); ``stock ms`` is the same step with
+with grouped-head decode attention (:mod:`lgen.kernels.attention`); ``stock ms`` is the same step with
 transformers' own SDPA function (which, in versions without ``pack_gqa``, copies the cache to
 every query head when there is a mask; where transformers has it, both columns run the same code).
 """
@@ -20,10 +20,13 @@ import time
 import torch
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from lgen import attention, models
-from lgen.braces import token_table
-from lgen.steppers import GraphStepper, cache_argument, compile_layers
-from lgen.stopping import BraceMatching
+from lgen.decode.braces import token_table
+from lgen.decode.cache import cache_argument
+from lgen.decode.graphs import compile_layers
+from lgen.decode.steppers import PoolStepper
+from lgen.decode.stopping import BraceMatching
+from lgen.hf import models
+from lgen.kernels import attention
 
 SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -93,7 +96,7 @@ def main() -> None:
             step_ms = timed(step, args.device, args.repeat)
             graph_ms = {}
             for name, packed in (("stock", False), ("lgen", attention.packing_needed())):
-                stepper = GraphStepper(model, args.cache - args.prompt, graph=args.device == "cuda")
+                stepper = PoolStepper(model, rows=batch, length=args.cache, graph=args.device == "cuda")
                 stepper.prefill(ids, torch.ones_like(ids), 1)
                 with attention.packed_decode(packed):
                     graph_ms[name] = timed(lambda s=stepper: s.step(token[:, 0]), args.device, args.repeat)
@@ -123,7 +126,7 @@ def compiled(model: torch.nn.Module, config: LlamaConfig, args: argparse.Namespa
         packed = attention.packing_needed()
         for batch in args.batch:
             ids = torch.randint(0, config.vocab_size, (batch, args.prompt), device=args.device)
-            plain = GraphStepper(model, room, graph=graph)
+            plain = PoolStepper(model, rows=batch, length=args.prompt + room, graph=graph)
             plain.prefill(ids, torch.ones_like(ids), 1)
             with attention.packed_decode(packed):
                 inputs[batch], expected[batch] = ids, plain.step(ids[:, -1])
@@ -131,7 +134,7 @@ def compiled(model: torch.nn.Module, config: LlamaConfig, args: argparse.Namespa
         compile_layers(model, dynamic={"auto": None, "static": False, "dynamic": True}[args.compile])
         for batch, ids in inputs.items():
             t0 = time.perf_counter()
-            stepper = GraphStepper(model, room, graph=graph)
+            stepper = PoolStepper(model, rows=batch, length=args.prompt + room, graph=graph)
             stepper.prefill(ids, torch.ones_like(ids), 1)
             with attention.packed_decode(packed):
                 got = stepper.step(ids[:, -1])
@@ -151,7 +154,7 @@ def profile(model: torch.nn.Module, ids: torch.Tensor, token: torch.Tensor, room
     from torch.profiler import profile as torch_profile
 
     steps = 5
-    stepper = GraphStepper(model, room, graph=False)
+    stepper = PoolStepper(model, rows=ids.shape[0], length=ids.shape[1] + room, graph=False)
     stepper.prefill(ids, torch.ones_like(ids), 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with attention.packed_decode(attention.packing_needed()):

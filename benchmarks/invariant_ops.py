@@ -4,7 +4,7 @@
     python benchmarks/invariant_ops.py --device cpu --rows 8 32
 
 Part 1 computes each op on rows alone and inside batches of several sizes (random data) and prints
-how many rows differ from their result alone, plainly and under :mod:`lgen.invariant`. Attention is
+how many rows differ from their result alone, plainly and under :mod:`lgen.kernels.invariant`. Attention is
 checked for a decode step (one query, 1 to 1,000 keys per row, the batch's cache longer than any
 row needs): plain SDPA (on CUDA each backend that takes a mask), and batch-invariant mode's
 attention (chunked on CPU, the Triton kernel on CUDA).
@@ -23,9 +23,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lgen import invariant
-from lgen.attention import Spans, packed_decode, span_attention
-from lgen.steppers import PoolStepper
+from lgen.decode.steppers import PoolStepper
+from lgen.kernels import decoding, invariant
+from lgen.kernels.attention import Spans, packed_decode, span_attention
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192)
@@ -123,7 +123,7 @@ def step_time(device: torch.device, dtype: torch.dtype, rows: int, repeat: int) 
     times = {}
     for name in ("plain", "invariant"):
         on = name == "invariant"
-        with torch.inference_mode(), invariant.active(on, device), packed_decode(not on):
+        with torch.inference_mode(), decoding(device, invariant=on, packed=True, spans=False):
             stepper = PoolStepper(model, rows=rows, length=1024, graph=graph, aligned=on)
             for start in range(0, rows, 256):  # prompts of 128 tokens, prefilled 256 at a time
                 slots = torch.arange(start, min(rows, start + 256), device=device)

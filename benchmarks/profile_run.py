@@ -23,11 +23,12 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from lgen import cli, continuous, sampling, steppers, stopping
+from lgen import cli
+from lgen.decode import continuous, sampling, steppers, stopping
 
 PHASES = [(continuous.ContinuousEngine, "_admit"), (continuous.ContinuousEngine, "_window"),
           (continuous.ContinuousEngine, "_step"), (continuous.ContinuousEngine, "_collect"),
-          (continuous.ContinuousEngine, "_fit"), (steppers._CapturedStep, "_capture"),
+          (continuous.ContinuousEngine, "_fit"), (steppers.CapturedStep, "_capture"),
           (stopping.StopRules, "finish"), (stopping.StopRules, "advance")]
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     kernels_too = "--kernels" in sys.argv[2:sys.argv.index("--")]
     for owner, name in PHASES:
         setattr(owner, name, _annotated(getattr(owner, name), f"lgen.{owner.__name__}.{name}"))
-    sampling.next_tokens = _annotated(sampling.next_tokens, "lgen.sampling.next_tokens")
+    sampling.next_tokens = _annotated(sampling.next_tokens, "lgen.decode.sampling.next_tokens")
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     started: list[float] = []
     generate = continuous.ContinuousEngine.generate

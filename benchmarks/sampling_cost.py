@@ -19,9 +19,10 @@ from decode_step import timed
 from prompts import varied_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import models, sampling
-from lgen.attention import packed_decode, packing_needed, span_decode, spans_available
-from lgen.steppers import PoolStepper
+from lgen.decode import sampling
+from lgen.decode.steppers import PoolStepper
+from lgen.hf import models
+from lgen.kernels.attention import packed_decode, packing_needed, span_decode, spans_available
 
 
 def main() -> None:

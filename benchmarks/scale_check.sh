@@ -46,7 +46,7 @@ PY
 rand1b() { python3 - "$1" <<'PY'
 import os, sys, torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from lgen.models import resolve
+from lgen.hf.models import resolve
 tok = AutoTokenizer.from_pretrained(resolve(os.environ.get("TOKENIZER", "smollm2-135m-instruct")))
 torch.manual_seed(0)
 cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from lgen import models
 from lgen.data import GenerationDataModule
+from lgen.decode.stopping import find_close
+from lgen.hf import models
 from lgen.module import GenerationModule
-from lgen.stopping import find_close
 
 FUNCTIONS = [
     ("Returns the sum of a and b.", "add", "a: i32, b: i32", "i32"),
@@ -116,8 +116,8 @@ def run_lgen(path, prompts, max_new_tokens, engine, batch_size, dtype, device, d
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from lgen.outputs import OutputDir
-    from lgen.writer import JsonlWriter
+    from lgen.output.directory import OutputDir
+    from lgen.output.writer import JsonlWriter
 
     class Slots(Callback):
         total = 0
@@ -131,7 +131,8 @@ def run_lgen(path, prompts, max_new_tokens, engine, batch_size, dtype, device, d
     data = GenerationDataModule(data_files=str(data_file), mode="complete", text_column_name="prompt",
                                 per_device_batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=2048)
     # as lgen predict connects it: continuous batching with the compact engine, the memory budget
-    data.connect(module.tokenizer, token_budget=module.token_budget, continuous=engine == "compact")
+    data.connect(module.tokenizer, token_budget=module.token_budget,
+                 continuous=module.decode.continuous(lockstep=False))
     out = Path(tempfile.mkdtemp())
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -4,14 +4,14 @@
     DS_ACCELERATOR=cpu python benchmarks/zero3_diff.py --device cpu
 
 Loads the model twice in the same process, plainly and partitioned under ZeRO-3 with lgen's
-settings (:mod:`lgen.zero3`; DeepSpeed wraps an outer module, as Lightning wraps the
+settings (:mod:`lgen.hf.zero3`; DeepSpeed wraps an outer module, as Lightning wraps the
 LightningModule), prefills the quickstart prompts through both and prints the largest difference
 of each decoder layer's output and of each part of the first layer, then greedy-decodes 64 tokens
 with lgen's compact engine and counts identical rows. It also prints the global math settings
 before and after DeepSpeed is set up and each model's buffer dtypes. Both models run in this one
 process: a difference here is in DeepSpeed's path itself, no difference here but one between
 separate runs points at process-wide settings. ``--keep-rotary`` skips lgen's float32 rotary
-frequencies (:mod:`lgen.precision`) to show what ``zero.Init`` alone does to them.
+frequencies (:mod:`lgen.hf.precision`) to show what ``zero.Init`` alone does to them.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import models, precision, zero3
-from lgen.engine import CompactEngine
-from lgen.stopping import EndOfSequence, Length, StopRules
+from lgen.decode import CompactEngine, DecodeSettings
+from lgen.decode.stopping import EndOfSequence, Length, StopRules
+from lgen.hf import models, precision, zero3
 
 
 def flags() -> dict[str, object]:
@@ -118,7 +118,7 @@ def main() -> None:
 
         def decode(m):
             rules = StopRules([EndOfSequence([tok.eos_token_id]), Length()])
-            return CompactEngine(gen, pad_token_id=tok.pad_token_id).run(
+            return CompactEngine(gen, DecodeSettings(), pad_token_id=tok.pad_token_id).run(
                 m, enc["input_ids"], enc["attention_mask"], max_new_tokens=64, rules=rules, row_keys=None).tokens
 
         x, y = decode(plain), ds_engine(decode)

@@ -15,16 +15,16 @@ from typing import Any
 
 from lightning.pytorch import Trainer, seed_everything
 
-from lgen import outputs
 from lgen.cli import quiet
 from lgen.data import GenerationDataModule
 from lgen.errors import ConfigError, Incomplete
 from lgen.interrupt import GracefulStop
-from lgen.lock import DirectoryLock
-from lgen.merge import ordered_lines
 from lgen.module import GenerationModule
+from lgen.output import directory as outputs
+from lgen.output.lock import DirectoryLock
+from lgen.output.merge import ordered_lines
+from lgen.output.writer import JsonlWriter
 from lgen.predict import TRAINER_FIXED, prepare_run
-from lgen.writer import JsonlWriter
 
 
 class LLM:
@@ -104,7 +104,7 @@ class LLM:
             output = outputs.OutputDir(out, data.dataset_split)
             writer = JsonlWriter(output)
             trainer = Trainer(**self.trainer_options, **TRAINER_FIXED, callbacks=[writer, GracefulStop()])
-            prepare_run(self.module, data, trainer, output, overwrite=overwrite)
+            prepare_run(self.module, data, trainer, output, writer=writer, overwrite=overwrite)
             if data.todo:
                 trainer.predict(self.module, datamodule=data, return_predictions=False)
                 if writer.shortfall:

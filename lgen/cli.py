@@ -142,7 +142,7 @@ def describe(summary: dict[str, Any], output_dir: Any, *, ran: bool = True) -> s
 
 
 def merge_main(argv: list[str]) -> int:
-    from lgen.merge import merge
+    from lgen.output.merge import merge
 
     parser = argparse.ArgumentParser(prog="lgen merge", description="Merge the shards of an output directory "
                                      "into merged.{split}.jsonl, in dataset order, each record once. Fails when "
@@ -158,7 +158,7 @@ def merge_main(argv: list[str]) -> int:
 
 def _split(parser: argparse.ArgumentParser, output_dir: str, split: str | None) -> str:
     """The split to read: the one asked for, else the only one there."""
-    from lgen.merge import splits
+    from lgen.output.merge import splits
 
     if split is not None:
         return split
@@ -170,7 +170,7 @@ def _split(parser: argparse.ArgumentParser, output_dir: str, split: str | None) 
 
 
 def export_main(argv: list[str]) -> int:
-    from lgen.export import export
+    from lgen.output.export import export
 
     parser = argparse.ArgumentParser(prog="lgen export", description="Write an output directory's records for a "
                                      "scorer, in dataset order. humaneval: JSON Lines of {task_id, completion} "

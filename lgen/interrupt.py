@@ -2,7 +2,7 @@
 
 Schedulers (SLURM preemption, Kubernetes) send SIGTERM and, a grace period later, SIGKILL; a user
 presses Ctrl-C. Either way no prompt is admitted after the signal, the rows in flight get
-``stop_grace_seconds`` to finish (:mod:`lgen.deadline`), those still running then are dropped, the
+``stop_grace_seconds`` to finish (:mod:`lgen.decode.deadline`), those still running then are dropped, the
 batch's records are written, and the run ends: the summary is written, and the CLI says how to
 resume and exits with 143 (SIGTERM) or 130 (SIGINT), even when every record happened to be in. A
 second Ctrl-C stops at once; the rows in flight are then lost, and only those.
@@ -20,9 +20,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose  # Lightning's own handler
 from lightning.pytorch.utilities import rank_zero_only
 
-from lgen import zero3
-from lgen.deadline import Deadline
+from lgen.decode.deadline import Deadline
 from lgen.errors import Interrupted
+from lgen.hf import zero3
 
 log = logging.getLogger(__name__)
 

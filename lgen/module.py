@@ -2,69 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from lgen import budget, models, precision, records, sampling, zero3
-from lgen.braces import Language, token_table
-from lgen.continuous import ContinuousEngine
-from lgen.data import Batch
-from lgen.deadline import Deadline
-from lgen.engine import CompactEngine, Engine, GenerateEngine
+from lgen.batch import Batch
+from lgen.decode import DecodeSettings, Engine, budget, make_engine, sampling
+from lgen.decode.braces import Language, token_table
+from lgen.decode.deadline import Deadline
+from lgen.decode.graphs import compile_layers
+from lgen.decode.stopping import BraceMatching, EndOfSequence, Length, StopRules, StopStrings
 from lgen.errors import ConfigError
-from lgen.steppers import compile_layers
-from lgen.stopping import BraceMatching, EndOfSequence, Length, StopRules, StopStrings
+from lgen.hf import generation, models, precision, zero3
+from lgen.output import records
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
-
-
-def _number(config: GenerationConfig | SimpleNamespace, key: str, *, integer: bool = False) -> float | int | None:
-    value = getattr(config, key, None)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"model.generation_kwargs / generation_config_file: {key} must be {kind}, got {value!r}")
-    return value
-
-
-def check_sampling(config: GenerationConfig | SimpleNamespace) -> None:
-    """Refuse generation settings out of range before any weights load: transformers would run some
-    of them as something else (``num_return_sequences: 0`` as 1) and fail on others mid-run."""
-    where = "model.generation_kwargs / generation_config_file"
-    n = _number(config, "num_return_sequences", integer=True)
-    beams = _number(config, "num_beams", integer=True)
-    top_k = _number(config, "top_k", integer=True)
-    temperature, top_p = _number(config, "temperature"), _number(config, "top_p")
-    if n is not None and n < 1:
-        raise ConfigError(f"{where}: num_return_sequences must be >= 1, got {n}")
-    if beams is not None and beams < 1:
-        raise ConfigError(f"{where}: num_beams must be >= 1, got {beams}")
-    if top_k is not None and top_k < 0:
-        raise ConfigError(f"{where}: top_k must be >= 0 (0: no top-k cut), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"{where}: top_p must be in (0, 1], got {top_p}")
-    if config.do_sample and temperature is not None and temperature <= 0:
-        raise ConfigError(f"{where}: sampling needs temperature > 0, got {temperature}; for greedy decoding set "
-                          "do_sample: false")
-    n, beams = n or 1, beams or 1
-    if beams > 1 and n > beams:
-        raise ConfigError(f"{where}: beam search returns at most num_beams sequences: num_return_sequences={n} > "
-                          f"num_beams={beams}; raise num_beams or lower num_return_sequences")
-    if not config.do_sample and beams == 1 and n > 1:
-        raise ConfigError(f"{where}: num_return_sequences={n} with greedy decoding gives {n} identical sequences; "
-                          "set do_sample: true (a generation_kwargs given later, e.g. on the command line, replaces "
-                          "the whole dict, so repeat do_sample there)")
 
 
 class GenerationModule(LightningModule):
@@ -165,12 +123,9 @@ class GenerationModule(LightningModule):
         self.path = models.resolve(model_name_or_path)
         hub = self._hub[model_name_or_path]
         tokenizer_from = tokenizer_name or model_name_or_path
-        self.tokenizer = models.load(AutoTokenizer.from_pretrained, models.resolve(tokenizer_from),
-                                     "model.tokenizer_name" if tokenizer_name else "model.model_name_or_path",
-                                     use_fast=use_fast_tokenizer, **self._hub[tokenizer_from])
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = models.load_tokenizer(tokenizer_from, "model.tokenizer_name" if tokenizer_name
+                                               else "model.model_name_or_path", use_fast=use_fast_tokenizer,
+                                               **self._hub[tokenizer_from])
         config_from = config_name or model_name_or_path
         self.model_config = models.load(AutoConfig.from_pretrained, models.resolve(config_from),
                                         "model.config_name" if config_name else "model.model_name_or_path",
@@ -179,25 +134,15 @@ class GenerationModule(LightningModule):
         if adapter_name_or_path:
             adapter_hub = {k: v for k, v in self._hub[adapter_name_or_path].items() if k != "revision"}
             self.adapter_config = models.adapter_config(adapter_name_or_path, **adapter_hub)
-        self.generation_config = self._generation_config(generation_config_file, generation_kwargs or {}, hub)
-        missing = CompactEngine.unsupported(self.generation_config)
-        if self.adapter_config is not None and self.adapter_config.is_prompt_learning:
-            missing.append("prompt-learning adapters")  # virtual tokens go through peft's generate
-        if engine == "compact" and missing:
-            raise ConfigError(f"model.engine: compact does not implement {missing}; use engine: generate or auto")
-        self.engine_name = "compact" if engine == "compact" or (engine == "auto" and not missing) else "generate"
-        if compact_every < 1:
-            raise ConfigError(f"model.compact_every must be >= 1, got {compact_every}")
-        self.compact_every = compact_every
-        self.cuda_graphs = cuda_graphs
-        if torch_compile and (self.engine_name != "compact" or not cuda_graphs):
-            raise ConfigError("model.torch_compile compiles the compact engine's CUDA-graph decode steps: it needs "
-                              f"engine compact and cuda_graphs: true (here engine {self.engine_name}, cuda_graphs: "
-                              f"{cuda_graphs}{', for ' + str(missing) if missing else ''}); set torch_compile: false")
-        self.torch_compile = torch_compile
-        if batch_invariant:
-            self._check_batch_invariant(missing, torch_compile)
-        self.batch_invariant = batch_invariant
+        self.generation_config = generation.generation_config(
+            file=generation_config_file, overrides=generation_kwargs or {}, model_path=self.path, hub=hub,
+            model_config=self.model_config, tokenizer=self.tokenizer, stop_strings=self.stop_strings)
+        self.stop_strings = list(self.generation_config.stop_strings or [])
+        self.decode = DecodeSettings.choose(
+            self.generation_config, engine=engine, compact_every=compact_every, cuda_graphs=cuda_graphs,
+            torch_compile=torch_compile, batch_invariant=batch_invariant,
+            prompt_learning=self.adapter_config is not None and self.adapter_config.is_prompt_learning,
+            softcap=getattr(self.model_config.get_text_config(decoder=True), "attn_logit_softcapping", None))
         self.seed = seed
         self.model = None
         self.engine: Engine | None = None  # built in on_predict_start, when the device is known
@@ -206,62 +151,6 @@ class GenerationModule(LightningModule):
         self.release_weights = True  # at the end of a run (lgen.api.LLM keeps them for its next job)
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
         self._trace_hook: torch.utils.hooks.RemovableHandle | None = None  # ZeRO-3, during predict
-        self._cudnn_sdp: bool | None = None  # the process's setting, put back after predict
-
-    def _check_batch_invariant(self, missing: list[str], torch_compile: bool) -> None:
-        """Refuse what ``batch_invariant`` cannot run, before anything loads."""
-        if self.engine_name != "compact":
-            fix = (f"the settings {missing} need it: drop them" if missing else "set model.engine: auto")
-            raise ConfigError("model.batch_invariant needs the compact engine (model.generate lays batches out its "
-                              f"own way), and the engine here is generate; {fix}, or set batch_invariant: false")
-        if torch_compile:
-            raise ConfigError("model.batch_invariant and model.torch_compile do not go together (compiled kernels "
-                              "choose their own reductions); set one of them to false")
-        softcap = getattr(self.model_config.get_text_config(decoder=True), "attn_logit_softcapping", None)
-        if softcap:
-            raise ConfigError(f"model.batch_invariant runs plain softmax attention, and this model soft-caps its "
-                              f"attention logits (attn_logit_softcapping: {softcap}); set batch_invariant: false")
-
-    def _generation_config(self, file: str | None, overrides: dict[str, Any], hub: dict[str, Any]) -> GenerationConfig:
-        if file is not None:
-            try:
-                config = GenerationConfig.from_dict(json.loads(Path(file).read_text()))
-            except (OSError, json.JSONDecodeError) as err:
-                raise ConfigError(f"model.generation_config_file={file!r} is not a readable JSON file: {err}") from err
-        else:
-            try:
-                config = GenerationConfig.from_pretrained(self.path, **hub)
-            except OSError:
-                config = GenerationConfig.from_model_config(self.model_config)
-        for key in ("max_new_tokens", "max_length"):
-            if key in overrides:
-                raise ConfigError(f"model.generation_kwargs: set model.max_new_tokens instead of {key}")
-        unknown = sorted(key for key in overrides if not hasattr(config, key))
-        if unknown:
-            raise ConfigError(f"model.generation_kwargs: {unknown} are not generation settings "
-                              "(see transformers.GenerationConfig)")
-        check_sampling(SimpleNamespace(**{**config.to_dict(), **overrides}))  # before transformers' own checks
-        try:
-            config.update(**overrides)
-        except ValueError as err:
-            raise ConfigError(f"model.generation_kwargs: {err}") from None
-        if config.num_return_sequences is None:
-            config.num_return_sequences = 1
-        if config.pad_token_id is None:
-            config.pad_token_id = self.tokenizer.pad_token_id
-        if config.stop_strings:  # stop strings from a generation config count like model.stop_strings
-            given = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
-            self.stop_strings = list(dict.fromkeys(self.stop_strings + given))
-        if any(not isinstance(t, str) or not t for t in self.stop_strings):
-            raise ConfigError(f"model.stop_strings: {self.stop_strings} holds an empty string (or one that is not "
-                              "text), which would end every row at once; give non-empty strings")
-        special = [t for t in self.stop_strings if any(sp in t for sp in self.tokenizer.all_special_tokens)]
-        if special:
-            raise ConfigError(f"model.stop_strings: {special} contain special tokens, which are left out of the "
-                              "decoded text; to stop on a special token add its id to eos_token_id "
-                              "(model.generation_kwargs) instead")
-        config.stop_strings = self.stop_strings or None
-        return config
 
     @property
     def num_return_sequences(self) -> int:
@@ -280,12 +169,15 @@ class GenerationModule(LightningModule):
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
     @property
-    def continuous(self) -> bool:
-        """Continuous batching: the compact engine, unless ranks decode in lockstep (ZeRO-3)."""
-        return self.engine_name == "compact" and not self.synced
+    def engine_name(self) -> str:
+        return self.decode.engine
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.decode.invariant
 
     def stop_rules(self) -> StopRules:
-        """This run's stopping rules, in precedence order (see :mod:`lgen.stopping`)."""
+        """This run's stopping rules, in precedence order (see :mod:`lgen.decode.stopping`)."""
         rules = []
         if self.use_brace_matching:
             rules.append(BraceMatching(token_table(self.tokenizer, self.brace_matching_language),
@@ -306,7 +198,7 @@ class GenerationModule(LightningModule):
 
     def check_strategy(self, strategy: Any) -> None:
         """Refuse settings the trainer's strategy cannot run (the CLI asks before any file is written)."""
-        if self.torch_compile and (strategy.root_device.type != "cuda" or zero3.is_zero3(strategy)):
+        if self.decode.torch_compile and (strategy.root_device.type != "cuda" or zero3.is_zero3(strategy)):
             raise ConfigError("model.torch_compile needs a CUDA device without ZeRO-3 (the CUDA-graph decode steps "
                               "it compiles run only there); set torch_compile: false")
 
@@ -345,15 +237,10 @@ class GenerationModule(LightningModule):
         self.model = model
 
     def on_predict_start(self) -> None:
-        if self.device.type == "cuda":
-            # cuDNN's attention builds an execution plan for every new key length, i.e. for every
-            # decode step of an eager loop; flash and memory-efficient attention need none.
-            self._cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
-            torch.backends.cuda.enable_cudnn_sdp(False)
         # Lightning's bf16-true/16-true cast (and ZeRO-3's zero.Init) rounded what transformers keeps in float32
         precision.restore_float32(self.model, self._float32)
         precision.rotary_in_float32(self.model)
-        if self.torch_compile:
+        if self.decode.torch_compile:
             try:
                 log.info("torch.compile: %d decoder layers", compile_layers(self.model))
             except ValueError as err:
@@ -361,33 +248,20 @@ class GenerationModule(LightningModule):
                                   "set model.torch_compile: false") from err
         if self.sharded:
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
-        config, pad = self.generation_config, self.generation_config.pad_token_id
-        graphs = self.cuda_graphs and self.device.type == "cuda" and not self.sharded
-        spans = False if self.torch_compile else None  # compiled layers keep transformers' attention
-        if self.continuous:
-            self.engine = ContinuousEngine(config, rules=self.stop_rules, tokenizer=self.tokenizer, pad_token_id=pad,
-                                           compact_every=self.compact_every, cuda_graphs=graphs,
-                                           span_attention=spans, invariant=self.batch_invariant)
-        elif self.engine_name == "compact":
-            self.engine = CompactEngine(config, pad_token_id=pad, compact_every=self.compact_every, synced=self.synced,
-                                        cuda_graphs=graphs, span_attention=spans, rules=self.stop_rules,
-                                        tokenizer=self.tokenizer, invariant=self.batch_invariant)
-        else:
-            self.engine = GenerateEngine(config, synced=self.synced, rules=self.stop_rules, tokenizer=self.tokenizer)
+        self.engine = make_engine(self.decode.on(self.device, sharded=self.sharded), self.generation_config,
+                                  rules=self.stop_rules, tokenizer=self.tokenizer,
+                                  pad_token_id=self.generation_config.pad_token_id, lockstep=self.synced)
 
     def configure_callbacks(self) -> list[Callback]:
         return [_EndOfRun()]
 
     def end_run(self) -> None:
-        """When prediction ends, normally or by an exception (a signal, a full disk): put back the
-        process-wide switches, and let go of the weights, which Lightning's teardown would otherwise
+        """When prediction ends, normally or by an exception (a signal, a full disk): take off the
+        ZeRO-3 trace hook, and let go of the weights, which Lightning's teardown would otherwise
         copy to host memory only to drop them (an 8B model in bf16 on an H200: about 12 s)."""
         if self._trace_hook is not None:
             self._trace_hook.remove()
             self._trace_hook = None
-        if self._cudnn_sdp is not None:
-            torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp)
-            self._cudnn_sdp = None
         if self.release_weights and not self.sharded:  # ZeRO-3's strategy lets go of its partitioned weights
             self.model = None
 

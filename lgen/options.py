@@ -53,7 +53,7 @@ TOP = {
 }
 # keys set through links (from the model side or the seed), never by the user
 LINKED = {"data.max_new_tokens", "data.token", "data.seed", "model.seed"}
-GROUPS = {"model": ("lgen.module", "GenerationModule"), "data": ("lgen.data", "GenerationDataModule")}
+GROUPS = {"model": ("lgen.module", "GenerationModule"), "data": ("lgen.data.datamodule", "GenerationDataModule")}
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,17 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lgen import options, outputs, zero3
+from lgen import options
 from lgen.data import GenerationDataModule
 from lgen.errors import ConfigError
+from lgen.hf import zero3
 from lgen.interrupt import GracefulStop
-from lgen.lock import DirectoryLock
-from lgen.merge import merge
 from lgen.module import GenerationModule
-from lgen.progress import GenerationProgressBar
-from lgen.writer import JsonlWriter
+from lgen.output import directory as outputs
+from lgen.output.lock import DirectoryLock
+from lgen.output.merge import merge
+from lgen.output.progress import GenerationProgressBar
+from lgen.output.writer import JsonlWriter
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class LgenCLI(LightningCLI):
         self.writer = JsonlWriter(self.output, config_text=config_text, merge=cfg.merge)
         self.stop = GracefulStop(grace_seconds=cfg.stop_grace_seconds)
         self.trainer = self.instantiate_trainer()
-        prepare_run(model, data, self.trainer, self.output, overwrite=cfg.overwrite_output_dir)
+        prepare_run(model, data, self.trainer, self.output, writer=self.writer, overwrite=cfg.overwrite_output_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self.config_init.trainer, **kwargs}
@@ -158,7 +160,7 @@ class LgenCLI(LightningCLI):
             log.info("nothing to generate: all %d records are in %s", len(self.output.done), self.output.path)
             if rank_zero_only.rank == 0:
                 if not (self.output.path / "summary.json").is_file():
-                    self.writer.rebuild_summary(self.datamodule.stats)
+                    self.writer.rebuild_summary(self.datamodule.run_stats())
                 if self.config_init.merge:
                     merge(self.output.path, self.output.split)
             self.writer.summary = self.output.summary()
@@ -213,21 +215,24 @@ def _expected(message: str) -> str:
 
 
 def prepare_run(model: GenerationModule, data: GenerationDataModule, trainer: Trainer, output: outputs.OutputDir, *,
-                overwrite: bool) -> None:
+                writer: JsonlWriter, overwrite: bool) -> None:
     """What a run does before any weights load, in this order: the strategy is checked, the data
-    learns the tokenizer and limits and is read and planned, and the output directory is checked
-    against the fingerprint, which leaves the data only the records still missing."""
+    learns the tokenizer and limits and is read and planned, the output directory is checked
+    against the fingerprint, which leaves the data only the records still missing, and the writer
+    learns what it writes beside the records."""
     strategy = trainer.strategy
     model.check_strategy(strategy)
+    lockstep = zero3.lockstep(strategy)
     data.connect(model.tokenizer, max_position_embeddings=getattr(model.model_config, "max_position_embeddings", None),
                  reserved_tokens=model.virtual_tokens, samples=model.num_return_sequences,
-                 token_budget=model.token_budget, lockstep=zero3.lockstep(strategy),
-                 continuous=model.engine_name == "compact")
+                 token_budget=model.token_budget, lockstep=lockstep,
+                 continuous=model.decode.continuous(lockstep=lockstep))
     data.setup("predict")
     fingerprint = make_fingerprint(model, data, precision=str(trainer.precision))
     data.skip(output.prepare(fingerprint, overwrite=overwrite, rank=rank_zero_only.rank,
                              samples=model.num_return_sequences, expected=data.example_keys(),
                              rows=[ex["row"] for ex in data.examples], rows_read=data.stats["rows_read"]))
+    writer.connect(files=model.config_dumps(), data_stats=data.run_stats(), samples=model.num_return_sequences)
 
 
 def resolve_config_paths(config: Namespace, argv: list[str]) -> None:

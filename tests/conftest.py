@@ -131,8 +131,8 @@ def encode(tok, prompts: list[str]):
 
 def code_rules(tok, *, brace: bool = True):
     """Brace matching from level 1 (C family), EOS and length: the rules of a code completion run."""
-    from lgen.braces import token_table
-    from lgen.stopping import BraceMatching, EndOfSequence, Length, StopRules
+    from lgen.decode.braces import token_table
+    from lgen.decode.stopping import BraceMatching, EndOfSequence, Length, StopRules
 
     head = [BraceMatching(token_table(tok, "c"), start_level=1, language="c")] if brace else []
     return StopRules([*head, EndOfSequence([tok.eos_token_id]), Length()])
@@ -143,11 +143,27 @@ def decoded(rules, out, tok) -> list[tuple[str, str]]:
     return [(f.text, f.reason) for f in rules.finish(out.tokens, out.stop_rule, out.stop_step, tok)]
 
 
-def compact(tok, config, **options):
-    """The compact engine for ``config``, padding with the tokenizer's pad token."""
-    from lgen.engine import CompactEngine
+def decode_settings(config, **options):
+    """:class:`lgen.decode.DecodeSettings` for ``config`` (its samples), with ``options``."""
+    from lgen.decode import DecodeSettings
 
-    return CompactEngine(config, pad_token_id=tok.pad_token_id, **options)
+    return DecodeSettings(samples=int(config.num_return_sequences or 1), **options)
+
+
+def compact(tok, config, *, synced=False, rules=None, tokenizer=None, **options):
+    """The compact (lockstep) engine for ``config``, padding with the tokenizer's pad token."""
+    from lgen.decode import CompactEngine
+
+    return CompactEngine(config, decode_settings(config, **options), pad_token_id=tok.pad_token_id, synced=synced,
+                         rules=rules, tokenizer=tokenizer)
+
+
+def continuous(tok, config, *, rules, **options):
+    """The continuous engine for ``config``, with ``rules`` making each pool's stopping rules."""
+    from lgen.decode import ContinuousEngine
+
+    return ContinuousEngine(config, decode_settings(config, **options), rules=rules, tokenizer=tok,
+                            pad_token_id=tok.pad_token_id)
 
 
 def lgen(*args: str) -> int:

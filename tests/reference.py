@@ -1,6 +1,6 @@
 """An independent, character-by-character brace matcher: the specification the token FSM must meet.
 
-Written as plain string scanning (no tables) so that it shares no code with ``lgen.stopping``.
+Written as plain string scanning (no tables) so that it shares no code with ``lgen.decode.stopping``.
 """
 
 from __future__ import annotations

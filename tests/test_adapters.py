@@ -85,7 +85,7 @@ def test_zero3_trace_step_per_forward_reaches_peft_generate(tiny_model, kind):
     """peft's generate calls the base model's, so the ZeRO-3 trace reset must hook the base model."""
     from types import SimpleNamespace
 
-    from lgen import zero3
+    from lgen.hf import zero3
 
     config = (LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM") if kind == "lora"
               else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lgen import attention, steppers
+from lgen.decode import steppers
+from lgen.kernels import attention
 
 ROWS, HEADS, KV_HEADS, KEYS, DIM = 3, 8, 2, 10, 16
 MODULE = SimpleNamespace(num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
@@ -100,7 +101,7 @@ def test_engine_decode_steps_match_eager_attention(tiny_model, monkeypatch):
 def test_spans_are_each_querys_allowed_keys():
     """Spans: first and one-past-last allowed key per query, the mask as a bias (-inf where a query
     may not look), for additive and boolean masks; a query that may see nothing gets an empty span."""
-    from lgen.attention import Spans
+    from lgen.kernels.attention import Spans
 
     allowed = torch.tensor([[[1, 1, 1, 0, 0], [0, 1, 0, 1, 0]], [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]], dtype=torch.bool)
     additive = torch.where(allowed, torch.tensor([0.0, -1.5, 0.0, 2.0, 0.0]), torch.finfo(torch.bfloat16).min)
@@ -110,3 +111,22 @@ def test_spans_are_each_querys_allowed_keys():
         assert starts.dtype == ends.dtype == torch.int32
         expected = torch.zeros(2, 2, 5) if mask.dtype == torch.bool else additive.to(torch.bfloat16).float()
         assert torch.equal(bias, expected.masked_fill(~allowed, float("-inf")))
+
+
+def test_decoding_puts_back_what_it_swaps_also_on_an_error():
+    """The one context that swaps attention (and turns cuDNN attention off on CUDA) leaves the
+    process as it found it, however the block ends."""
+    from lgen.kernels import decoding, no_cudnn_attention
+
+    sdpa, cudnn = ALL_ATTENTION_FUNCTIONS["sdpa"], torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(RuntimeError, match="boom"), no_cudnn_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        raise RuntimeError("boom")
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn
+    for invariant in (False, True):
+        with pytest.raises(RuntimeError, match="boom"), decoding(torch.device("cpu"), invariant=invariant, packed=True):
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa
+            raise RuntimeError("boom")
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+    with decoding(torch.device("cpu"), packed=False, spans=False):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa  # nothing asked, nothing swapped

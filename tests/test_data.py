@@ -7,6 +7,7 @@ import pytest
 from conftest import TEMPLATE, make_word_tokenizer
 
 from lgen.data import GenerationDataModule
+from lgen.data.lengths import Lengths
 from lgen.errors import ConfigError, DataError
 
 
@@ -119,9 +120,9 @@ def test_plan_is_sorted_capped_and_dealt_whole(tok, tmp_path):
     dm.lockstep = False
     dm.samples = 2  # each prompt's samples take cache room too: rows x 2 x (longest + 3) <= 16
     assert dm.plan() == [[1], [5], [3], [2], [0], [6], [4]]
-    dm.samples, dm.max_new_tokens, dm.resolved_block_size = 1, "auto", 8  # auto fills block_size: rows x 8
+    dm.samples, dm.max_new_tokens, dm.lengths = 1, "auto", Lengths(8, 8, "auto")  # auto fills block_size: rows x 8
     assert dm.plan() == [[1, 5], [3, 2], [0, 6], [4]]
-    dm.max_new_tokens = 3
+    dm.max_new_tokens, dm.lengths = 3, Lengths(16, 13, 3)
     dm.sort_by_length = False
     dm.batch_tokens = None
     assert dm.plan() == [[0, 1, 2], [3, 4, 5], [6]]
@@ -135,7 +136,7 @@ def test_done_examples_are_skipped(tok, tmp_path):
     dm.setup()
     assert [ex["id"] for ex in dm.examples] == [0, 1]  # the split, as a complete output holds it
     assert [ex["id"] for ex in dm.todo] == [1] and dm.plan() == [[0]]  # what this run generates
-    assert dm.stats["examples_skipped_done"] == 1
+    assert dm.run_stats()["examples_skipped_done"] == 1
 
 
 @pytest.mark.parametrize("kw,words_in_message", [

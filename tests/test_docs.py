@@ -34,10 +34,13 @@ def test_the_config_tables_list_every_key_and_only_those(capsys):
     assert table_keys("Top level:") == top
 
 
-def test_the_module_table_matches_the_files():
-    listed = set(re.findall(r"^\| `lgen/([a-z_0-9]+\.py)` \|", README, re.M))
+def test_the_parts_table_matches_the_files():
+    """Every top-level module and every folder of the package has its row."""
+    rows = [line.split("|")[1] for line in README.splitlines() if line.startswith("| `lgen/")]
+    listed = {name for row in rows for name in re.findall(r"`lgen/([a-z_0-9]+(?:\.py|/))`", row)}
     files = {p.name for p in (ROOT / "lgen").glob("*.py")} - {"__init__.py", "__main__.py"}
-    assert listed == files
+    folders = {f"{p.name}/" for p in (ROOT / "lgen").iterdir() if (p / "__init__.py").is_file()}
+    assert listed == files | folders
 
 
 def test_the_readme_is_a_users_document():

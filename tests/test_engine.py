@@ -6,12 +6,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PROMPTS, code_rules, compact, decoded, encode
+from conftest import PROMPTS, code_rules, compact, continuous, decoded, encode
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import budget, engine, sampling, steppers
-from lgen.braces import token_table
-from lgen.stopping import BraceMatching, EndOfSequence, GenerateCriteria, Length, StopRules, StopStrings
+from lgen.decode import DecodeSettings, GenerateEngine, budget, sampling
+from lgen.decode import graphs as graphs_module
+from lgen.decode.braces import token_table
+from lgen.decode.settings import unsupported
+from lgen.decode.steppers import PoolStepper
+from lgen.decode.stopping import BraceMatching, EndOfSequence, GenerateCriteria, Length, StopRules, StopStrings
+from lgen.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +25,7 @@ def lm(tiny_model):
     return model, tok
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_greedy_matches_generate_and_drops_rows(lm, graphs):
+def test_greedy_matches_generate_and_drops_rows(lm):
     model, tok = lm
     ids, mask = encode(tok, PROMPTS)
     config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -31,8 +34,7 @@ def test_greedy_matches_generate_and_drops_rows(lm, graphs):
                          stopping_criteria=[GenerateCriteria(rules, prompt_width=ids.shape[1], max_new_tokens=30)])
     generated = ref[:, ids.shape[1]:]
     expected = [(f.text, f.reason) for f in rules.finish(generated, *rules.replay(generated, 30), tok)]
-    out = compact(tok, config, compact_every=2, cuda_graphs=graphs).run(model, ids, mask, max_new_tokens=30,
-                                                                         rules=rules, row_keys=None)
+    out = compact(tok, config, compact_every=2).run(model, ids, mask, max_new_tokens=30, rules=rules, row_keys=None)
     assert decoded(rules, out, tok) == expected
     assert {r for _, r in expected} == {"brace_matching", "stop", "length"}
     assert out.slots < len(PROMPTS) * 30  # finished rows stopped costing slots
@@ -44,19 +46,17 @@ def test_samples_do_not_depend_on_the_batch(lm):
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     keys = torch.arange(3 * len(PROMPTS), dtype=torch.int64) * 7919
 
-    def run(order, graphs=False):
+    def run(order):
         ids, mask = encode(tok, [PROMPTS[i] for i in order])
         k = torch.cat([keys[3 * i: 3 * i + 3] for i in order])
         rules = code_rules(tok, brace=False)
-        out = compact(tok, config, compact_every=3, cuda_graphs=graphs).run(model, ids, mask, max_new_tokens=20,
-                                                                             rules=rules, row_keys=k)
+        out = compact(tok, config, compact_every=3).run(model, ids, mask, max_new_tokens=20, rules=rules, row_keys=k)
         got = [text for text, _ in decoded(rules, out, tok)]
         return {(i, s): got[3 * j + s] for j, i in enumerate(order) for s in range(3)}
 
     together = run(list(range(len(PROMPTS))))
     assert run([4]) == {k: v for k, v in together.items() if k[0] == 4}
     assert run([9, 2, 5, 0]) == {k: v for k, v in together.items() if k[0] in (9, 2, 5, 0)}
-    assert run(list(range(len(PROMPTS))), graphs=True) == together
     assert len({together[(i, s)] for i in range(len(PROMPTS)) for s in range(3)}) > len(PROMPTS)  # samples differ
     rules = code_rules(tok, brace=False)
     other = compact(tok, config).run(model, *encode(tok, PROMPTS[:1]), max_new_tokens=20, rules=rules,
@@ -74,10 +74,29 @@ def test_gumbel_noise_is_a_function_of_key_step_and_token():
 
 
 def test_unsupported_settings_are_listed():
-    unsupported = engine.CompactEngine.unsupported
     assert unsupported(GenerationConfig(do_sample=True, top_p=0.9, temperature=0.7)) == []
     assert unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == ["num_beams", "repetition_penalty"]
-    assert engine.GenerateEngine.unsupported(GenerationConfig(repetition_penalty=1.2, num_beams=2)) == []
+
+
+def test_decode_settings_pick_the_engine_and_refuse_what_cannot_run():
+    """One place decides the engine and whether prompts join a running pool."""
+    sampled = GenerationConfig(do_sample=True, top_p=0.9, num_return_sequences=3)
+    chosen = DecodeSettings.choose(sampled)
+    assert (chosen.engine, chosen.samples) == ("compact", 3)
+    assert chosen.continuous(lockstep=False) and not chosen.continuous(lockstep=True)
+    beams = DecodeSettings.choose(GenerationConfig(num_beams=2))
+    assert beams.engine == "generate" and not beams.continuous(lockstep=False)
+    assert DecodeSettings.choose(sampled, prompt_learning=True).engine == "generate"
+    assert DecodeSettings.choose(sampled, torch_compile=True).span_attention is False
+    assert not chosen.on(torch.device("cpu")).cuda_graphs
+    assert chosen.on(torch.device("cuda"), sharded=False).cuda_graphs
+    assert not chosen.on(torch.device("cuda"), sharded=True).cuda_graphs
+    for options, words in [({"engine": "compact", "prompt_learning": True}, "prompt-learning adapters"),
+                           ({"compact_every": 0}, "compact_every must be >= 1"),
+                           ({"batch_invariant": True, "softcap": 30.0}, "soft-caps"),
+                           ({"batch_invariant": True, "torch_compile": True}, "do not go together")]:
+        with pytest.raises(ConfigError, match=words):
+            DecodeSettings.choose(sampled, **options)
 
 
 def _join(rank: int, folder: str, init: str):
@@ -118,9 +137,9 @@ def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
     width, new = (12, 4) if rank == 0 else (2, 14)
     prompt = torch.randint(3, 50, (1, width))
     greedy = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=1)
-    for graphs in (False, True):
+    for invariant in (False, True):  # eager steps, and the invariant mode's pool
         rules = code_rules(SimpleNamespace(eos_token_id=1), brace=False)
-        engine.CompactEngine(greedy, pad_token_id=0, compact_every=2, cuda_graphs=graphs, synced=True).run(
+        compact(SimpleNamespace(pad_token_id=0), greedy, compact_every=2, invariant=invariant, synced=True).run(
             gpt2, prompt, torch.ones_like(prompt), max_new_tokens=new, rules=rules, row_keys=None)
     results[rank] = (alone == together, len(calls), len(gpt2_calls))
     torch.distributed.destroy_process_group()
@@ -136,7 +155,7 @@ def test_synced_ranks_run_the_same_number_of_forwards(tiny_model, tmp_path):
     (same0, calls0, gpt0), (same1, calls1, gpt1) = results[0], results[1]
     assert same0 and same1  # the records are those of an unsynced run
     assert calls0 == calls1 > 7  # rank 0 alone would stop after at most 6 forwards
-    assert gpt0 == gpt1 == 2 * 14  # twice (eager, graph stepper): prefill + 13 steps, on both ranks
+    assert gpt0 == gpt1 == 2 * 14  # twice (eager, invariant pool): prefill + 13 steps, on both ranks
 
 
 def test_token_budget_shrinks_with_what_each_token_costs(tiny_model, bpe_tokenizer, tmp_path):
@@ -166,26 +185,37 @@ def test_compiled_layers_give_the_uncompiled_tokens_and_reuse_their_graphs(tiny_
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()  # its own copy: compiling changes it
     tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="left")
-    config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    # three batches of different widths and sizes; compaction moves each through smaller buckets
+    # three batches of different widths and sizes; compaction halves each
     batches = [encode(tok, PROMPTS * 2), encode(tok, PROMPTS[:3]), encode(tok, PROMPTS[3:] * 3)]
 
     def run():
-        return [compact(tok, config, compact_every=2, cuda_graphs=True).run(
-            model, ids, mask, max_new_tokens=24, rules=code_rules(tok), row_keys=None).tokens for ids, mask in batches]
+        """Greedy tokens of each batch over a pool, halved after 6 steps (the eager pool holds just
+        its live rows, so the rows change)."""
+        out = []
+        for ids, mask in batches:
+            pool = PoolStepper(model, rows=ids.shape[0], length=ids.shape[1] + 24, graph=False)
+            logits, tokens = pool.prefill(ids, mask, 1), []
+            for step in range(16):
+                token = logits.argmax(-1)
+                if step == 6:
+                    token = token[pool.compact(torch.arange(max(2, ids.shape[0] // 2)))]  # dynamo specializes 1 row
+                tokens.append(token.tolist())
+                logits = pool.step(token)
+            out.append(tokens)
+        return out
 
     expected = run()
     layers = model.config.num_hidden_layers
     counters.clear()
     try:
-        assert steppers.compile_layers(model) == layers
+        assert graphs_module.compile_layers(model) == layers
         got = run()
         graphs = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
-    assert [t.tolist() for t in got] == [t.tolist() for t in expected]
+    assert got == expected
     # per layer: static, then the rows symbolic (a compaction), then the cache length (a wider batch);
-    # 3 batches through 4 buckets reuse those, rather than compiling per batch or bucket
+    # 3 batches, each halved, reuse those, rather than compiling per batch or size
     assert graphs == 3 * layers, graphs
 
 
@@ -207,7 +237,7 @@ def test_candidate_draws_equal_the_vocabulary_wide_draw(top_k, top_p, scale):
 def _stream_batches(tok, prompts, *, group, pool_rows, mnt, samples=1, streams=1, pools=1):
     """Streams of groups as the data module makes them: the prompts dealt to ``streams`` streams in
     turn (no sorting), a memory budget that holds ``pools`` full pools."""
-    from lgen.data import Batch, Group
+    from lgen.batch import Batch, Group
 
     examples = [{"id": i, "part": [1, 1], "prompt_ids": tok(p, add_special_tokens=False)["input_ids"]}
                 for i, p in enumerate(prompts)]
@@ -230,8 +260,6 @@ def test_continuous_batching_gives_each_row_what_it_gets_alone(lm, stop_strings,
     """A pool of 8 rows over 20 prompts (groups of 2 join as rows leave): every row's tokens, cut
     and finish reason are those of the prompt decoded alone; greedy and sampled. With 3 streams and
     memory for 2 pools, a stream's pool drains while the next one fills."""
-    from lgen.continuous import ContinuousEngine
-
     model, tok = lm
     prompts = PROMPTS * 2
 
@@ -252,7 +280,7 @@ def test_continuous_batching_gives_each_row_what_it_gets_alone(lm, stop_strings,
                                                              row_keys=keys[i])
             for k, (text, reason) in enumerate(decoded(r, out, tok)):
                 alone[(i, k + 1)] = (text, reason)
-        engine = ContinuousEngine(config, rules=rules, tokenizer=tok, pad_token_id=tok.pad_token_id, compact_every=3)
+        engine = continuous(tok, config, rules=rules, compact_every=3)
         got, calls_with_rows_in_flight, most_pools = {}, 0, 0
         for batch in _stream_batches(tok, prompts, group=2, pool_rows=8, mnt=24, samples=samples,
                                      streams=streams, pools=pools):
@@ -270,7 +298,7 @@ def test_continuous_batching_gives_each_row_what_it_gets_alone(lm, stop_strings,
 
 
 def test_streams_are_planned_from_the_data_alone():
-    from lgen.plan import deal_streams, plan_streams
+    from lgen.data.plan import deal_streams, plan_streams
 
     lengths = [5, 9, 2, 7, 7, 1, 3, 8, 4, 6]
     streams = plan_streams(lengths, samples=1, pool_rows=4, group_size=2)
@@ -287,8 +315,7 @@ def test_streams_are_planned_from_the_data_alone():
 def test_a_stop_admits_nothing_and_drops_what_the_deadline_cuts(lm, grace):
     """After a stop, the pools wind down: a long grace lets every admitted row finish, with the
     tokens it gets alone; none leaves the deadline drops them, counted. No later group joins."""
-    from lgen.continuous import ContinuousEngine
-    from lgen.deadline import Deadline
+    from lgen.decode.deadline import Deadline
 
     model, tok = lm
     prompts = PROMPTS * 2
@@ -304,7 +331,7 @@ def test_a_stop_admits_nothing_and_drops_what_the_deadline_cuts(lm, grace):
         out = compact(tok, config, compact_every=3).run(model, *encode(tok, [p]), max_new_tokens=24, rules=r,
                                                          row_keys=None)
         alone[i] = decoded(r, out, tok)[0]
-    engine = ContinuousEngine(config, rules=rules, tokenizer=tok, pad_token_id=tok.pad_token_id, compact_every=3)
+    engine = continuous(tok, config, rules=rules, compact_every=3)
     deadline = Deadline(grace)
     got, admitted, dropped, in_flight = {}, set(), 0, None
     for n, batch in enumerate(_stream_batches(tok, prompts, group=2, pool_rows=8, mnt=24, samples=1, streams=1,
@@ -326,14 +353,14 @@ def test_a_stop_admits_nothing_and_drops_what_the_deadline_cuts(lm, grace):
 
 @pytest.mark.parametrize("which", ["compact", "generate"])
 def test_batch_engines_drop_the_rows_a_deadline_cuts(lm, which):
-    from lgen.deadline import Deadline
+    from lgen.decode.deadline import Deadline
 
     model, tok = lm
     ids, mask = encode(tok, PROMPTS)
     config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     make = (lambda: compact(tok, config, compact_every=2, rules=lambda: code_rules(tok), tokenizer=tok)) \
         if which == "compact" else \
-        (lambda: engine.GenerateEngine(config, rules=lambda: code_rules(tok), tokenizer=tok))
+        (lambda: GenerateEngine(config, rules=lambda: code_rules(tok), tokenizer=tok))
     batch = SimpleNamespace(input_ids=ids, attention_mask=mask, max_new_tokens=30,
                             examples=[{"id": i} for i in range(len(PROMPTS))])
     whole = make().generate(model, batch, row_keys=None)
@@ -350,7 +377,7 @@ def test_batch_engines_drop_the_rows_a_deadline_cuts(lm, which):
 
 
 def _deadline_worker(rank: int, folder: str, init: str, results) -> None:
-    from lgen.deadline import Deadline
+    from lgen.decode.deadline import Deadline
 
     model, tok, calls = _join(rank, folder, init)
     ids, mask = encode(tok, PROMPTS[:3] if rank == 0 else PROMPTS[3:])

@@ -133,10 +133,10 @@ def test_a_bug_in_the_decode_loop_keeps_its_traceback(tiny_model, code_jsonl, tm
     """Only what the user must fix is a one-line error (exit 2); a bug shows where it happened."""
     script = (
         "import sys\n"
-        "import lgen.sampling\n"
+        "import lgen.decode.sampling\n"
         "def broken(*args, **kwargs):\n"
         "    raise RuntimeError('a bug in the decode loop')\n"
-        "lgen.sampling.next_tokens = broken\n"
+        "lgen.decode.sampling.next_tokens = broken\n"
         "from lgen.cli import main\n"
         f"sys.exit(main({ARGS!r} + sys.argv[1:]))\n"
     )
@@ -274,7 +274,7 @@ def test_data_settings_that_cannot_work_are_one_line(capsys, tiny_model, code_js
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the conversion needs gguf")
 def test_an_unwritable_lgen_cache_is_named_before_the_conversion(capsys, code_jsonl, tmp_path, monkeypatch):
-    from lgen import models
+    from lgen.hf import models
 
     monkeypatch.setitem(models.ALIASES, "tiny-gguf", ("lgen", "__init__.py"))  # a file that exists
     (tmp_path / "a-file").write_text("")

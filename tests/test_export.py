@@ -12,8 +12,8 @@ from conftest import CODE, PROMPTS, TEMPLATE, lgen, prompts_file, read
 
 from lgen.cli import main
 from lgen.errors import OutputDirError
-from lgen.export import extract_code
-from lgen.outputs import parse_record, write_expected
+from lgen.output.directory import parse_record, write_expected
+from lgen.output.export import extract_code
 
 SAMPLING = ("--model.generation_kwargs", "{do_sample: true, top_k: 20, num_return_sequences: 3}")
 

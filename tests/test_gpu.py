@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, base_args, encode, read
+from conftest import PROMPTS, base_args, continuous, encode, read
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lgen.attention import Spans, packed_decode, packing_needed, span_attention, span_decode
 from lgen.cli import main
-from lgen.steppers import GraphStepper
+from lgen.decode.steppers import PoolStepper
+from lgen.kernels.attention import Spans, packed_decode, packing_needed, span_attention, span_decode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -18,22 +18,30 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("spans", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replays_give_the_eager_logits(tiny_model, dtype, spans):
-    """The same static-cache step, captured and replayed or run eagerly, across a compaction to a
-    smaller bucket: bit for bit the same logits (SDPA, or the span attention)."""
+    """The same pool step, captured and replayed or run eagerly, across a compaction to a smaller
+    bucket: bit for bit the same logits (SDPA, or the span attention)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).cuda().eval()
     tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="left")
     ids, mask = (t.cuda() for t in encode(tok, PROMPTS * 2))
     runs = {}
     with torch.inference_mode():
         for graph in (True, False):
-            stepper = GraphStepper(model, 16, graph=graph)
-            logits = [stepper.prefill(ids, mask, 1)]
+            stepper = PoolStepper(model, rows=ids.shape[0], length=ids.shape[1] + 16, graph=graph)
+            last = stepper.prefill(ids, mask, 1)
+            logits = [last[:11]]  # rows 0..10 stay in slots 0..10 through the compaction
             with packed_decode(packing_needed()), span_decode(spans):
                 for step in range(12):
-                    token = logits[-1].argmax(-1)
-                    if step == 5:  # 20 rows -> 11 live rows in a bucket of 12
-                        token = token[stepper.compact(torch.arange(0, 11, device="cuda"))]
-                    logits.append(stepper.step(token).clone())
+                    token = last.argmax(-1)
+                    if step == 5:  # 20 rows -> 11 live rows in a bucket of 12 (the last one repeated)
+                        keep = torch.arange(0, 11, device="cuda")
+                        sel = torch.cat([keep, keep[-1:]])
+                        if graph:
+                            assert torch.equal(stepper.compact(keep), sel)
+                        else:  # eagerly a pool holds just the live rows: take the same 12
+                            stepper.select(sel)
+                        token = token[sel]
+                    last = stepper.step(token).clone()
+                    logits.append(last[:11])
             runs[graph] = logits
     for replayed, eager in zip(runs[True], runs[False]):
         assert torch.equal(replayed, eager)
@@ -55,7 +63,6 @@ def test_a_run_on_the_gpu_matches_generate(tiny_model, code_jsonl, tmp_path):
 def test_pool_graph_replays_give_the_eager_logits(tiny_model, spans):
     """Continuous batching's pool step, captured once and replayed while groups join rows that
     were left free, gives the eager step's logits bit for bit (SDPA, or the span attention)."""
-    from lgen.steppers import PoolStepper
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).cuda().eval()
     tok = AutoTokenizer.from_pretrained(tiny_model, padding_side="left")
@@ -94,7 +101,7 @@ def test_batch_invariant_rows_on_cuda(bf16_llama):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_invariant_kernels_compute_the_ops_and_ignore_the_batch(dtype):
-    from lgen import triton_kernels
+    from lgen.kernels import triton_ops as triton_kernels
 
     torch.manual_seed(0)
     a, w, bias = (torch.randn(300, 200, device="cuda", dtype=dtype), torch.randn(200, 96, device="cuda", dtype=dtype),
@@ -164,12 +171,12 @@ def test_span_attention_gives_sdpa_rows_in_float32(tiny_model, monkeypatch):
     attention did run (the decode steps did not fall back to SDPA)."""
     from test_invariant import PROMPTS20, compact_texts, continuous_texts, load
 
-    from lgen import attention
+    from lgen.kernels import attention
 
     calls = []
     monkeypatch.setattr(attention, "span_attention", lambda *a, **k: calls.append(1) or span_attention(*a, **k))
     model, tok = load(tiny_model, dtype=torch.float32, device="cuda")
-    for texts in (lambda **o: compact_texts(model, tok, PROMPTS20, invariant_mode=False, graphs=True, **o),
+    for texts in (lambda **o: compact_texts(model, tok, PROMPTS20, invariant_mode=False, **o),
                   lambda **o: continuous_texts(model, tok, PROMPTS20, group=3, pool_rows=7, graphs=True,
                                                invariant_mode=False, **o)):
         calls.clear()
@@ -187,8 +194,7 @@ def test_pools_decoding_together_give_the_rows_of_pools_decoding_alone(bf16_llam
     from test_invariant import PROMPTS20, load
     from transformers import GenerationConfig
 
-    from lgen.continuous import ContinuousEngine
-    from lgen.stopping import EndOfSequence, Length, StopRules
+    from lgen.decode.stopping import EndOfSequence, Length, StopRules
 
     model, tok = load(bf16_llama, device="cuda")
     for config in (GenerationConfig(do_sample=False, pad_token_id=tok.pad_token_id),
@@ -197,9 +203,8 @@ def test_pools_decoding_together_give_the_rows_of_pools_decoding_alone(bf16_llam
         samples = int(config.num_return_sequences or 1)
         runs = []
         for pools in (1, 2):
-            engine = ContinuousEngine(config, rules=lambda: StopRules([EndOfSequence([tok.eos_token_id]), Length()]),
-                                      tokenizer=tok, pad_token_id=tok.pad_token_id, compact_every=3,
-                                      cuda_graphs=True)
+            engine = continuous(tok, config, rules=lambda: StopRules([EndOfSequence([tok.eos_token_id]), Length()]),
+                                compact_every=3, cuda_graphs=True)
             got, most = {}, 0
             for batch in _stream_batches(tok, PROMPTS20, group=2, pool_rows=12, mnt=30, samples=samples, streams=3,
                                          pools=pools):

@@ -7,15 +7,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import PROMPTS, code_rules, compact, decoded, encode, lgen, make_bpe_tokenizer, prompts_file
+from conftest import PROMPTS, code_rules, compact, continuous, decoded, encode, lgen, make_bpe_tokenizer, prompts_file
 from conftest import read as read_records
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import invariant
-from lgen.continuous import ContinuousEngine
-from lgen.data import Batch, Group
+from lgen.batch import Batch, Group
 from lgen.errors import ConfigError
+from lgen.kernels import invariant
 from lgen.module import GenerationModule
 
 CPU = torch.device("cpu")
@@ -116,12 +115,10 @@ def greedy(tok):
 PROMPTS20 = PROMPTS + [p + " x" for p in PROMPTS]
 
 
-def compact_texts(model, tok, prompts, *, config=None, every=4, keys=None, invariant_mode=True, graphs=False,
-                  **options):
+def compact_texts(model, tok, prompts, *, config=None, every=4, keys=None, invariant_mode=True, **options):
     ids, mask = (t.to(model.device) for t in encode(tok, prompts))
     rules = code_rules(tok, brace=False)
-    out = compact(tok, config or greedy(tok), compact_every=every, invariant=invariant_mode, cuda_graphs=graphs,
-                  **options).run(
+    out = compact(tok, config or greedy(tok), compact_every=every, invariant=invariant_mode, **options).run(
         model, ids, mask, max_new_tokens=40, rules=rules, row_keys=None if keys is None else keys.to(model.device))
     return [text for text, _ in decoded(rules, out, tok)]
 
@@ -149,9 +146,8 @@ def test_sampled_rows_alone_and_together(bf16_llama):
 def continuous_texts(model, tok, prompts, *, group: int, pool_rows: int, graphs: bool = False,
                      invariant_mode: bool = True, **options) -> list[str]:
     """The continuous engine over one stream of ``prompts`` in groups of ``group``."""
-    engine = ContinuousEngine(greedy(tok), rules=lambda: code_rules(tok, brace=False), tokenizer=tok,
-                              pad_token_id=tok.pad_token_id, compact_every=3, invariant=invariant_mode,
-                              cuda_graphs=graphs, **options)
+    engine = continuous(tok, greedy(tok), rules=lambda: code_rules(tok, brace=False), compact_every=3,
+                        invariant=invariant_mode, cuda_graphs=graphs, **options)
     got = {}
     starts = list(range(0, len(prompts), group))
     width = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
@@ -227,7 +223,7 @@ def test_settings_it_cannot_run_are_refused(tiny_model, tmp_path):
 
 
 def test_align_left_moves_prompts_to_position_zero():
-    from lgen.steppers import align_left
+    from lgen.decode.steppers import align_left
 
     ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [0, 0, 0, 9]])
     mask = (ids != 0).long()

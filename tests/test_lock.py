@@ -15,11 +15,11 @@ import pytest
 from conftest import base_args, lgen, prompts_file, read
 
 from lgen.errors import OutputDirError
-from lgen.lock import LOCK, DirectoryLock
+from lgen.output.lock import LOCK, DirectoryLock
 
 HOLD = """
 import sys, time
-from lgen.lock import DirectoryLock
+from lgen.output.lock import DirectoryLock
 DirectoryLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -76,7 +76,7 @@ def no_flock(*args: object) -> None:
 
 
 def test_without_flock_a_live_owner_blocks_and_a_dead_one_gives_way(tmp_path, monkeypatch):
-    monkeypatch.setattr("lgen.lock.fcntl.flock", no_flock)
+    monkeypatch.setattr("lgen.output.lock.fcntl.flock", no_flock)
     out = tmp_path / "out"
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

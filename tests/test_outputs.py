@@ -316,19 +316,20 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(tiny_model, tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device")
         fsync(fd)
 
-    monkeypatch.setattr("lgen.writer.os.fsync", full)
+    monkeypatch.setattr("lgen.output.writer.os.fsync", full)
     capsys.readouterr()
     assert main(args(tiny_model, data, out)) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "free some space" in err and "Traceback" not in err
     assert not list(out.glob("*.lgen-tmp"))
-    monkeypatch.setattr("lgen.writer.os.fsync", fsync)
+    monkeypatch.setattr("lgen.output.writer.os.fsync", fsync)
     assert main(args(tiny_model, data, out)) == 0
     assert sorted(lines(out)) == sorted(lines(clean))
 
 
 def test_a_run_that_loses_records_does_not_exit_0(tiny_model, tmp_path, capsys, monkeypatch):
-    from lgen import module, records
+    from lgen import module
+    from lgen.output import records
 
     build = records.build
     monkeypatch.setattr(module.records, "build", lambda *a, **kw: build(*a, **kw)[1:])  # a bug drops records

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from lgen import precision
+from lgen.hf import precision
 
 
 def test_float32_tensors_come_back_exactly_after_a_cast(tiny_model):

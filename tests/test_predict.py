@@ -283,7 +283,7 @@ def test_a_run_lets_go_of_its_weights_before_lightning_moves_them(tiny_model, co
     holding none, whether it finished or failed."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    from lgen.writer import JsonlWriter
+    from lgen.output.writer import JsonlWriter
 
     moved = []
     teardown = SingleDeviceStrategy.teardown

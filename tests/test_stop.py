@@ -14,7 +14,7 @@ import pytest
 from conftest import prompts_file, read
 
 from lgen.cli import main
-from lgen.writer import JsonlWriter
+from lgen.output.writer import JsonlWriter
 
 SAMPLED = ["--model.generation_kwargs", "{do_sample: true, temperature: 0.9, top_k: 40, num_return_sequences: 2}"]
 

@@ -6,8 +6,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_close
 
-from lgen.braces import build_token_table, find_close
-from lgen.stopping import BraceMatching, EndOfSequence, GenerateCriteria, Length, StopRule, StopRules, StopStrings
+from lgen.decode.braces import build_token_table, find_close
+from lgen.decode.stopping import (
+    BraceMatching,
+    EndOfSequence,
+    GenerateCriteria,
+    Length,
+    StopRule,
+    StopRules,
+    StopStrings,
+)
 
 
 def run_fsm(chunks: list[str], start_level: int = 1, language: str = "c", prompt_len: int = 3) -> int | None:

@@ -4,7 +4,7 @@ plain model's rows in bf16 (the precision of ``bf16-true``).
 
 Lightning's DeepSpeedStrategy needs CUDA, so this drives DeepSpeed directly, as ``configure_model``
 and the strategy do: DeepSpeed wraps an outer module whose one forward runs a whole generation (as
-it wraps the LightningModule), with lgen's ZeRO-3 settings (:mod:`lgen.zero3`). Skipped where
+it wraps the LightningModule), with lgen's ZeRO-3 settings (:mod:`lgen.hf.zero3`). Skipped where
 deepspeed is not installed (``scripts/setup.sh`` installs it when it can build it).
 """
 
@@ -22,8 +22,8 @@ import torch
 from conftest import PROMPTS, code_rules, compact, decoded, encode
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lgen import precision, zero3
-from lgen.engine import GenerateEngine
+from lgen.decode import GenerateEngine
+from lgen.hf import precision, zero3
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
 

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lgen.errors import OutputDirError
-from lgen.merge import ordered_lines
-from lgen.outputs import Expected, load_expected, write_lines
-from lgen.records import ExampleKey, example_key
+from lgen.output.directory import Expected, load_expected, write_lines
+from lgen.output.merge import ordered_lines
+from lgen.output.records import ExampleKey, example_key
 
 log = logging.getLogger(__name__)
 

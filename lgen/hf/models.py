@@ -189,3 +189,15 @@ def load_adapter(model: torch.nn.Module, name: str, *, merge: bool, **hub: Any) 
     """``model`` with the PEFT adapter ``name`` on it; ``merge``: folded into the weights (LoRA, (IA)^3)."""
     model = _peft().PeftModel.from_pretrained(model, name, **hub)
     return model.merge_and_unload() if merge else model
+
+
+def load_tokenizer(name: str, key: str, *, use_fast: bool, **hub: Any) -> Any:
+    """The tokenizer of ``name``, padding on the left (prompts end where generation starts), with
+    the end-of-sequence token as padding when it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = load(AutoTokenizer.from_pretrained, resolve(name), key, use_fast=use_fast, **hub)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

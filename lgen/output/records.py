@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lgen.stopping import Finished
+from lgen.decode.stopping import Finished
 
 FIELDS = ("id", "part", "seq", "prompt", "reference", "prediction", "finish_reason", "meta")
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from lgen.models import base_model, whole_blocks
+from lgen.hf.models import base_model, whole_blocks
 
 
 def is_zero3(strategy: Any) -> bool:

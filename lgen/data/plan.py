@@ -3,7 +3,7 @@
 The plan is computed from the data and the settings alone, the same on every rank, so a record
 does not depend on the number of ranks. Two forms:
 
-* streams (continuous batching, :mod:`lgen.continuous`): the examples, longest first, are dealt
+* streams (continuous batching, :mod:`lgen.decode.continuous`): the examples, longest first, are dealt
   into as many streams as it takes to keep each stream's rows within one pool; a stream is a list
   of prompt groups prefilled together. Ranks take whole streams, the costliest first to the least
   loaded rank. Example: 10 prompts, a pool of 4 rows, groups of 2 -> 3 streams of prompts
@@ -14,21 +14,22 @@ does not depend on the number of ranks. Two forms:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 
 import torch
 
+from lgen.batch import Group, bucket
+from lgen.data.lengths import Lengths
+
 PADDING = -1  # a batch ``[PADDING]`` runs one row of the padding example and writes nothing
-
-
-def bucket(rows: int, least: int) -> int:
-    """The smallest of 8, 12, 16, 24, 32, 48, ... (at least ``least``) that holds ``rows``: the sizes
-    pools and CUDA-graph batches take, so that few shapes are captured."""
-    size = 1 << max(rows - 1, 0).bit_length()  # next power of two
-    if size // 4 * 3 >= rows:
-        size = size // 4 * 3
-    return max(least, size)
+# rows decoding together on a CPU, where there is no memory budget: past this a CPU step gains
+# little from more rows (docs/performance.md)
+CPU_POOL_ROWS = 32
+# the most rows of one stream's pool: past this a step is bound by reading the cache, so a bigger
+# pool buys little, while one more stream gives one more GPU work
+MAX_POOL_ROWS = 2048
 
 
 def plan_batches(lengths: list[int], *, batch_size: int, batch_tokens: int | None, row_tokens: Callable[[int], int],
@@ -75,6 +76,40 @@ def deal_streams(costs: list[int], rank: int, world_size: int) -> list[int]:
         if r == rank:
             mine.append(s)
     return sorted(mine)
+
+
+def rank_groups(lengths: list[int], rule: Lengths, *, samples: int, batch_tokens: int | None, batch_size: int,
+                rank: int, world_size: int) -> list[list[tuple[int, Group | None]]]:
+    """Rank ``rank``'s prompt groups, stream after stream, each example index with its
+    :class:`lgen.batch.Group`. The pool policy: a pool holds what ``batch_tokens`` allows of the
+    longest row (no budget: :data:`CPU_POOL_ROWS`), at most :data:`MAX_POOL_ROWS` and at least one
+    prompt's samples; a group is at most ``batch_size`` prompts and fits the pool. A rank left
+    with nothing runs one padding group."""
+    length = rule.row_span(max(lengths, default=1))
+    pool_rows = CPU_POOL_ROWS if batch_tokens is None else max(1, batch_tokens // length)
+    pool_rows = max(min(pool_rows, MAX_POOL_ROWS), samples)
+    group_size = max(1, min(batch_size, pool_rows // samples))
+    streams = plan_streams(lengths, samples=samples, pool_rows=pool_rows, group_size=group_size)
+    costs = [sum(rule.row_span(lengths[i]) * samples for g in stream for i in g) for stream in streams]
+    budget = batch_tokens if batch_tokens is not None else pool_rows * length
+    groups: list[list[tuple[int, Group | None]]] = []
+    for s in deal_streams(costs, rank, world_size):
+        stream = streams[s]
+        rows = sum(len(g) for g in stream) * samples
+        longest = max(lengths[i] for g in stream for i in g)
+        span = rule.row_span(longest)
+        mnt = span - min(lengths[i] for g in stream for i in g) if rule.max_new_tokens == "auto" \
+            else int(rule.max_new_tokens)
+        size = min(pool_rows, bucket(rows, 8))
+        for k, g in enumerate(stream):
+            info = Group(stream=s, last=k == len(stream) - 1, pool_rows=size, pool_length=span,
+                         group_rows=max(len(x) for x in stream) * samples, max_new_tokens=mnt,
+                         final=False, budget=budget)
+            groups.append([(i, info) for i in g])
+    if not groups:
+        return [[(PADDING, None)]]
+    groups[-1] = [(i, dataclasses.replace(info, final=True)) for i, info in groups[-1]]
+    return groups
 
 
 def deal(batches: list[list[int]], rank: int, world_size: int, *, equalize: bool = False) -> list[list[int]]:

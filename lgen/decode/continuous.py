@@ -1,7 +1,7 @@
 """Continuous batching: a pool of rows that new prompts join as finished rows leave.
 
 The compact engine's batch is a unit of work: it starts together and ends when its longest row
-ends. Here the unit is a *stream* of prompt groups (:mod:`lgen.plan`): the first groups fill a pool
+ends. Here the unit is a *stream* of prompt groups (:mod:`lgen.data.plan`): the first groups fill a pool
 of rows; every ``compact_every`` steps finished rows leave, and once a group's worth of rows is
 free the next group is prefilled and joins. ``per_device_batch_size`` is the number of prompts
 prefilled together; how many rows decode together is the pool's size, set by the memory budget::
@@ -15,13 +15,13 @@ beside the next stream's *filling* pool, as long as the memory budget holds both
 pool runs on a CUDA stream of its own, so while the host waits on one pool the GPU runs the other.
 A pool decodes only to make room for its own next group or to drain, so its timeline, and with it
 every row, is the same whichever pools run beside it. Each row samples from its own stream
-(:mod:`lgen.sampling`) at its own step, so a record does not depend on its neighbours.
+(:mod:`lgen.decode.sampling`) at its own step, so a record does not depend on its neighbours.
 
 :meth:`ContinuousEngine.generate` is called once per group (``predict_step``): it admits the group,
 decodes until there is room for the next one (the draining pools step along), and returns the rows
 that finished meanwhile, whichever pool they came from. The rank's last group drains every pool.
 
-A stop (:class:`lgen.deadline.Deadline`) admits no more groups: every pool drains until the
+A stop (:class:`lgen.decode.deadline.Deadline`) admits no more groups: every pool drains until the
 deadline, and the rows still running then are dropped, however large the pools or
 ``max_new_tokens`` (they are generated again on resume, the same rows, since a row does not depend
 on the pool it ran in).
@@ -37,13 +37,13 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from lgen import sampling
-from lgen.attention import packing_needed
-from lgen.data import Batch
-from lgen.deadline import Deadline
-from lgen.engine import CompactEngine, Results, decoding
-from lgen.steppers import PoolStepper
-from lgen.stopping import StopRules, first_stops
+from lgen.batch import Batch
+from lgen.decode.deadline import Deadline
+from lgen.decode.engine import Results, next_step
+from lgen.decode.settings import DecodeSettings
+from lgen.decode.steppers import PoolStepper
+from lgen.decode.stopping import StopRules, first_stops
+from lgen.kernels import decoding
 
 
 @dataclass
@@ -103,30 +103,18 @@ class ContinuousEngine:
 
     Args:
         config: the generation config (greedy, or temperature / top-k / top-p sampling).
+        settings: the run's decode settings (``compact_every``: steps between looks at which rows
+            ended, each one host sync; ``cuda_graphs``: replay the pool's step from a CUDA graph;
+            ``invariant``: each row computed as if alone; ``samples``).
         rules: makes a pool's stopping rules.
         tokenizer: decodes finished rows.
         pad_token_id: what fills a row after it ended.
-        compact_every: decode steps between looks at which rows ended (each look is one host sync).
-        cuda_graphs: replay the pool's step from a CUDA graph (CUDA only).
-        packed_attention: decode attention without per-head cache copies (:mod:`lgen.attention`).
-        span_attention: decode attention that reads only each row's keys (:mod:`lgen.attention`);
-            default: on CUDA with Triton.
-        invariant: batch-invariant decoding (:mod:`lgen.invariant`): each row computed as if alone.
     """
 
-    name = "compact"
-    unsupported = staticmethod(CompactEngine.unsupported)
-
-    def __init__(self, config: GenerationConfig, *, rules: Callable[[], StopRules], tokenizer: PreTrainedTokenizerBase,
-                 pad_token_id: int, compact_every: int = 4, cuda_graphs: bool = False,
-                 packed_attention: bool | None = None, span_attention: bool | None = None,
-                 invariant: bool = False) -> None:
-        self.config, self.rules, self.tokenizer = config, rules, tokenizer
-        self.pad_token_id, self.compact_every, self.cuda_graphs = pad_token_id, compact_every, cuda_graphs
-        self.invariant = invariant
-        self.packed_attention = (packing_needed() if packed_attention is None else packed_attention) and not invariant
-        self.span_attention = span_attention
-        self.samples = int(config.num_return_sequences or 1)
+    def __init__(self, config: GenerationConfig, settings: DecodeSettings, *, rules: Callable[[], StopRules],
+                 tokenizer: PreTrainedTokenizerBase, pad_token_id: int) -> None:
+        self.config, self.settings, self.rules, self.tokenizer = config, settings, rules, tokenizer
+        self.pad_token_id, self.compact_every, self.samples = pad_token_id, settings.compact_every, settings.samples
         self.filling: _Pool | None = None  # the pool of the stream whose groups are coming
         self.draining: list[_Pool] = []  # pools of streams whose groups are all in
 
@@ -138,8 +126,7 @@ class ContinuousEngine:
             raise ValueError("continuous batching needs a batch of a stream plan (data.connect(continuous=True))")
         if self.config.do_sample and row_keys is None:
             raise ValueError("sampling needs row_keys")
-        with decoding(batch.input_ids.device, invariant_mode=self.invariant, packed=self.packed_attention,
-                      spans=self.span_attention):
+        with decoding(batch.input_ids.device, invariant=self.settings.invariant, spans=self.settings.span_attention):
             return self._generate(model, batch, row_keys, deadline or Deadline(), _Emitter(emit))
 
     def _generate(self, model: torch.nn.Module, batch: Batch, row_keys: torch.Tensor | None,
@@ -235,11 +222,11 @@ class ContinuousEngine:
     def _pool_on(self, model: torch.nn.Module, batch: Batch, cuda: torch.cuda.Stream | None) -> _Pool:
         group = batch.group
         device = batch.input_ids.device
-        graph = self.cuda_graphs and device.type == "cuda"
+        graph = self.settings.cuda_graphs and device.type == "cuda"
         rows = group.pool_rows
         width = group.max_new_tokens + self.compact_every  # a row runs on until the next look
         stepper = PoolStepper(model, rows=rows, length=group.pool_length + self.compact_every, graph=graph,
-                              aligned=self.invariant)
+                              aligned=self.settings.invariant)
         rules = self.rules()
         rules.start(rows, device, group.max_new_tokens)
         vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -292,10 +279,9 @@ class ContinuousEngine:
         run the model."""
         last = pool.tokens.shape[1] - 1
         running = pool.live & ~pool.done
-        token = torch.where(running, sampling.next_tokens(pool.logits, self.config, pool.keys, pool.steps),
-                            self.pad_token_id)
+        token, ended, which = next_step(pool.logits, self.config, pool.keys, pool.steps, running=running,
+                                        rules=pool.rules, pad_token_id=self.pad_token_id)
         pool.tokens[torch.arange(pool.tokens.shape[0], device=token.device), pool.steps.clamp(max=last)] = token
-        ended, which = pool.rules.advance(token)
         pool.stop_rule, pool.stop_step = first_stops(pool.stop_rule, pool.stop_step, ended, which, pool.steps,
                                                      running=running)
         pool.done = pool.done | ended

@@ -1,6 +1,6 @@
 """Decode-step attention: what runs behind transformers' ``sdpa`` name while an engine decodes.
 
-The engines decode over a static cache (:mod:`lgen.steppers`): every row has as many positions as
+The engines decode over a static cache (:mod:`lgen.decode.steppers`): every row has as many positions as
 the longest row needs, and a mask hides the rest. Two functions make a decode step cheaper; each
 is swapped in for one batch's decoding by a context manager and put back after:
 
@@ -11,7 +11,7 @@ is swapped in for one batch's decoding by a context manager and put back after:
   broadcasts over them.
 * :func:`span_decode` (CUDA, with Triton): SDPA still reads the whole static cache of every row
   and masks most of it away; :func:`span_attention` reads only the blocks of keys each row's
-  mask allows (:class:`Spans`), in a Triton kernel (:func:`lgen.triton_kernels.attention`).
+  mask allows (:class:`Spans`), in a Triton kernel (:func:`lgen.kernels.triton_ops.attention`).
 
 ``docs/performance.md`` has the measured differences.
 """
@@ -130,11 +130,11 @@ def span_attention(module: torch.nn.Module | None, query: torch.Tensor, key: tor
                    attention_mask: torch.Tensor, *, spans: Spans, scaling: float | None = None,
                    block_queries: int = 64, **kwargs) -> tuple[torch.Tensor, None]:
     """Softmax attention, as SDPA computes it with ``attention_mask``, by
-    :func:`lgen.triton_kernels.attention`, which reads only the key blocks of each query's span.
+    :func:`lgen.kernels.triton_ops.attention`, which reads only the key blocks of each query's span.
     ``query``: ``[rows, heads, queries, dim]``; ``key``/``value``: ``[rows, kv_heads, keys, dim]``;
     the mask: ``[rows or 1, 1, queries, keys or more]``. Returns ``[rows, queries, heads, dim]``.
-    ``block_queries``: see :func:`lgen.triton_kernels.attention`."""
-    from lgen import triton_kernels
+    ``block_queries``: see :func:`lgen.kernels.triton_ops.attention`."""
+    from lgen.kernels import triton_ops as triton_kernels
 
     rows, length = query.shape[0], key.shape[2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -153,12 +153,6 @@ def spans_available(device: torch.device) -> bool:
     cores take bf16 (compute capability 8.0, Ampere, or later)."""
     return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
             and torch.cuda.get_device_capability(device)[0] >= 8)
-
-
-def decode_spans(requested: bool | None, invariant: bool, device: torch.device) -> bool:
-    """Whether an engine decodes with :func:`span_decode`: as ``requested`` (None: where
-    :func:`spans_available`), never in the batch-invariant mode, which has its own attention."""
-    return not invariant and (spans_available(device) if requested is None else requested)
 
 
 def _span_decode_attention(previous: Callable, spans: Spans) -> Callable:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from lgen.errors import DISK_FULL, OutputDirError
-from lgen.lock import LOCK
-from lgen.records import ExampleKey, RecordKey, complete_examples, id_key, record_key
+from lgen.output.lock import LOCK
+from lgen.output.records import ExampleKey, RecordKey, complete_examples, id_key, record_key
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ code, so it covers every architecture transformers loads) fixes the order of eve
   log-softmax, ``cumsum``, layer norm over the last dims) run on fixed tiles of rows, padded with
   zeros and laid out one way, so every call has the same shape and layout whatever the batch: the
   kernel and its reduction order are fixed, and a row's result depends on that row only. On CUDA,
-  matmuls and sums run instead in Triton kernels of one blocking (:mod:`lgen.triton_kernels`).
+  matmuls and sums run instead in Triton kernels of one blocking (:mod:`lgen.kernels.triton_ops`).
 * **attention** (behind the ``sdpa`` name) reduces over the keys in blocks of a fixed size from key
   0, and a block past a row's last key adds exact zeros (:func:`chunked_attention`; on CUDA the
   Triton kernel, which does not read those blocks). The engines lay each row out *from position 0*
-  (no left padding, see :class:`lgen.steppers.PoolStepper`), so a row's keys fall in the same
+  (no left padding, see :class:`lgen.decode.steppers.PoolStepper`), so a row's keys fall in the same
   blocks whoever shares its batch.
 
 On a CPU the tiles cost padding and many small calls; on CUDA the attention kernel reads only each
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from lgen.attention import Spans, allowed_keys, behind_sdpa, span_attention
+from lgen.kernels.attention import Spans, allowed_keys, behind_sdpa, span_attention
 
 aten = torch.ops.aten
 
@@ -48,7 +48,7 @@ class Tiles:
     reduce: int
     keys: int
     prefill: int
-    triton: bool = False  # on CUDA: matmuls, sums and attention by :mod:`lgen.triton_kernels`
+    triton: bool = False  # on CUDA: matmuls, sums and attention by :mod:`lgen.kernels.triton_ops`
 
     @staticmethod
     def for_device(device: torch.device) -> Tiles:
@@ -129,7 +129,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _mm(t: Tiles, a, b):
     if _kernels(t, a, b):
-        from lgen import triton_kernels
+        from lgen.kernels import triton_ops as triton_kernels
 
         return triton_kernels.matmul(a, b)
     return _by_rows(lambda x: aten.mm.default(x, b), a, t.rows)
@@ -139,7 +139,7 @@ def _addmm(t: Tiles, bias, a, b, *, beta=1, alpha=1):
     if bias.dim() != 1:  # [1 or rows, N]: which, a one-row batch cannot tell; the bias is added elementwise
         return bias * beta + _mm(t, a, b) * alpha
     if _kernels(t, a, b, bias) and beta == 1 and alpha == 1:
-        from lgen import triton_kernels
+        from lgen.kernels import triton_ops as triton_kernels
 
         return triton_kernels.matmul(a, b, bias)
     return _by_rows(lambda x: aten.addmm.default(bias, x, b, beta=beta, alpha=alpha), a, t.rows)
@@ -167,7 +167,7 @@ def _reduction(op, mean: bool):
         if inner is None or not x.is_floating_point():
             return NotImplemented
         if _kernels(t, x):
-            from lgen import triton_kernels
+            from lgen.kernels import triton_ops as triton_kernels
 
             lead, row = x.shape[: x.dim() - inner], x.shape[x.dim() - inner:]
             flat = x.reshape(-1, row.numel())
@@ -233,7 +233,7 @@ def _attention_bmm(a: torch.Tensor, b: torch.Tensor, rows: int | None) -> torch.
     ``a``'s rows in tiles of ``rows`` (None: as they are), every operand contiguous. A CPU batched
     matmul computes each entry on its own, so only the rows are tiled; a decode step has one row
     count (the query heads of a key/value head), a prefill many, and they never mix (see
-    :func:`lgen.steppers.align_left`)."""
+    :func:`lgen.decode.steppers.align_left`)."""
     with _disable_current_modes():
         b = b.contiguous()
         if rows is None:
@@ -306,13 +306,3 @@ def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterato
 
     with behind_sdpa(attention), BatchInvariantOps(tiles):
         yield tiles
-
-
-@contextmanager
-def active(enabled: bool, device: torch.device) -> Iterator[None]:
-    """:func:`batch_invariant` when ``enabled``; nothing otherwise."""
-    if not enabled:
-        yield
-        return
-    with batch_invariant(device):
-        yield

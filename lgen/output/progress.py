@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from tqdm import tqdm
 
-from lgen.records import BatchRecords
+from lgen.output.records import BatchRecords
 
 
 class GenerationProgressBar(ProgressBar):

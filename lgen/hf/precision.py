@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lgen.models import base_model
+from lgen.hf.models import base_model
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lgen.errors import Incomplete, OutputDirError
-from lgen.outputs import SHARD, read_expected, shard_records, shards, write_lines
-from lgen.records import RecordKey, record_key
+from lgen.output.directory import SHARD, read_expected, shard_records, shards, write_lines
+from lgen.output.records import RecordKey, record_key
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def ordered_lines(output_dir: str | Path, split: str, *, allow_partial: bool = F
     The records a complete output holds come from ``expected.{split}.json``, which every run writes
     when it starts. A missing record fails, naming how many are missing, unless ``allow_partial``;
     then what there is comes out. A line that is not a record fails, naming the shard and the line
-    (:func:`lgen.outputs.parse_record`). Memory stays small on large outputs: a first pass keeps
+    (:func:`lgen.output.directory.parse_record`). Memory stays small on large outputs: a first pass keeps
     only each record's order and place (shard, byte offset); the second reads the lines in order.
     """
     paths = shards(output_dir, split)

@@ -1,22 +1,20 @@
 """Rows to batches: the ``LightningDataModule`` that loads a split, cuts it into prompts and plans
 left-padded batches.
 
-Loading is :mod:`lgen.sources`, cutting rows into prompts :mod:`lgen.windows`, the batch plan
-:mod:`lgen.plan`. What the data module needs from the model side (the tokenizer, length limits,
+Loading is :mod:`lgen.data.sources`, cutting rows into prompts :mod:`lgen.data.windows`, the batch plan
+:mod:`lgen.data.plan`. What the data module needs from the model side (the tokenizer, length limits,
 samples per prompt, a memory budget, whether ranks run in lockstep) comes through :meth:`connect`;
 the examples already written by an earlier run through :meth:`skip`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,49 +22,15 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lgen import records
+from lgen.batch import Batch, Group, left_pad
+from lgen.data import lengths
+from lgen.data.plan import PADDING, PlannedBatches, deal, plan_batches, rank_groups
+from lgen.data.sources import file_format, load_split, local_files
+from lgen.data.windows import Windowing, make_examples
 from lgen.errors import ConfigError, DataError
-from lgen.plan import PADDING, PlannedBatches, bucket, deal, deal_streams, plan_batches, plan_streams
-from lgen.sources import file_format, load_split, local_files
-from lgen.windows import Windowing, make_examples
+from lgen.output import records
 
 log = logging.getLogger(__name__)
-
-
-# rows decoding together on a CPU, where there is no memory budget: past this a CPU step gains
-# little from more rows (docs/performance.md)
-CPU_POOL_ROWS = 32
-# the most rows of one stream's pool: past this a step is bound by reading the cache, so a bigger
-# pool buys little, while one more stream gives one more GPU work
-MAX_POOL_ROWS = 2048
-
-
-@dataclass
-class Group:
-    """Where a batch sits in a stream plan (continuous batching, :mod:`lgen.continuous`)."""
-
-    stream: int
-    last: bool  # the stream's last group: decode until its pool is empty
-    pool_rows: int  # rows the stream's pool holds
-    pool_length: int  # cache positions a row may need: the stream's longest prompt + max_new_tokens
-    group_rows: int  # rows the stream's largest group brings: the room the next group needs
-    max_new_tokens: int  # the most tokens a row of the stream may generate
-    final: bool  # the rank's last group: decode until every pool is empty
-    budget: int  # cache positions (rows x positions) the pools decoding together may hold
-
-
-@dataclass
-class Batch:
-    """Left-padded prompts and what their records need. ``max_new_tokens`` is this batch's (with
-    ``auto``: ``block_size`` minus its longest prompt); a ``padding`` batch is run but never written;
-    ``group`` places a batch in its stream (None in a batch plan)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    max_new_tokens: int
-    padding: bool
-    examples: list[dict[str, Any]]
-    group: Group | None = None
 
 
 class GenerationDataModule(LightningDataModule):
@@ -196,12 +160,21 @@ class GenerationDataModule(LightningDataModule):
         self.token_budget: Callable[[list[int], int], int | None] | None = None
         self.lockstep = False
         self.continuous = False
+        self.lengths: lengths.Lengths | None = None
         self.done: set[records.ExampleKey] = set()
         # filled in by setup
         self.examples: list[dict[str, Any]] | None = None  # every prompt of the split, in dataset order
         self.stats: dict[str, Any] = {}
         self._todo: list[dict[str, Any]] | None = None  # the examples this run generates
         self.planned_records = 0  # this rank's, once predict_dataloader planned them
+
+    @property
+    def resolved_block_size(self) -> int:
+        return self.lengths.block
+
+    @property
+    def resolved_window(self) -> int:
+        return self.lengths.window
 
     @property
     def complete_mode(self) -> bool:
@@ -218,48 +191,24 @@ class GenerationDataModule(LightningDataModule):
         (``num_return_sequences``) multiplies each prompt's cache tokens in ``max_batch_tokens``;
         ``token_budget(prompt lengths, fewest tokens a row holds)`` resolves ``max_batch_tokens:
         auto``; ``lockstep`` (ZeRO-3 ranks) gives every rank the same number of batches;
-        ``continuous`` plans streams of prompt groups for continuous batching instead of batches.
+        ``continuous`` (:meth:`lgen.decode.DecodeSettings.continuous`) plans streams of prompt
+        groups for continuous batching instead of batches.
         """
         self.tokenizer = tokenizer
         self.samples = samples
         self.token_budget = token_budget
         self.lockstep = lockstep
-        self.continuous = continuous and not lockstep
-        block = self.block_size
-        if block is None:
-            block = tokenizer.model_max_length
-            if max_position_embeddings is not None and block > max_position_embeddings:
-                log.warning("tokenizer.model_max_length=%s exceeds the model's max_position_embeddings=%s; "
-                            "using block_size=%s (set data.block_size to choose)", block, max_position_embeddings,
-                            min(1024, max_position_embeddings))
-                block = min(1024, max_position_embeddings)
-        block -= reserved_tokens
-        mnt = self.max_new_tokens
-        if mnt is None:
-            raise ConfigError("model.max_new_tokens must be set: an integer, or 'auto' in complete mode")
-        if mnt == "auto" and self.reference_column_name is None:
-            raise ConfigError("model.max_new_tokens: auto needs data.reference_column_name (complete mode); "
-                              "without references give an integer")
+        self.continuous = continuous
         if self.mode == "strided" and self.reference_column_name is not None:
             raise ConfigError("data.mode: strided takes its references from the text; unset data.reference_column_name")
         if self.complete_mode and self.subsamples is not None:
             raise ConfigError(f"data.subsamples={self.subsamples} picks strided windows, and complete mode has one "
                               "prompt per row; unset data.subsamples")
-        if isinstance(mnt, int) and mnt < 1:
-            raise ConfigError(f"model.max_new_tokens must be >= 1, got {mnt}")
-        window = self.max_window_size
-        if window is None:
-            window = block if mnt == "auto" else block - mnt
-        if window < 1:
-            raise ConfigError(f"max_window_size={window} (block_size={block}, max_new_tokens={mnt}) leaves no room "
-                              "for a prompt: raise data.block_size or lower model.max_new_tokens")
-        if mnt != "auto" and window + mnt > block:  # the default window, block - mnt, always fits
-            raise ConfigError(f"data.max_window_size + model.max_new_tokens = {window} + {mnt} = {window + mnt} "
-                              f"exceeds data.block_size={block}; lower one of them or raise data.block_size")
-        if mnt == "auto" and window > block:
-            raise ConfigError(f"data.max_window_size={window} exceeds data.block_size={block}: "
-                              "a prompt would not fit; lower data.max_window_size")
-        self.resolved_block_size, self.resolved_window = block, window
+        self.lengths = lengths.resolve(block_size=self.block_size, max_window_size=self.max_window_size,
+                                       max_new_tokens=self.max_new_tokens, model_max_length=tokenizer.model_max_length,
+                                       max_position_embeddings=max_position_embeddings,
+                                       reserved_tokens=reserved_tokens,
+                                       has_reference=self.reference_column_name is not None)
         self._check_chat(tokenizer)
 
     def _check_chat(self, tokenizer) -> None:
@@ -323,8 +272,12 @@ class GenerationDataModule(LightningDataModule):
         assert self.examples is not None, "setup first"
         if self._todo is None:
             self._todo = [ex for ex in self.examples if records.example_key(ex) not in self.done]
-            self.stats["examples_skipped_done"] = len(self.examples) - len(self._todo)
         return self._todo
+
+    def run_stats(self) -> dict[str, Any]:
+        """The data's counts for ``summary.json``: rows read and dropped, examples, prompts cut, and
+        the examples an earlier run finished."""
+        return {**self.stats, "examples_skipped_done": len(self.examples or []) - len(self.todo)}
 
     def example_keys(self) -> list[records.ExampleKey]:
         """(id, part) of every prompt of the split, in dataset order: what a complete output holds."""
@@ -552,42 +505,19 @@ class GenerationDataModule(LightningDataModule):
                          sort_by_length=self.sort_by_length)
 
     def rank_batches(self, rank: int, world_size: int) -> list[list[int]]:
-        """This rank's whole batches (see :func:`lgen.plan.deal`)."""
+        """This rank's whole batches (see :func:`lgen.data.plan.deal`)."""
         return deal(self.plan(), rank, world_size, equalize=self.lockstep)
 
     def _row_span(self, longest: int) -> int:
         """Cache positions a row of a prompt of ``longest`` tokens may need."""
-        return self.resolved_block_size if self.max_new_tokens == "auto" else longest + int(self.max_new_tokens)
+        return self.lengths.row_span(longest)
 
-    def rank_groups(self, rank: int, world_size: int) -> list[list[tuple[int, Group]]]:
-        """This rank's prompt groups, stream after stream, each index with its :class:`Group`."""
-        lengths = [len(ex["input_ids"]) for ex in self.todo]
-        length = self._row_span(max(lengths, default=1))
-        pool_rows = CPU_POOL_ROWS if self.batch_tokens is None else max(1, self.batch_tokens // length)
-        pool_rows = max(min(pool_rows, MAX_POOL_ROWS), self.samples)
-        group_size = max(1, min(self.per_device_batch_size, pool_rows // self.samples))
-        streams = plan_streams(lengths, samples=self.samples, pool_rows=pool_rows, group_size=group_size)
-        costs = [sum(self._row_span(lengths[i]) * self.samples for g in stream for i in g) for stream in streams]
-        budget = self.batch_tokens if self.batch_tokens is not None else pool_rows * length
-        groups: list[list[tuple[int, Group]]] = []
-        for s in deal_streams(costs, rank, world_size):
-            stream = streams[s]
-            rows = sum(len(g) for g in stream) * self.samples
-            longest = max(lengths[i] for g in stream for i in g)
-            span = self._row_span(longest)
-            mnt = span - min(lengths[i] for g in stream for i in g) if self.max_new_tokens == "auto" \
-                else int(self.max_new_tokens)
-            size = min(pool_rows, bucket(rows, 8))
-            for k, g in enumerate(stream):
-                info = Group(stream=s, last=k == len(stream) - 1, pool_rows=size, pool_length=span,
-                             group_rows=max(len(x) for x in stream) * self.samples, max_new_tokens=mnt,
-                             final=False, budget=budget)
-                groups.append([(i, info) for i in g])
-        if not groups:
-            return [[(PADDING, None)]]
-        last = groups[-1]
-        groups[-1] = [(i, dataclasses.replace(info, final=True)) for i, info in last]
-        return groups
+    def rank_groups(self, rank: int, world_size: int) -> list[list[tuple[int, Group | None]]]:
+        """This rank's prompt groups, stream after stream, each index with its :class:`Group`
+        (see :func:`lgen.data.plan.rank_groups`)."""
+        return rank_groups([len(ex["input_ids"]) for ex in self.todo], self.lengths, samples=self.samples,
+                           batch_tokens=self.batch_tokens, batch_size=self.per_device_batch_size, rank=rank,
+                           world_size=world_size)
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -609,15 +539,9 @@ class GenerationDataModule(LightningDataModule):
         if pad is None:
             pad = self.tokenizer.eos_token_id or 0
         examples = [ex for _, ex, _ in items]
-        width = max(len(ex["input_ids"]) for ex in examples)
-        input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for r, ex in enumerate(examples):
-            n = len(ex["input_ids"])
-            input_ids[r, width - n:] = torch.tensor(ex["input_ids"], dtype=torch.long)
-            attention_mask[r, width - n:] = 1
-        mnt = self.resolved_block_size - width if self.max_new_tokens == "auto" else self.max_new_tokens
-        return Batch(input_ids, attention_mask, int(mnt), any(is_pad for is_pad, _, _ in items),
+        input_ids, attention_mask = left_pad([ex["input_ids"] for ex in examples], pad)
+        width = input_ids.shape[1]
+        return Batch(input_ids, attention_mask, self.lengths.new_tokens(width), any(is_pad for is_pad, _, _ in items),
                      [{k: v for k, v in ex.items() if k != "input_ids"} | {"prompt_ids": ex["input_ids"]}
                       for ex in examples], items[0][2])
 

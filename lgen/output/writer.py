@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lgen import outputs
 from lgen.errors import Interrupted, OutputDirError
-from lgen.merge import merge
-from lgen.records import BatchRecords, record_key
+from lgen.output import directory as outputs
+from lgen.output.merge import merge
+from lgen.output.records import BatchRecords, record_key
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,21 @@ class JsonlWriter(BasePredictionWriter):
         self.reasons: Counter = Counter()
         self.summary: dict[str, Any] = {}  # rank 0, once the run ended
         self.shortfall = 0  # records missing from this run's batches, over all ranks
+        self.files: dict[str, Any] = {}  # filled in by connect
+        self.data_stats: dict[str, Any] = {}
+        self.samples = 1
+
+    def connect(self, *, files: dict[str, Any], data_stats: dict[str, Any], samples: int) -> None:
+        """What the run writes beside the records, from the parts that know it: JSON files (the
+        model and generation configs, as run_gen.py wrote them), the data's counts for the
+        summary, and the records each prompt gives (``samples``)."""
+        self.files, self.data_stats, self.samples = dict(files), dict(data_stats), samples
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.output.path.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
             outputs.remove_derived(self.output.path, self.output.split)
-            for name, data in pl_module.config_dumps().items():
+            for name, data in self.files.items():
                 outputs.write_json(self.output.path / name, data)
             if self.config_text:
                 outputs.write_json(self.output.path / "lgen_config.yaml", self.config_text)
@@ -68,7 +77,7 @@ class JsonlWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: BatchRecords,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         if not batch.padding:
-            self.stats["records_planned"] += len(batch.examples) * pl_module.num_return_sequences
+            self.stats["records_planned"] += len(batch.examples) * self.samples
         self.on_records(trainer, pl_module, prediction)
 
     def on_records(self, trainer: Trainer, pl_module: LightningModule, prediction: BatchRecords) -> None:
@@ -137,7 +146,7 @@ class JsonlWriter(BasePredictionWriter):
 
     def _write_summary(self, trainer: Trainer, stats: Counter, reasons: Counter, records: int, status: str) -> None:
         self.write_summary(stats, reasons, records, status, world_size=trainer.world_size,
-                           data_stats=getattr(trainer.datamodule, "stats", {}), loggers=trainer.loggers)
+                           data_stats=self.data_stats, loggers=trainer.loggers)
 
     def rebuild_summary(self, data_stats: dict[str, Any]) -> None:
         """A ``summary.json`` from the shards alone, for a directory whose summary was deleted (a

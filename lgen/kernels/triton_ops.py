@@ -2,14 +2,14 @@
 
 Each kernel computes one row's result with a fixed blocking that never depends on the number of
 rows: one tile configuration (no split-K, no autotuning), reductions in a fixed order from index
-0. A row's result is then the same alone and in any batch (:mod:`lgen.invariant`), and the kernels
+0. A row's result is then the same alone and in any batch (:mod:`lgen.kernels.invariant`), and the kernels
 read only what a row needs.
 
 * :func:`matmul`: ``a @ b (+ bias)`` in float32 accumulation, tiles of 64 x 128 x 64.
 * :func:`row_sum`: sums over the last dim, one program per row.
 * :func:`attention`: softmax attention over key blocks of 64 aligned to key 0 (online softmax), with
   grouped key/value heads. Each query reads only the blocks of its span of keys, not the whole
-  static cache: every decode step on CUDA uses it (:mod:`lgen.attention`), not only the
+  static cache: every decode step on CUDA uses it (:mod:`lgen.kernels.attention`), not only the
   batch-invariant mode.
 """
 
@@ -146,7 +146,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias:
     ``query`` ``[B, H, Q, D]``; ``key``/``value`` ``[B, KVH, L, D]`` (last dim contiguous); ``bias``
     ``[B, Q, L]`` float32 (last dim contiguous), the mask: added to the scores, ``-inf`` where a query
     may not look; ``starts``/``ends`` ``[B, Q]`` int32: every key a query may see lies in
-    ``[start, end)`` (see :class:`lgen.attention.Spans`). ``block_queries`` (a power of two, at least
+    ``[start, end)`` (see :class:`lgen.kernels.attention.Spans`). ``block_queries`` (a power of two, at least
     16): the (query head, query) pairs of a key/value head one program takes; the batch-invariant
     mode keeps 64 for decode steps and prefills alike, since the blocking must not depend on the
     shape, while a plain decode step, with a few query heads per key/value head, wastes less with 16.

@@ -135,8 +135,8 @@ def char_classes(text: str) -> list[int]:
 def find_close(text: str, start_level: int = 1, language: Language = "c", state: int = 0) -> int | None:
     """Index of the character at which the brace level first drops to zero, or None.
 
-    This is the host-side twin of the token table (:class:`lgen.stopping.BraceMatching`), used once per finished row to
-    cut the decoded prediction at the exact character.
+    This is the host-side twin of the token table (:class:`lgen.decode.stopping.BraceMatching`),
+    used once per finished row to cut the decoded prediction at the exact character.
     """
     moves = lexer(language).moves
     level, opened = start_level, start_level > 0

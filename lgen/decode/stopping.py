@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria
 
-from lgen.braces import Language, TokenTable, find_close
+from lgen.decode.braces import Language, TokenTable, find_close
 
 FinishReason = Literal["brace_matching", "stop_string", "stop", "length"]
 
