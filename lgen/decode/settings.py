@@ -44,7 +44,9 @@ class DecodeSettings:
     ``generate`` (``model.generate``); ``samples``: rows per prompt; ``compact_every``: steps
     between looks at which rows ended; ``cuda_graphs``: replay decode steps from CUDA graphs (where
     they can run, :meth:`on`); ``torch_compile``: compiled decoder layers in those steps;
-    ``invariant``: batch-invariant decoding (:mod:`lgen.kernels.invariant`)."""
+    ``invariant``: batch-invariant decoding (:mod:`lgen.kernels.invariant`); ``span_attention``:
+    decode attention that reads only each row's keys (None: where it runs; off with compiled
+    layers, which keep transformers' attention)."""
 
     engine: Literal["compact", "generate"] = "compact"
     samples: int = 1
@@ -52,6 +54,7 @@ class DecodeSettings:
     cuda_graphs: bool = False
     torch_compile: bool = False
     invariant: bool = False
+    span_attention: bool | None = None
 
     @classmethod
     def choose(cls, config: GenerationConfig, *, engine: Literal["auto", "compact", "generate"] = "auto",
@@ -84,7 +87,7 @@ class DecodeSettings:
             raise ConfigError(f"model.batch_invariant runs plain softmax attention, and this model soft-caps its "
                               f"attention logits (attn_logit_softcapping: {softcap}); set batch_invariant: false")
         return cls(name, int(config.num_return_sequences or 1), compact_every, cuda_graphs, torch_compile,
-                   batch_invariant)
+                   batch_invariant, False if torch_compile else None)
 
     def continuous(self, *, lockstep: bool) -> bool:
         """Whether prompts join a running pool (continuous batching): the compact engine, unless
@@ -95,9 +98,3 @@ class DecodeSettings:
         """These settings where they run: CUDA graphs only on a CUDA device and without ZeRO-3
         (whose weight gathers a graph cannot hold)."""
         return dataclasses.replace(self, cuda_graphs=self.cuda_graphs and device.type == "cuda" and not sharded)
-
-    @property
-    def span_attention(self) -> bool | None:
-        """Span attention in decode steps: None (where it runs), off with compiled layers, which
-        keep transformers' attention."""
-        return False if self.torch_compile else None
