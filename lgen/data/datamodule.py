@@ -495,7 +495,7 @@ class GenerationDataModule(LightningDataModule):
 
     def _row_tokens(self, longest: int) -> int:
         """One prompt's cache, all its samples."""
-        return self.samples * self._row_span(longest)
+        return self.samples * self.lengths.row_span(longest)
 
     def plan(self) -> list[list[int]]:
         """All batches, as lists of indices into :attr:`todo`, in the order they run. Depends only on
@@ -508,10 +508,6 @@ class GenerationDataModule(LightningDataModule):
         """This rank's whole batches (see :func:`lgen.data.plan.deal`)."""
         return deal(self.plan(), rank, world_size, equalize=self.lockstep)
 
-    def _row_span(self, longest: int) -> int:
-        """Cache positions a row of a prompt of ``longest`` tokens may need."""
-        return self.lengths.row_span(longest)
-
     def rank_groups(self, rank: int, world_size: int) -> list[list[tuple[int, Group | None]]]:
         """This rank's prompt groups, stream after stream, each index with its :class:`Group`
         (see :func:`lgen.data.plan.rank_groups`)."""
@@ -523,7 +519,7 @@ class GenerationDataModule(LightningDataModule):
         trainer = self.trainer
         if self.max_batch_tokens == "auto" and self.token_budget is not None:
             lengths = [len(ex["input_ids"]) for ex in self.todo] or [1]
-            self.batch_tokens = self.token_budget(lengths, self._row_span(min(lengths)))
+            self.batch_tokens = self.token_budget(lengths, self.lengths.row_span(min(lengths)))
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if self.continuous:
             plan = self.rank_groups(rank, world)
