@@ -4,6 +4,7 @@
 # (benchmarks/prompts.py), brace matching from level 1, max_new_tokens 256.
 #   bash benchmarks/continuous.sh OUT_DIR 1     # batch 8 against one batch; pass@k (180 x 20) on one GPU
 #   bash benchmarks/continuous.sh OUT_DIR 2     # ... and pass@k on 2 GPUs (DDP), records compared
+#   bash benchmarks/continuous.sh OUT_DIR 1 --config configs/tp.yaml   # arguments after N go to every run
 # Each run prints its whole-run seconds (WALL, the process), predict seconds (the writer's wall
 # clock: setup to end), summed generation seconds and tokens/s.
 set -euo pipefail
@@ -14,7 +15,7 @@ common=(--model.model_name_or_path smollm2-135m-instruct --model.max_new_tokens 
         --model.brace_matching_start_level 1 --data.data_files "$out/varied.jsonl" --data.text_column_name prompt
         --data.id_column_name task_id --data.mode complete --data.block_size 2048 --trainer.accelerator gpu
         --trainer.precision bf16-true --model.torch_dtype bfloat16 --trainer.enable_progress_bar false
-        --overwrite_output_dir true)
+        --overwrite_output_dir true "${@:3}")
 source "$(dirname "$0")/runs.sh"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((n - 1)))}
 run warmup --data.per_device_batch_size 64 --trainer.devices 1 --model.max_new_tokens 8   # converts the model once

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lgen.decode.deadline import Deadline
 from lgen.errors import Interrupted
-from lgen.hf import zero3
+from lgen.hf import tensor_parallel, zero3
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class GracefulStop(Callback):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.deadline.reset()
         pl_module.deadline = self.deadline
-        self._lockstep = zero3.lockstep(trainer.strategy)
+        # ranks that run every forward together stop after the same batch
+        self._lockstep = zero3.lockstep(trainer.strategy) or tensor_parallel.strategy_degrees(trainer.strategy)[0] > 1
         self._launcher = getattr(trainer.strategy, "launcher", None)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):

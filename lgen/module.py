@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Literal
@@ -11,13 +12,13 @@ from lightning.pytorch import Callback, LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lgen.batch import Batch
-from lgen.decode import DecodeSettings, Engine, budget, make_engine, sampling
+from lgen.decode import DecodeSettings, Engine, budget, lockstep, make_engine, sampling
 from lgen.decode.braces import Language, token_table
-from lgen.decode.deadline import Deadline
+from lgen.decode.deadline import AgreedDeadline, Deadline
 from lgen.decode.graphs import compile_layers
 from lgen.decode.stopping import BraceMatching, EndOfSequence, Length, StopRules, StopStrings
 from lgen.errors import ConfigError
-from lgen.hf import generation, models, precision, zero3
+from lgen.hf import generation, models, precision, tensor_parallel, zero3
 from lgen.output import records
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class GenerationModule(LightningModule):
         self.model = None
         self.engine: Engine | None = None  # built in on_predict_start, when the device is known
         self.sharded = self.synced = False  # set in setup, from the strategy
+        self.tensor_parallel = 1  # the tensor-parallel degree, set in setup, from the strategy
         self.deadline: Deadline | None = None  # set by lgen.interrupt.GracefulStop for the run
         self.release_weights = True  # at the end of a run (lgen.api.LLM keeps them for its next job)
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
@@ -191,6 +193,7 @@ class GenerationModule(LightningModule):
         strategy = self.trainer.strategy
         self.sharded = zero3.is_zero3(strategy)
         self.synced = zero3.lockstep(strategy)
+        self.tensor_parallel = tensor_parallel.strategy_degrees(strategy)[0]
         # Before configure_model: Lightning builds DeepSpeed's zero.Init from this config around it.
         if self.sharded:
             zero3.inference_config(strategy.config)
@@ -198,6 +201,12 @@ class GenerationModule(LightningModule):
 
     def check_strategy(self, strategy: Any) -> None:
         """Refuse settings the trainer's strategy cannot run (the CLI asks before any file is written)."""
+        tensor, data = tensor_parallel.strategy_degrees(strategy)
+        if tensor > 1 and self.decode.torch_compile:
+            raise ConfigError("model.torch_compile is not supported with tensor parallelism yet (its compiled steps "
+                              "were not checked over sharded weights); set torch_compile: false")
+        tensor_parallel.check(self.model_config, tensor=tensor, data=data, adapter=self.adapter_name_or_path,
+                              device=strategy.root_device.type)
         if self.decode.torch_compile and (strategy.root_device.type != "cuda" or zero3.is_zero3(strategy)):
             raise ConfigError("model.torch_compile needs a CUDA device without ZeRO-3 (the CUDA-graph decode steps "
                               "it compiles run only there); set torch_compile: false")
@@ -211,13 +220,17 @@ class GenerationModule(LightningModule):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
-        kwargs = {**self._hub[self.model_name_or_path], "config": self.model_config}
+        kwargs = {**self._hub[self.model_name_or_path], "config": self.model_config,
+                  **tensor_parallel.load_kwargs(self.tensor_parallel)}
         if self.torch_dtype:
             kwargs["dtype"] = DTYPES[self.torch_dtype]
         if self.batch_invariant:  # the mode's attention stands behind transformers' sdpa name
             kwargs["attn_implementation"] = "sdpa"
         try:
-            model = models.load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path", **kwargs)
+            with (tensor_parallel.local_rank(self.trainer.strategy.local_rank) if self.tensor_parallel > 1
+                  else contextlib.nullcontext()):
+                model = models.load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path",
+                                    **kwargs)
         except ValueError as err:
             if not self.batch_invariant or "sdpa" not in str(err).lower():
                 raise
@@ -229,6 +242,9 @@ class GenerationModule(LightningModule):
                                         merge=self.merge_adapter and not self.adapter_config.is_prompt_learning,
                                         **adapter_hub)
         model.eval()
+        if self.tensor_parallel > 1 and self.global_rank == 0:
+            log.info("tensor parallel: %d ranks each hold 1/%d of the model's heads and MLP",
+                     tensor_parallel.degree(model), self.tensor_parallel)
         if self.sharded:
             blocks = zero3.leaf_blocks(model, self.trainer.strategy.config)
             log.info("ZeRO-3 gathers these blocks whole: %s", blocks)
@@ -313,8 +329,11 @@ class GenerationModule(LightningModule):
         keys = None
         if self.generation_config.do_sample:
             keys = sampling.row_keys(self.seed, batch.examples, samples, self.device)
+        deadline = self.deadline
+        if deadline is not None and self.tensor_parallel > 1:  # the group stops at the same step
+            deadline = AgreedDeadline(deadline, lambda flag: lockstep.any_rank(flag, self.device))
         self._mark = time.perf_counter()
-        out = self.engine.generate(self.model, batch, row_keys=keys, deadline=self.deadline, emit=self._emit)
+        out = self.engine.generate(self.model, batch, row_keys=keys, deadline=deadline, emit=self._emit)
         if batch.padding:
             return records.BatchRecords(dropped=out.dropped)
         return self._batch_records(out.rows, slots=out.slots, dropped=out.dropped)

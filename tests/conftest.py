@@ -56,15 +56,17 @@ def make_word_tokenizer(folder: Path, words: int = 200):
     return fast
 
 
-def make_llama(folder: Path, tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def make_llama(folder: Path, tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4,
+               kv_heads: int = 2, arch: str = "llama") -> Path:
+    """A random causal LM saved as a model folder: ``arch`` ``llama`` or ``qwen2`` (biased q/k/v)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -29,6 +29,7 @@ from lgen.data.sources import file_format, load_split, local_files
 from lgen.data.windows import Windowing, make_examples
 from lgen.errors import ConfigError, DataError
 from lgen.output import records
+from lgen.output.directory import data_place
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +521,7 @@ class GenerationDataModule(LightningDataModule):
         if self.max_batch_tokens == "auto" and self.token_budget is not None:
             lengths = [len(ex["input_ids"]) for ex in self.todo] or [1]
             self.batch_tokens = self.token_budget(lengths, self.lengths.row_span(min(lengths)))
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = data_place(trainer) if trainer is not None else (0, 1)
         if self.continuous:
             plan = self.rank_groups(rank, world)
         else:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from lgen.hf import tensor_parallel
+
 
 def kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(layers, key/value heads, head size) of the model's cache."""
+    """(layers, key/value heads, head size) of the model's cache on this rank (a tensor-parallel
+    rank holds its share of the heads)."""
     cfg = model.config.get_text_config(decoder=True)
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    heads = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // tensor_parallel.degree(model)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return cfg.num_hidden_layers, heads, head_dim
 
@@ -31,7 +34,8 @@ def token_budget(model: torch.nn.Module, free_bytes: int, *, share: float = 0.8,
     """
     cfg = model.config.get_text_config(decoder=True)
     elem = next(model.parameters()).element_size()
-    width = 3 * (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size) + 4 * cfg.hidden_size
+    mlp = (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size) // tensor_parallel.degree(model)
+    width = 3 * mlp + 4 * cfg.hidden_size
     per_token = 2 * cache_bytes_per_token(model) + width * elem + 8 * prompt_width
     if row_span:
         per_token += -(-cfg.vocab_size * 40 // row_span)  # ceiling

@@ -12,6 +12,7 @@ neighbours). Engines read it only; the signal handler (:mod:`lgen.interrupt`) se
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 
 class Deadline:
@@ -46,3 +47,25 @@ class Deadline:
 
     def reset(self) -> None:
         self.signum, self._at = None, None
+
+
+class AgreedDeadline:
+    """A :class:`Deadline` as ranks that run every forward together (a tensor-parallel group) must
+    see it: requested, or expired, once it is so on any of them (one small collective per look).
+    A signal reaches each rank at its own moment; were each to heed only its own, one rank would
+    leave the decode loop while the others wait in its next forward's all-reduce.
+
+    Args:
+        deadline: this rank's deadline (the signal handler sets it).
+        agree: whether a flag holds on any rank (a collective every rank calls at the same point).
+    """
+
+    def __init__(self, deadline: Deadline, agree: Callable[[bool], bool]) -> None:
+        self.deadline, self.agree = deadline, agree
+
+    @property
+    def requested(self) -> bool:
+        return self.agree(self.deadline.requested)
+
+    def expired(self) -> bool:
+        return self.agree(self.deadline.expired())

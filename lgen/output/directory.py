@@ -45,6 +45,22 @@ OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json"
          "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json", LOCK}
 
 
+def data_place(trainer: Any) -> tuple[int, int]:
+    """(this rank's place, how many places) among the ranks that get rows of their own, as the
+    strategy deals data (``distributed_sampler_kwargs``): one shard per place. Under tensor
+    parallelism (``ModelParallelStrategy``) the ranks of a tensor-parallel group share a place."""
+    dealt = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+    if dealt:
+        return int(dealt["rank"]), int(dealt["num_replicas"])
+    return trainer.global_rank, trainer.world_size
+
+
+def writes(trainer: Any) -> bool:
+    """Whether this rank writes its place's records: the first rank of each place."""
+    _, places = data_place(trainer)
+    return trainer.global_rank % max(1, trainer.world_size // places) == 0
+
+
 def shard_name(rank: int, world_size: int, split: str) -> str:
     return f"{rank + 1:05d}-of-{world_size:05d}.{split}.jsonl"
 

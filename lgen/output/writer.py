@@ -48,6 +48,7 @@ class JsonlWriter(BasePredictionWriter):
         self.reasons: Counter = Counter()
         self.summary: dict[str, Any] = {}  # rank 0, once the run ended
         self.shortfall = 0  # records missing from this run's batches, over all ranks
+        self.writes = True  # set in setup: whether this rank writes records
         self.files: dict[str, Any] = {}  # filled in by connect
         self.data_stats: dict[str, Any] = {}
         self.samples = 1
@@ -67,15 +68,20 @@ class JsonlWriter(BasePredictionWriter):
             if self.config_text:
                 outputs.write_json(self.output.path / "lgen_config.yaml", self.config_text)
         self.done = set(self.output.done)
-        self.path = self.output.path / outputs.shard_name(trainer.global_rank, trainer.world_size, self.output.split)
+        self.writes = outputs.writes(trainer)  # a tensor-parallel group's first rank writes the group's rows
+        self._start = time.perf_counter()
+        self._started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if not self.writes:
+            return
+        self.path = self.output.path / outputs.shard_name(*outputs.data_place(trainer), self.output.split)
         if self.path.exists():
             outputs.drop_torn_tail(self.path)
         self._file = open(self.path, "ab")
-        self._start = time.perf_counter()
-        self._started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: BatchRecords,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if not self.writes:
+            return
         if not batch.padding:
             self.stats["records_planned"] += len(batch.examples) * self.samples
         self.on_records(trainer, pl_module, prediction)
@@ -83,6 +89,8 @@ class JsonlWriter(BasePredictionWriter):
     def on_records(self, trainer: Trainer, pl_module: LightningModule, prediction: BatchRecords) -> None:
         """Write records, whole, flushed and fsynced: a batch's, or those a long call finished
         before it ended (``GenerationModule`` hands them to every callback that has this hook)."""
+        if not self.writes:
+            return
         self.stats["rows_dropped_at_stop"] += prediction.dropped
         lines = []
         for record, tokens in zip(prediction.records, prediction.tokens):
