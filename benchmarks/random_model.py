@@ -1,6 +1,7 @@
 """A model folder with random weights of a known shape, for speed runs without a download.
 
     python benchmarks/random_model.py OUT_DIR --shape llama-8b     # 8B Llama shape, bf16, ~16 GB
+    python benchmarks/random_model.py OUT_DIR --shape llama-34b    # 34B (CodeLlama-34B's shape), ~68 GB
 
 The tokenizer is SmolLM2's (``smollm2-135m-instruct``, or a folder in ``--tokenizer``), so prompts
 tokenize as real text; the vocabulary is the tokenizer's. Built on the GPU when there is one.
@@ -16,10 +17,14 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from lgen.hf.models import resolve
 
 SHAPES = {
+    "llama-small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=4),  # for CPU runs
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8),
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, rope_theta=500000.0),
+    "llama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
+                      num_key_value_heads=8, rope_theta=1000000.0),  # CodeLlama-34B's shape: ~68 GB in bf16
 }
 
 

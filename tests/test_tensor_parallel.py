@@ -84,6 +84,15 @@ def test_sampled_records_on_two_ranks(models, tmp_path):
     assert len({json.loads(r)["prediction"] for r in got}) > 9  # sampled: a prompt's samples differ
 
 
+def test_the_generate_engine_on_two_ranks(models, tmp_path):
+    """``engine: generate`` (model.generate over sharded weights), batch by batch."""
+    data = prompts_file(tmp_path / "p.jsonl", 6)
+    engine = ["--model.engine", "generate", *STOPS]
+    lgen(base(models["llama"], data, tmp_path / "one", *engine))
+    lgen(base(models["llama"], data, tmp_path / "two", *engine, *tensor_parallel(tmp_path, 2)))
+    assert len(records(tmp_path / "one")) == 6 and records(tmp_path / "two") == records(tmp_path / "one")
+
+
 def test_resume_with_another_degree(models, tmp_path):
     """A run cut short on 2 ranks, resumed on 1 process, then found complete on 2: the one-process records."""
     data = prompts_file(tmp_path / "p.jsonl", 11)
@@ -146,3 +155,38 @@ def test_cpu_processes_on_a_gpu_machine_are_refused(models, tmp_path, capsys):
     data = prompts_file(tmp_path / "p.jsonl", 2)
     assert lgen_here(*here(models["llama"], data, tmp_path / "out", *tensor_parallel(tmp_path, 2))) == 2
     assert "tensor parallelism over cpu processes on a machine with a cuda" in capsys.readouterr().err
+
+
+def test_a_sigterm_stops_the_group_together_and_it_resumes(models, tmp_path):
+    """SIGTERM to rank 1 alone (rank 0 never gets it): the ranks agree at each look whether a stop
+    was asked for, so rank 1 does not wind down while rank 0 waits for it in an all-reduce."""
+    import os
+    import signal
+    import time
+
+    data = prompts_file(tmp_path / "p.jsonl", 60)
+    long_rows = ["--model.max_new_tokens", "48", "--model.use_brace_matching", "false", "--data.max_batch_tokens",
+                 "2000"]
+    lgen(base(models["llama"], data, tmp_path / "one", *long_rows))
+    out = tmp_path / "out"
+    run = [sys.executable, "-m", "lgen", *base(models["llama"], data, out, *long_rows, *tensor_parallel(tmp_path, 2))]
+    proc = subprocess.Popen(run, env=dict(env(), CUDA_VISIBLE_DEVICES=""), stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stop = time.monotonic() + 300
+        while not any(p.stat().st_size for p in out.glob("*.test.jsonl")) and proc.poll() is None:
+            assert time.monotonic() < stop, "no record came"
+            time.sleep(0.005)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1, children  # Lightning started rank 1
+        os.kill(int(children[0]), signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    assert "lgen: stopped by SIGTERM (" in err and "Traceback" not in err, err[-3000:]
+    assert 0 < len(records(out)) < 60
+    lgen(base(models["llama"], data, out, *long_rows, *tensor_parallel(tmp_path, 2)))
+    assert records(out) == records(tmp_path / "one")

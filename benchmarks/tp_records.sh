@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Tensor-parallel records against one process in bf16, with model.batch_invariant off and on: how
+# many records agree between batch sizes (8 and 64) on one process, between them on N tensor-parallel
+# ranks, and between one process and N ranks. A random-weight model of benchmarks/random_model.py
+# (SHAPE, default llama-8b; built into OUT_DIR/model once), PROMPTS function prompts
+# (benchmarks/prompts.py, default 180), NEW new tokens (default 128), greedy.
+#   bash benchmarks/tp_records.sh OUT_DIR 2                                   # 2 GPUs
+#   SHAPE=llama-small PROMPTS=24 NEW=32 bash benchmarks/tp_records.sh OUT_DIR 2 cpu   # CPU processes (gloo)
+set -euo pipefail
+out=${1:?OUT_DIR}; n=${2:-2}; accel=${3:-gpu}
+mkdir -p "$out"
+here=$(dirname "$0")
+model="$out/model"
+[ -f "$model/config.json" ] || python3 "$here/random_model.py" "$model" --shape "${SHAPE:-llama-8b}"
+python3 "$here/prompts.py" "$out/p.jsonl" --prompts "${PROMPTS:-180}"
+common=(--model.model_name_or_path "$model" --model.max_new_tokens "${NEW:-128}" --data.data_files "$out/p.jsonl"
+        --data.text_column_name prompt --data.id_column_name task_id --data.mode complete
+        --trainer.accelerator "$accel" --trainer.precision bf16-true --model.torch_dtype bfloat16
+        --trainer.enable_progress_bar false --overwrite_output_dir true)
+[ "$accel" = cpu ] && export OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
+source "$here/runs.sh"
+tp=(--config configs/tp.yaml --trainer.devices "$n")
+for mode in false true; do
+  tag=$([ $mode = true ] && echo inv || echo off)
+  for b in 8 64; do
+    run "$tag-one-b$b" --trainer.devices 1 --data.per_device_batch_size $b --model.batch_invariant $mode
+    run "$tag-tp$n-b$b" "${tp[@]}" --data.per_device_batch_size $b --model.batch_invariant $mode
+  done
+  same "$tag-one-b8" "$tag-one-b64"
+  same "$tag-tp$n-b8" "$tag-tp$n-b64"
+  same "$tag-one-b8" "$tag-tp$n-b8"
+done
