@@ -202,11 +202,12 @@ class GenerationModule(LightningModule):
     def check_strategy(self, strategy: Any) -> None:
         """Refuse settings the trainer's strategy cannot run (the CLI asks before any file is written)."""
         tensor, data = tensor_parallel.strategy_degrees(strategy)
-        if tensor > 1 and self.decode.torch_compile:
-            raise ConfigError("model.torch_compile is not supported with tensor parallelism yet (its compiled steps "
-                              "were not checked over sharded weights); set torch_compile: false")
-        tensor_parallel.check(self.model_config, tensor=tensor, data=data, adapter=self.adapter_name_or_path,
-                              device=strategy.root_device.type)
+        if tensor > 1:
+            if self.decode.torch_compile:
+                raise ConfigError("model.torch_compile is not supported with tensor parallelism yet (its compiled "
+                                  "steps were not checked over sharded weights); set torch_compile: false")
+            tensor_parallel.check(self.model_config, tensor=tensor, data=data, adapter=self.adapter_name_or_path,
+                                  device=strategy.root_device.type)
         if self.decode.torch_compile and (strategy.root_device.type != "cuda" or zero3.is_zero3(strategy)):
             raise ConfigError("model.torch_compile needs a CUDA device without ZeRO-3 (the CUDA-graph decode steps "
                               "it compiles run only there); set torch_compile: false")

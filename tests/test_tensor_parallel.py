@@ -112,6 +112,7 @@ def test_resume_with_another_degree(models, tmp_path):
 @pytest.mark.parametrize(("devices", "init_args", "extra", "message"), [
     (3, {}, [], "tensor_parallel_size=3 does not divide the model's 8 attention heads"),
     (4, {"data_parallel_size": 2, "tensor_parallel_size": 2}, [], "data_parallel_size=2"),
+    (2, {"tensor_parallel_size": 4}, [], "tensor_parallel_size 4 x data_parallel_size 1 must be the number of"),
     (2, {}, ["--model.torch_compile", "true", "--model.cuda_graphs", "true"],
      "torch_compile is not supported with tensor parallelism"),
 ])

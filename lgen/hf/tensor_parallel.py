@@ -34,7 +34,12 @@ def strategy_degrees(strategy: Any) -> tuple[int, int]:
         return 1, int(getattr(strategy, "world_size", 1) or 1)
     tp, dp = strategy._tensor_parallel_size, strategy._data_parallel_size
     devices = len(strategy.parallel_devices or [None])
-    return (devices if tp == "auto" else int(tp)), (strategy.num_nodes if dp == "auto" else int(dp))
+    tensor, data = (devices if tp == "auto" else int(tp)), (strategy.num_nodes if dp == "auto" else int(dp))
+    if tensor * data != strategy.num_nodes * devices:
+        raise ConfigError(f"trainer.strategy: tensor_parallel_size {tensor} x data_parallel_size {data} must be the "
+                          f"number of processes, trainer.num_nodes x trainer.devices = {strategy.num_nodes * devices}; "
+                          "e.g. on 2 nodes of 8 GPUs --trainer.strategy.init_args.tensor_parallel_size 16")
+    return tensor, data
 
 
 def check(model_config: Any, *, tensor: int, data: int, adapter: str | None, device: str) -> None:
