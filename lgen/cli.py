@@ -71,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         except LgenError as err:
             print(f"lgen: error: {err}", file=sys.stderr)
             return err.exit_code
+        from lgen.output import receipt
+
+        done = receipt.nothing_to_do(rest, options.config_files(rest))
+        if done is not None:  # the command that completed this directory, and nothing changed since
+            path, summary = done
+            print(f"lgen: resuming: {summary['records']} records already in {path} are skipped\n"
+                  f"lgen: nothing to generate: all {summary['records']} records are in {path}\n"
+                  f"{describe(summary, path, ran=False)}", file=sys.stderr)
+            return 0
     with quiet():
         try:
             return {"merge": merge_main, "export": export_main, "predict": predict_main}[command](rest)
@@ -115,8 +124,24 @@ def predict_main(args: list[str]) -> int:
         raise Incomplete(f"{cli.writer.shortfall} records of this run's batches were not written"
                          f"{_so_far(summary, cli.output.path)}; run the same command again to generate them")
     if summary:
+        if cli.trainer.global_rank == 0 and not summary["records_missing"] and not cli.config.overwrite_output_dir:
+            _write_receipt(cli, args, summary)
         print(describe(summary, cli.output.path, ran=bool(cli.datamodule.todo)), file=sys.stderr)
     return 0
+
+
+def _write_receipt(cli: Any, args: list[str], summary: dict[str, Any]) -> None:
+    """Let the same command, run again, see at once that there is nothing to do (:mod:`lgen.output.receipt`)."""
+    from lgen import options
+    from lgen.hf.models import ALIASES
+    from lgen.output import receipt
+
+    values = {key: cli.config.get(key) for key in receipt.INPUT_KEYS}
+    try:
+        receipt.write(cli.output.path, argv=args, configs=options.config_files(args), values=values,
+                      aliases=ALIASES, records=summary["records"])
+    except OSError as err:  # the records are all there; only the next no-op will be slower
+        logging.getLogger(__name__).warning("%s not written: %s", receipt.NAME, err)
 
 
 def _so_far(summary: dict[str, Any], output_dir: Any, *, dropped: int = 0) -> str:

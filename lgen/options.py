@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import difflib
 import functools
-import importlib.util
 import re
 import textwrap
 from collections.abc import Iterable
@@ -68,8 +67,9 @@ def group_options(group: str) -> tuple[Option, ...]:
     """The options of ``model`` or ``data``, from the class's ``__init__`` signature and the ``Args:``
     section of its docstring, read from the source file without importing it."""
     module, name = GROUPS[group]
-    spec = importlib.util.find_spec(module)
-    tree = ast.parse(Path(spec.origin).read_text())
+    # the file from the package's folder: find_spec of a submodule would import its package (lgen.data: Lightning)
+    source = Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    tree = ast.parse(source.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
     init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     args = [a.arg for a in init.args.args[1:]]

@@ -113,6 +113,19 @@ def test_a_config_directory_is_refused_before_lightning_is_imported(tmp_path):
     assert f"--config {tmp_path} is a directory; give a YAML file" in result.stderr
 
 
+def test_help_and_an_unknown_key_need_no_heavy_import(tmp_path):
+    """The keys are read from the sources (lgen.options), not by importing lgen.data or lgen.module."""
+    cfg = tmp_path / "task.yaml"
+    cfg.write_text("model:\n  max_new_tokns: 4\n")
+    code = ("import sys, contextlib, io; from lgen.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['predict', '--help'])\n"
+            "code = main(['predict', '--config', sys.argv[1]])\n"
+            "print(code, sorted(m for m in ('lightning', 'torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert "did you mean model.max_new_tokens?" in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU-only config runs here")
 def test_gpu_config_without_a_gpu_says_how_to_run_on_cpus(capsys, tiny_model, code_jsonl, tmp_path):
     err = one_line_error(capsys, ["predict", *base_args(tiny_model, code_jsonl, tmp_path / "o"),

@@ -74,7 +74,7 @@ def test_record_fields_shards_and_config_dumps(tiny_model, code_jsonl, tmp_path)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["00001-of-00001.test.jsonl", "expected.test.json", "fingerprint.json", "generation_config.json",
                      "generation_config_diff.json", "lgen_config.yaml", "model_config.json",
-                     "model_config_diff.json", "summary.json"]
+                     "model_config_diff.json", "receipt.json", "summary.json"]
     assert json.loads((out / "model_config.json").read_text())["num_hidden_layers"] == 2
     assert json.loads((out / "generation_config.json").read_text())["num_return_sequences"] == 1
     summary = json.loads((out / "summary.json").read_text())

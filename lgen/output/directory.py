@@ -12,6 +12,8 @@ Files lgen owns in ``output_dir``::
                                   and export read it)
     summary.json                  totals for the directory, and each run's own figures
     lgen.lock                     held while a run lives, so that one run at a time writes here
+    receipt.json                  what the command that completed the directory read and wrote, so
+                                  the same command again ends at once (:mod:`lgen.output.receipt`)
     merged.test.jsonl             ``lgen merge`` output
     humaneval.test.jsonl, bigcode.test.json                ``lgen export`` output
 
@@ -32,6 +34,7 @@ from typing import Any
 
 from lgen.errors import DISK_FULL, OutputDirError
 from lgen.output.lock import LOCK
+from lgen.output.receipt import NAME as RECEIPT
 from lgen.output.records import ExampleKey, RecordKey, complete_examples, id_key, record_key
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ EXPECTED = re.compile(r"^expected\.(.+)\.json$")
 EXPORTED = re.compile(r"^(humaneval\.(.+)\.jsonl|bigcode\.(.+)\.json)$")
 RECORD_FIELDS = ("id", "part", "seq", "finish_reason", "meta")  # what readers of a shard rely on
 OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json", "generation_config_diff.json",
-         "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json", LOCK}
+         "adapter_config.json", "lgen_config.yaml", "fingerprint.json", "summary.json", LOCK, RECEIPT}
 
 
 def data_place(trainer: Any) -> tuple[int, int]:
@@ -172,8 +175,10 @@ def drop_torn_tail(path: Path) -> int:
 
 
 def remove_derived(output_dir: str | Path, split: str) -> list[str]:
-    """Delete ``split``'s merged and exported files: a run that adds records makes them stale."""
+    """Delete ``split``'s merged and exported files: a run that adds records makes them stale (and
+    the receipt, which described the directory before)."""
     d = Path(output_dir)
+    (d / RECEIPT).unlink(missing_ok=True)
     removed = [name for name in (f"merged.{split}.jsonl", f"humaneval.{split}.jsonl", f"bigcode.{split}.json")
                if (d / name).is_file()]
     for name in removed:
