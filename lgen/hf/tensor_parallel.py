@@ -71,7 +71,7 @@ def check(model_config: Any, *, tensor: int, data: int, adapter: str | None, dev
             divisors = [d for d in range(1, count + 1) if heads % d == 0 and kv_heads % d == 0]
             raise ConfigError(f"tensor_parallel_size={tensor} does not divide the model's {count} {name}: each rank "
                               f"must hold whole heads; use one of {divisors}")
-    accelerator = torch.accelerator.current_accelerator()
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
     present = accelerator.type if accelerator is not None else "cpu"
     if device != present:
         raise ConfigError(f"tensor parallelism over {device} processes on a machine with a {present}: transformers "
