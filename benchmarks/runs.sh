@@ -1,4 +1,5 @@
-# Shared by the GPU benchmark scripts: run() and same(), over $out and the "${common[@]}" arguments.
+# Shared by the GPU benchmark scripts: run() and same(), over $out and the "${common[@]}" arguments,
+# and random_job() for the scripts that time a random-weight model.
 # run NAME ARGS...: one `lgen predict` into $out/NAME; prints its records, tokens and seconds.
 # same A B: how many records of $out/A and $out/B agree.
 run() {
@@ -23,4 +24,17 @@ a, b = records(sys.argv[1]), records(sys.argv[2])
 print(f"SAME {pathlib.Path(sys.argv[1]).name} vs {pathlib.Path(sys.argv[2]).name}: {len(a)} and {len(b)} records, "
       f"same keys: {a.keys() == b.keys()}, same predictions: {sum(a[k] == b.get(k) for k in a)}/{len(a)}")
 PY
+}
+# random_job PROMPTS NEW ACCELERATOR [OPTIONS...]: a random-weight model of benchmarks/random_model.py
+# (SHAPE, default llama-8b) in $out/model, built once, PROMPTS function prompts (benchmarks/prompts.py),
+# and $common for a greedy bf16 job of NEW new tokens over them, then OPTIONS; sets $model too.
+random_job() {
+  local here; here=$(dirname "${BASH_SOURCE[0]}")
+  model="$out/model"
+  [ -f "$model/config.json" ] || python3 "$here/random_model.py" "$model" --shape "${SHAPE:-llama-8b}"
+  python3 "$here/prompts.py" "$out/p.jsonl" --prompts "$1"
+  common=(--model.model_name_or_path "$model" --model.max_new_tokens "$2" --data.data_files "$out/p.jsonl"
+          --data.text_column_name prompt --data.id_column_name task_id --data.mode complete
+          --trainer.accelerator "$3" --trainer.precision bf16-true --model.torch_dtype bfloat16
+          --trainer.enable_progress_bar false --overwrite_output_dir true "${@:4}")
 }

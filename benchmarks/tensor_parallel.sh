@@ -10,14 +10,8 @@ set -euo pipefail
 out=${1:?OUT_DIR}; n=${2:-2}
 mkdir -p "$out"
 here=$(dirname "$0")
-model="$out/model"
-[ -f "$model/config.json" ] || python3 "$here/random_model.py" "$model" --shape "${SHAPE:-llama-8b}"
-python3 "$here/prompts.py" "$out/p.jsonl" --prompts "${PROMPTS:-512}"
-common=(--model.model_name_or_path "$model" --model.max_new_tokens "${NEW:-256}" --data.data_files "$out/p.jsonl"
-        --data.text_column_name prompt --data.id_column_name task_id --data.mode complete --data.block_size 2048
-        --trainer.accelerator gpu --trainer.precision bf16-true --model.torch_dtype bfloat16
-        --trainer.enable_progress_bar false --overwrite_output_dir true)
 source "$here/runs.sh"
+random_job "${PROMPTS:-512}" "${NEW:-256}" gpu --data.block_size 2048
 if [ "${ONE:-run}" != skip ]; then
   CUDA_VISIBLE_DEVICES=0 run one --trainer.devices 1
 fi

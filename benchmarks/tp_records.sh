@@ -10,15 +10,9 @@ set -euo pipefail
 out=${1:?OUT_DIR}; n=${2:-2}; accel=${3:-gpu}
 mkdir -p "$out"
 here=$(dirname "$0")
-model="$out/model"
-[ -f "$model/config.json" ] || python3 "$here/random_model.py" "$model" --shape "${SHAPE:-llama-8b}"
-python3 "$here/prompts.py" "$out/p.jsonl" --prompts "${PROMPTS:-180}"
-common=(--model.model_name_or_path "$model" --model.max_new_tokens "${NEW:-128}" --data.data_files "$out/p.jsonl"
-        --data.text_column_name prompt --data.id_column_name task_id --data.mode complete
-        --trainer.accelerator "$accel" --trainer.precision bf16-true --model.torch_dtype bfloat16
-        --trainer.enable_progress_bar false --overwrite_output_dir true)
 [ "$accel" = cpu ] && export OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
 source "$here/runs.sh"
+random_job "${PROMPTS:-180}" "${NEW:-128}" "$accel"
 tp=(--config configs/tp.yaml --trainer.devices "$n")
 for mode in false true; do
   tag=$([ $mode = true ] && echo inv || echo off)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return err.exit_code
         from lgen.output import receipt
 
-        done = receipt.nothing_to_do(rest, options.config_files(rest))
+        done = receipt.nothing_to_do(rest, options.config_files(rest), options.output_dir(rest))
         if done is not None:  # the command that completed this directory, and nothing changed since
             path, summary = done
             print(f"lgen: resuming: {summary['records']} records already in {path} are skipped\n"
@@ -125,21 +125,21 @@ def predict_main(args: list[str]) -> int:
                          f"{_so_far(summary, cli.output.path)}; run the same command again to generate them")
     if summary:
         if cli.trainer.global_rank == 0 and not summary["records_missing"] and not cli.config.overwrite_output_dir:
-            _write_receipt(cli, args, summary)
+            _write_receipt(cli, args)
         print(describe(summary, cli.output.path, ran=bool(cli.datamodule.todo)), file=sys.stderr)
     return 0
 
 
-def _write_receipt(cli: Any, args: list[str], summary: dict[str, Any]) -> None:
+def _write_receipt(cli: Any, args: list[str]) -> None:
     """Let the same command, run again, see at once that there is nothing to do (:mod:`lgen.output.receipt`)."""
     from lgen import options
-    from lgen.hf.models import ALIASES
+    from lgen.hf.models import ALIASES, gguf_path
     from lgen.output import receipt
 
     values = {key: cli.config.get(key) for key in receipt.INPUT_KEYS}
+    aliases = {value: str(gguf_path(value)) for value in values.values() if isinstance(value, str) and value in ALIASES}
     try:
-        receipt.write(cli.output.path, argv=args, configs=options.config_files(args), values=values,
-                      aliases=ALIASES, records=summary["records"])
+        receipt.write(cli.output.path, argv=args, configs=options.config_files(args), values=values, aliases=aliases)
     except OSError as err:  # the records are all there; only the next no-op will be slower
         logging.getLogger(__name__).warning("%s not written: %s", receipt.NAME, err)
 

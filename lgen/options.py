@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import difflib
 import functools
+import glob
+import os
 import re
 import textwrap
 from collections.abc import Iterable
@@ -100,6 +102,48 @@ def known_keys() -> set[str]:
     for group in GROUPS:
         keys |= {o.key for o in group_options(group)}
     return keys
+
+
+def from_config_folder(folder: Path, value: Any, always: bool) -> Any:
+    """A relative path set in a config file, read from that file's ``folder``: always for an output,
+    for an input only when it exists there (else it may be a Hub name, or relative to the current
+    directory)."""
+    if not isinstance(value, str) or os.path.isabs(value) or value.startswith("~"):
+        return value
+    candidate = os.path.normpath(folder / value)  # ../out/x from configs/ reads as out/x, not configs/../out/x
+    return candidate if always or glob.glob(candidate) else value
+
+
+def expand_home(value: Any) -> Any:
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+def output_dir(argv: list[str]) -> str | None:
+    """``output_dir`` as ``lgen predict`` resolves it from ``argv``, without the parser: the last
+    value given, on the command line (read from the current directory) or in a config file (read
+    from that file's folder). None when it cannot be told (a config file that cannot be read)."""
+    import yaml
+
+    found = None
+    for i, arg in enumerate(argv):
+        if arg in ("--output_dir", "--config", "-c") and i + 1 < len(argv):
+            flag, value = arg, argv[i + 1]
+        elif arg.startswith(("--output_dir=", "--config=")):
+            flag, value = arg.split("=", 1)
+        else:
+            continue
+        if flag == "--output_dir":
+            found = value
+            continue
+        path = Path(value).expanduser()
+        try:
+            own = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        given = own.get("output_dir") if isinstance(own, dict) else None
+        if given is not None:
+            found = from_config_folder(path.resolve().parent, given, True)
+    return expand_home(found) if isinstance(found, str) else None
 
 
 def config_files(argv: list[str]) -> list[str]:

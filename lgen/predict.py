@@ -13,10 +13,8 @@ lgen runs it without subcommands (``lgen`` itself dispatches) and overrides its 
 
 from __future__ import annotations
 
-import glob
 import inspect
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -254,19 +252,8 @@ def resolve_config_paths(config: Namespace, argv: list[str]) -> None:
             if given is None or config.get(key) != given:
                 continue  # not set in this file, or set again after it
             always = key == "output_dir"
-            config[key] = ([_from(folder, g, always) for g in given] if isinstance(given, list)
-                           else _from(folder, given, always))
+            config[key] = ([options.from_config_folder(folder, g, always) for g in given] if isinstance(given, list)
+                           else options.from_config_folder(folder, given, always))
     for key in ("output_dir", *PATH_KEYS):
         value = config.get(key)
-        config[key] = [_home(v) for v in value] if isinstance(value, list) else _home(value)
-
-
-def _from(folder: Path, value: Any, always: bool) -> Any:
-    if not isinstance(value, str) or os.path.isabs(value) or value.startswith("~"):
-        return value
-    candidate = os.path.normpath(folder / value)  # ../out/x from configs/ reads as out/x, not configs/../out/x
-    return candidate if always or glob.glob(candidate) else value
-
-
-def _home(value: Any) -> Any:
-    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+        config[key] = [options.expand_home(v) for v in value] if isinstance(value, list) else options.expand_home(value)

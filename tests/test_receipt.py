@@ -12,10 +12,16 @@ import sys
 import pytest
 from conftest import base_args, lgen, read
 
-from lgen import cli
+from lgen import cli, options
 from lgen.output import receipt
 
 CPU = ["--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]  # what conftest.lgen adds
+
+
+def no_op(args: list[str]):
+    """What the CLI's short way finds for ``lgen predict ARGS`` (as conftest.lgen runs it)."""
+    argv = [*args, *CPU]
+    return receipt.nothing_to_do(argv, options.config_files(argv), options.output_dir(argv))
 
 
 class NormalWay(Exception):
@@ -96,7 +102,7 @@ def test_the_normal_way_then_writes_it_again(done, code_jsonl, capsys):
     shard.write_text("".join(shard.read_text().splitlines(keepends=True)[1:]))
     assert lgen(*args) == 0
     assert sorted(map(json.dumps, read(out))) == sorted(map(json.dumps, before))
-    assert receipt.nothing_to_do([*args, *CPU], []) is not None
+    assert no_op(args) is not None
 
 
 def test_no_receipt_for_an_overwrite_or_an_input_it_cannot_check(tiny_model, code_jsonl, tmp_path):
@@ -113,6 +119,32 @@ def test_a_new_file_matching_the_data_glob_goes_the_normal_way(tiny_model, code_
     args = base_args(tiny_model, code_jsonl, tmp_path / "out")
     args[args.index(str(code_jsonl))] = str(code_jsonl.parent / "prompts*.jsonl")
     assert lgen(*args) == 0
-    assert receipt.nothing_to_do([*args, *CPU], []) is not None
+    assert no_op(args) is not None
     (code_jsonl.parent / "prompts-2.jsonl").write_text(code_jsonl.read_text().replace('"t/', '"u/'))
-    assert receipt.nothing_to_do([*args, *CPU], []) is None
+    assert no_op(args) is None
+
+
+@pytest.mark.parametrize("order", ["config last", "command line last"])
+def test_output_dir_is_read_as_the_cli_reads_it(tmp_path, capsys, order, monkeypatch):
+    """options.output_dir (the short way's) agrees with the parser's: the last value wins, a config
+    file's relative to its folder, the command line's to the current directory."""
+    import yaml
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "task.yaml").write_text("output_dir: ../out/from-config\nmodel:\n  model_name_or_path: x\n"
+                                      "  max_new_tokens: 4\n")
+    monkeypatch.chdir(tmp_path)
+    pair = [["--output_dir", "~/from-line"], ["--config", str(folder / "task.yaml")]]
+    argv = [*pair[1], *pair[0]] if order == "command line last" else [*pair[0], *pair[1]]
+    from jsonargparse import Namespace
+
+    from lgen.predict import resolve_config_paths
+
+    with pytest.raises(SystemExit):  # the parser's value: the last one given
+        cli.main(["predict", *argv, "--print_config"])
+    parsed = Namespace(output_dir=yaml.safe_load(capsys.readouterr().out)["output_dir"])
+    resolve_config_paths(parsed, argv)  # then read as the CLI reads it
+    assert options.output_dir(argv) == parsed.output_dir
+    assert parsed.output_dir == (os.path.expanduser("~/from-line") if order == "command line last"
+                                 else str(tmp_path / "out" / "from-config"))

@@ -43,11 +43,9 @@ def strategy_degrees(strategy: Any) -> tuple[int, int]:
 
 
 def check(model_config: Any, *, tensor: int, data: int, adapter: str | None, device: str) -> None:
-    """Refuse, before any weights load, the tensor-parallel settings that cannot work. (DeepSpeed
-    ZeRO-3 is another strategy, so the two cannot be asked for together.) ``device``: the type of
-    the strategy's devices."""
-    if tensor <= 1:
-        return  # ModelParallelStrategy as plain data parallel
+    """Refuse, before any weights load, the settings a ``tensor``-way (above 1) run cannot work with.
+    (DeepSpeed ZeRO-3 is another strategy, so the two cannot be asked for together.) ``device``:
+    the type of the strategy's devices."""
     if data > 1:
         raise ConfigError(
             f"trainer.strategy: ModelParallelStrategy with data_parallel_size={data} and tensor_parallel_size="

@@ -103,6 +103,24 @@ class DirectoryLock:
         self.release()
 
 
+def held(directory: str | Path) -> bool:
+    """Whether a run holds ``directory``'s lock now (it may be writing there); True where that
+    cannot be told."""
+    try:
+        fd = os.open(Path(directory) / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _owner() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -12,22 +12,20 @@ are as they were and no run holds the directory's lock; anything else (another o
 or added input, a deleted record, a Hub name that cannot be checked this way) goes the normal way,
 which checks the directory's fingerprint itself.
 
-This module imports only the standard library, ``yaml`` and :mod:`lgen.output.lock`.
+This module imports only the standard library and :mod:`lgen.output.lock`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from lgen.output.lock import LOCK
+from lgen.output.lock import LOCK, held
 
 NAME = "receipt.json"
 HASHED = 4 << 20  # files up to this size are compared by content too
@@ -61,9 +59,10 @@ def invocation(argv: list[str], configs: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def inputs(values: dict[str, Any], aliases: dict[str, tuple[str, str]]) -> dict[str, Any] | None:
+def inputs(values: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any] | None:
     """The state of every local input named in ``values`` (resolved config keys), or None when one
-    cannot be checked from the file system (a Hub name)."""
+    cannot be checked from the file system (a Hub name). ``aliases``: the file each model alias
+    in ``values`` stands for."""
     state: dict[str, Any] = {}
     for key, kind in INPUT_KEYS.items():
         value = values.get(key)
@@ -72,11 +71,7 @@ def inputs(values: dict[str, Any], aliases: dict[str, tuple[str, str]]) -> dict[
             if item is None:
                 continue
             item = str(item)
-            if item in aliases:
-                spec = importlib.util.find_spec(aliases[item][0])
-                if spec is None or not spec.submodule_search_locations:
-                    return None
-                item = str(Path(spec.submodule_search_locations[0]) / aliases[item][1])
+            item = aliases.get(item, item)
             if os.path.exists(item):
                 state[os.path.abspath(item)] = _files(item)
             elif kind == "files" and glob.has_magic(item):
@@ -98,27 +93,24 @@ def directory(path: str | Path) -> list[list[Any]]:
 
 
 def write(path: str | Path, *, argv: list[str], configs: list[str], values: dict[str, Any],
-          aliases: dict[str, tuple[str, str]], records: int) -> bool:
-    """Write the receipt of a complete directory (last, once nothing more is written there);
-    returns whether it could (not for inputs it cannot check)."""
+          aliases: dict[str, str]) -> None:
+    """Write the receipt of a complete directory (last, once nothing more is written there); none
+    for inputs it cannot check."""
     state = inputs(values, aliases)
     target = Path(path) / NAME
     if state is None:
         target.unlink(missing_ok=True)
-        return False
-    receipt = {"invocation": invocation(argv, configs), "inputs": state, "directory": directory(path),
-               "records": records}
+        return
+    receipt = {"invocation": invocation(argv, configs), "inputs": state, "directory": directory(path)}
     staging = target.with_name(f"{NAME}.tmp-{os.getpid()}")
     staging.write_text(json.dumps(receipt))
     staging.replace(target)
-    return True
 
 
-def nothing_to_do(argv: list[str], configs: list[str]) -> tuple[Path, dict[str, Any]] | None:
-    """(the output directory, its summary) when ``argv`` (with config files ``configs``) is the
-    command that last completed it and nothing it read or wrote has changed since; None otherwise
-    (the normal way decides)."""
-    output_dir = _output_dir(argv, configs)
+def nothing_to_do(argv: list[str], configs: list[str], output_dir: str | None) -> tuple[Path, dict[str, Any]] | None:
+    """(``output_dir``, its summary) when ``argv`` (with config files ``configs``) is the command
+    that last completed it and nothing it read or wrote has changed since; None otherwise (the
+    normal way decides)."""
     if output_dir is None:
         return None
     path = Path(output_dir)
@@ -129,7 +121,7 @@ def nothing_to_do(argv: list[str], configs: list[str]) -> tuple[Path, dict[str, 
         return None
     if receipt.get("invocation") != invocation(argv, configs) or summary.get("records_missing"):
         return None
-    if not _unlocked(path) or receipt.get("directory") != directory(path):
+    if held(path) or receipt.get("directory") != directory(path):
         return None
     for name, files in receipt.get("inputs", {}).items():
         if name.startswith("glob:"):
@@ -163,45 +155,3 @@ def _files(path: str) -> list[list[Any]]:
             full = os.path.join(folder, name)
             found.append([os.path.relpath(full, path), *_stat(full)])
     return found
-
-
-def _unlocked(path: Path) -> bool:
-    """No run holds the directory's lock (one may be writing it now)."""
-    try:
-        fd = os.open(path / LOCK, os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _output_dir(argv: list[str], configs: list[str]) -> str | None:
-    """``output_dir`` as the CLI resolves it: the last one given on the command line, else the last
-    config file's, read from that file's folder; None when another option could decide it."""
-    import yaml
-
-    found = None
-    for i, arg in enumerate(argv):
-        if arg == "--output_dir" and i + 1 < len(argv):
-            found = os.path.expanduser(argv[i + 1])
-        elif arg.startswith("--output_dir="):
-            found = os.path.expanduser(arg.split("=", 1)[1])
-    if found is not None:
-        return found
-    for name in reversed(configs):
-        try:
-            config = yaml.safe_load(Path(name).expanduser().read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            return None
-        value = config.get("output_dir") if isinstance(config, dict) else None
-        if isinstance(value, str):
-            value = os.path.expanduser(value)
-            return value if os.path.isabs(value) else os.path.normpath(Path(name).expanduser().resolve().parent / value)
-    return None
