@@ -16,6 +16,7 @@ from typing import Any
 from lightning.pytorch import Trainer, seed_everything
 
 from lgen.cli import quiet
+from lgen.cluster import without_mpi_probe
 from lgen.data import GenerationDataModule
 from lgen.errors import ConfigError, Incomplete
 from lgen.interrupt import GracefulStop
@@ -103,7 +104,9 @@ class LLM:
             seed_everything(self.seed, verbose=False)  # as lgen predict (engine: generate samples with it)
             output = outputs.OutputDir(out, data.dataset_split)
             writer = JsonlWriter(output)
-            trainer = Trainer(**self.trainer_options, **TRAINER_FIXED, callbacks=[writer, GracefulStop()])
+            plugins = without_mpi_probe(self.trainer_options.get("plugins"), self.trainer_options.get("strategy"))
+            trainer = Trainer(**{**self.trainer_options, "plugins": plugins}, **TRAINER_FIXED,
+                              callbacks=[writer, GracefulStop()])
             prepare_run(self.module, data, trainer, output, writer=writer, overwrite=overwrite)
             if data.todo:
                 trainer.predict(self.module, datamodule=data, return_predictions=False)

@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lgen import options
+from lgen.cluster import without_mpi_probe
 from lgen.data import GenerationDataModule
 from lgen.errors import ConfigError
 from lgen.hf import zero3
@@ -143,6 +144,7 @@ class LgenCLI(LightningCLI):
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.writer, self.stop]
         if config.get("enable_progress_bar", True) is not False:
             callbacks.append(GenerationProgressBar())
+        config["plugins"] = without_mpi_probe(config.get("plugins"), config.get("strategy"))
         try:
             return Trainer(**config, **TRAINER_FIXED, callbacks=callbacks)
         except MisconfigurationException as err:
