@@ -7,6 +7,8 @@ Runs the command in a child ``python -X importtime`` and sums each module's own 
 package (``torch`` split by its subpackage), then prints, for the largest ones, the chain of
 imports that first brought them in. The child's whole wall time is printed too, since
 ``-X importtime`` leaves out what happens between imports (loading shared libraries, CUDA).
+One process only: under ``-c`` Lightning cannot start DDP's other processes (it re-runs the
+script it was started with).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
 def package(module: str) -> str:
+    """The name imports are summed under: the top-level package, ``torch`` by its subpackage."""
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] == "torch" and len(parts) > 1 else parts[0]
 
@@ -68,8 +71,9 @@ def main() -> None:
     for i, (_, module, us, _) in enumerate(rows):
         own_time[package(module)] += us
         count[package(module)] += 1
-    for i in range(len(rows) - 1, -1, -1):  # the outermost module of each package: its last line
-        first.setdefault(package(rows[i][1]), i)
+        first.setdefault(package(module), i)  # the first module of a package printed: its first import
+    if done.returncode:
+        print("\n".join([line for line in done.stderr.splitlines() if not line.startswith("import time:")][-20:]))
     total = sum(own_time.values()) / 1e6
     print(f"exit code {done.returncode}; wall {wall:.2f} s; imports {total:.2f} s over {len(rows)} modules")
     for name, us in own_time.most_common(own.top):

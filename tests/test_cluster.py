@@ -11,7 +11,9 @@ import pytest
 from conftest import base_args, lgen, read
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from lightning.pytorch import Trainer
+from lightning.pytorch.plugins import Precision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lgen.api import LLM
 from lgen.cluster import MPI_LAUNCH_VARIABLES, without_mpi_probe
@@ -33,7 +35,7 @@ def mpi_asked(monkeypatch) -> list[int]:
     monkeypatch.setitem(sys.modules, "mpi4py", mpi4py)
     monkeypatch.setattr("lightning.fabric.plugins.environments.mpi._MPI4PY_AVAILABLE", True)
     for name in list(os.environ):
-        if name in MPI_LAUNCH_VARIABLES or name.startswith(("SLURM_", "LSB_", "TORCHELASTIC_")):
+        if name in MPI_LAUNCH_VARIABLES or name.startswith(("SLURM_", "LSB_", "JSM_", "TORCHELASTIC_")):
             monkeypatch.delenv(name)
     return asked
 
@@ -56,7 +58,7 @@ def test_the_same_environment_lightning_would_pick(mpi_asked):
     assert type(trainer.strategy.cluster_environment) is LightningEnvironment and mpi_asked == []
 
 
-@pytest.mark.parametrize("variable", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"])
+@pytest.mark.parametrize("variable", MPI_LAUNCH_VARIABLES)
 def test_an_mpi_launch_is_left_to_lightning(mpi_asked, monkeypatch, variable):
     monkeypatch.setenv("PMIX_MCA_gds", "hash")  # a setting, not a launch
     monkeypatch.setenv("OMPI_MCA_coll_hcoll_enable", "0")
@@ -68,11 +70,26 @@ def test_an_mpi_launch_is_left_to_lightning(mpi_asked, monkeypatch, variable):
     assert mpi_asked == [1]
 
 
-def test_slurm_and_a_given_environment_are_left_to_lightning(mpi_asked, monkeypatch):
-    given = [SLURMEnvironment(auto_requeue=False)]
-    assert without_mpi_probe(given) is given
-    strategy = DDPStrategy(cluster_environment=LightningEnvironment())
-    assert without_mpi_probe(None, strategy) is None
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    monkeypatch.setenv("SLURM_JOB_NAME", "lgen")
-    assert without_mpi_probe(None) is None
+def test_plugins_are_kept_in_any_form_the_trainer_takes(mpi_asked):
+    precision = Precision()
+    for given in (precision, [precision], (precision,), iter([precision])):
+        plugins = without_mpi_probe(given)
+        assert plugins[0] is precision and type(plugins[1]) is LightningEnvironment and len(plugins) == 2
+    assert type(without_mpi_probe(None, DDPStrategy())[0]) is LightningEnvironment  # a strategy without one
+
+
+def test_given_environments_and_other_launchers_are_left_to_lightning(mpi_asked, monkeypatch):
+    slurm = SLURMEnvironment(auto_requeue=False)
+    assert without_mpi_probe(slurm) == [slurm] and without_mpi_probe((slurm,)) == [slurm]
+    with pytest.raises(MisconfigurationException, match="set through both"):  # Lightning's own check stays
+        Trainer(accelerator="cpu", devices=2, logger=False, plugins=without_mpi_probe(slurm),
+                strategy=DDPStrategy(cluster_environment=LightningEnvironment()))
+    assert without_mpi_probe(None, DDPStrategy(cluster_environment=LightningEnvironment())) is None
+    for launch in ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "lgen"}, {"TORCHELASTIC_RUN_ID": "1"},
+                   {"LSB_JOBID": "1", "LSB_DJOB_RANKFILE": "f", "JSM_NAMESPACE_LOCAL_RANK": "0",
+                    "JSM_NAMESPACE_SIZE": "1"}):
+        with monkeypatch.context() as env:
+            for name, value in launch.items():
+                env.setenv(name, value)
+            assert without_mpi_probe(None) is None, launch
+    assert mpi_asked == []
