@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from lgen.cli import quiet
-from lgen.cluster import without_mpi_probe
 from lgen.data import GenerationDataModule
 from lgen.errors import ConfigError, Incomplete
 from lgen.interrupt import GracefulStop
@@ -25,7 +24,7 @@ from lgen.output import directory as outputs
 from lgen.output.lock import DirectoryLock
 from lgen.output.merge import ordered_lines
 from lgen.output.writer import JsonlWriter
-from lgen.predict import TRAINER_FIXED, prepare_run
+from lgen.predict import make_trainer, prepare_run
 
 
 class LLM:
@@ -104,9 +103,7 @@ class LLM:
             seed_everything(self.seed, verbose=False)  # as lgen predict (engine: generate samples with it)
             output = outputs.OutputDir(out, data.dataset_split)
             writer = JsonlWriter(output)
-            plugins = without_mpi_probe(self.trainer_options.get("plugins"), self.trainer_options.get("strategy"))
-            trainer = Trainer(**{**self.trainer_options, "plugins": plugins}, **TRAINER_FIXED,
-                              callbacks=[writer, GracefulStop()])
+            trainer = make_trainer(self.trainer_options, callbacks=[writer, GracefulStop()])
             prepare_run(self.module, data, trainer, output, writer=writer, overwrite=overwrite)
             if data.todo:
                 trainer.predict(self.module, datamodule=data, return_predictions=False)

@@ -144,9 +144,8 @@ class LgenCLI(LightningCLI):
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.writer, self.stop]
         if config.get("enable_progress_bar", True) is not False:
             callbacks.append(GenerationProgressBar())
-        config["plugins"] = without_mpi_probe(config.get("plugins"), config.get("strategy"))
         try:
-            return Trainer(**config, **TRAINER_FIXED, callbacks=callbacks)
+            return make_trainer(config, callbacks=callbacks)
         except MisconfigurationException as err:
             hint = ""
             if str(config.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -212,6 +211,14 @@ def _expected(message: str) -> str:
     found = [names.get(t, t) for t in re.findall(r"Expected a <class '(\w+)'>", message)]
     found += [f"one of {lits}" for lits in re.findall(r"Literal\[([^\]]+)\]", message)]
     return ", or ".join(dict.fromkeys(found)) or "another value"
+
+
+def make_trainer(options: dict[str, Any], *, callbacks: list[Any]) -> Trainer:
+    """The Trainer of a run, for ``lgen predict`` and :class:`lgen.api.LLM` alike: ``options`` (a
+    config's ``trainer:``), what every lgen run fixes, and the cluster environment Lightning would
+    pick, found without starting MPI (:mod:`lgen.cluster`)."""
+    plugins = without_mpi_probe(options.get("plugins"), options.get("strategy"))
+    return Trainer(**{**options, "plugins": plugins}, **TRAINER_FIXED, callbacks=callbacks)
 
 
 def prepare_run(model: GenerationModule, data: GenerationDataModule, trainer: Trainer, output: outputs.OutputDir, *,
