@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lgen.decode import steppers
-from lgen.kernels import attention
+from lgen.kernels import attention, backend
 
 ROWS, HEADS, KV_HEADS, KEYS, DIM = 3, 8, 2, 10, 16
 MODULE = SimpleNamespace(num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
@@ -66,17 +66,33 @@ def test_anything_else_goes_to_transformers(qkv, monkeypatch):
     assert seen == [{"softcap": 30.0, "scaling": 0.25}]
 
 
-def test_the_swap_is_scoped_and_keeps_the_name(tiny_model):
+def test_the_model_runs_under_lgen_only_within_the_block(tiny_model):
+    """backend.use puts every part of the model under the ``lgen`` implementation, computing its
+    own attention, and puts its implementation back after, also on an error; transformers' own
+    functions are never swapped."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
-    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    with pytest.raises(RuntimeError):
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with pytest.raises(RuntimeError, match="boom"), backend.use(model):
+        assert model.config._attn_implementation == backend.NAME
+        assert backend.base() is sdpa
         with attention.packed_decode(True):
-            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is attention.packed_sdpa
-            assert model.config._attn_implementation == "sdpa"
-            raise RuntimeError
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
-    with attention.packed_decode(False):  # where transformers packs the heads itself
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+            assert backend._STATE.front is not None
+        assert backend._STATE.front is None
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa" and ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+    with backend.use(model), attention.packed_decode(False):  # where transformers packs the heads itself
+        assert backend._STATE.front is None
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
+    with backend.use(eager):  # an eager model keeps its own eager function
+        from transformers.models.llama import modeling_llama
+
+        module = eager.model.layers[0].self_attn
+        q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+        mask = torch.zeros(1, 1, 3, 3)
+        ours = backend.attention(module, q, k, v, mask, scaling=0.25, dropout=0.0)[0]
+        theirs = modeling_llama.eager_attention_forward(module, q, k, v, mask, scaling=0.25, dropout=0.0)[0]
+        assert torch.equal(ours, theirs)
+    assert eager.config._attn_implementation == "eager"
 
 
 def test_engine_decode_steps_match_eager_attention(tiny_model, monkeypatch):
@@ -89,13 +105,13 @@ def test_engine_decode_steps_match_eager_attention(tiny_model, monkeypatch):
     logits = {}
     for impl in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl).eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), backend.use(model):
             stepper = steppers.EagerStepper(model)
             stepper.prefill(ids, mask, 1)
             with attention.packed_decode(True):
                 logits[impl] = torch.stack([stepper.step(torch.tensor([9, 9])) for _ in range(3)])
     torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-4)
-    assert calls.count(1) == 3 * 2  # 3 decode steps x 2 layers went through the packed function
+    assert calls.count(1) == 2 * 3 * 2  # both models: 3 decode steps x 2 layers went through the packed function
 
 
 def test_spans_are_each_querys_allowed_keys():
@@ -113,20 +129,22 @@ def test_spans_are_each_querys_allowed_keys():
         assert torch.equal(bias, expected.masked_fill(~allowed, float("-inf")))
 
 
-def test_decoding_puts_back_what_it_swaps_also_on_an_error():
+def test_decoding_puts_back_what_it_swaps_also_on_an_error(tiny_model):
     """The one context that swaps attention (and turns cuDNN attention off on CUDA) leaves the
-    process as it found it, however the block ends."""
+    process and the model as it found them, however the block ends."""
     from lgen.kernels import decoding, no_cudnn_attention
 
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
     sdpa, cudnn = ALL_ATTENTION_FUNCTIONS["sdpa"], torch.backends.cuda.cudnn_sdp_enabled()
     with pytest.raises(RuntimeError, match="boom"), no_cudnn_attention(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         raise RuntimeError("boom")
     assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn
     for invariant in (False, True):
-        with pytest.raises(RuntimeError, match="boom"), decoding(torch.device("cpu"), invariant=invariant, packed=True):
-            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa
+        with pytest.raises(RuntimeError, match="boom"), decoding(model, invariant=invariant, packed=True):
+            assert backend._STATE.front is not None and model.config._attn_implementation == backend.NAME
             raise RuntimeError("boom")
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
-    with decoding(torch.device("cpu"), packed=False, spans=False):
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa  # nothing asked, nothing swapped
+        assert backend._STATE.front is None and backend._STATE.base is None
+        assert model.config._attn_implementation == "sdpa" and ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+    with decoding(model, packed=False, spans=False):
+        assert backend._STATE.front is None  # nothing asked, nothing in front of the model's own attention

@@ -98,13 +98,12 @@ def test_chunked_attention_is_attention_and_ignores_the_cache_length():
 
 
 def test_attention_and_ops_are_put_back():
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from lgen.kernels import backend
 
-    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
     with pytest.raises(RuntimeError, match="boom"), invariant.batch_invariant(CPU):
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not before
+        assert backend._STATE.front is not None and _get_current_dispatch_mode() is not None
         raise RuntimeError("boom")
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+    assert backend._STATE.front is None
     assert _get_current_dispatch_mode() is None
 
 

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from lgen.decode import cache
 from lgen.hf import tensor_parallel
 
 
-def kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(layers, key/value heads, head size) of the model's cache on this rank (a tensor-parallel
-    rank holds its share of the heads)."""
-    cfg = model.config.get_text_config(decoder=True)
-    heads = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // tensor_parallel.degree(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, heads, head_dim
-
-
 def cache_bytes_per_token(model: torch.nn.Module) -> int:
-    """Key and value bytes one token takes across all layers."""
-    layers, heads, head_dim = kv_layout(model)
-    return 2 * layers * heads * head_dim * next(model.parameters()).element_size()
+    """Key and value bytes one token takes across all layers, as the model caches them on this rank
+    (:func:`lgen.decode.cache.layout`)."""
+    elements = sum(shape.elements for shape in cache.layout(model) if shape is not None)
+    return elements * next(model.parameters()).element_size()
 
 
 def token_budget(model: torch.nn.Module, free_bytes: int, *, share: float = 0.8, row_span: int | None = None,

@@ -53,7 +53,7 @@ class CompactEngine(Batchwise):
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
             max_new_tokens: int, rules: StopRules, row_keys: torch.Tensor | None,
             deadline: Deadline | None = None) -> Generated:
-        with decoding(input_ids.device, invariant=self.settings.invariant, spans=self.settings.span_attention):
+        with decoding(model, invariant=self.settings.invariant, spans=self.settings.span_attention):
             return self._run(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, rules=rules,
                              row_keys=row_keys, deadline=deadline)
 

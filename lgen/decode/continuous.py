@@ -126,7 +126,7 @@ class ContinuousEngine:
             raise ValueError("continuous batching needs a batch of a stream plan (data.connect(continuous=True))")
         if self.config.do_sample and row_keys is None:
             raise ValueError("sampling needs row_keys")
-        with decoding(batch.input_ids.device, invariant=self.settings.invariant, spans=self.settings.span_attention):
+        with decoding(model, invariant=self.settings.invariant, spans=self.settings.span_attention):
             return self._generate(model, batch, row_keys, deadline or Deadline(), _Emitter(emit))
 
     def _generate(self, model: torch.nn.Module, batch: Batch, row_keys: torch.Tensor | None,

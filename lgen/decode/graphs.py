@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from lgen.hf.models import base_model, whole_blocks
+from lgen.kernels import backend
 
 
 def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
@@ -48,13 +49,16 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
 
 class CapturedStep:
     """The model's one-token step over static buffers (``token``, ``mask``, ``next_pos``,
-    ``cache``), captured as a CUDA graph at its first run when ``graph``, and replayed after."""
+    ``write_at``, ``cache``), captured as a CUDA graph at its first run when ``graph``, and replayed after."""
 
     graph: bool
+    windows: dict[int, int]  # the layers whose decode steps see a window of keys (lgen.decode.cache.windows)
     _graph: torch.cuda.CUDAGraph | None
 
     def _forward(self) -> torch.Tensor:
-        with torch._dynamo.config.patch(**_RECOMPILES):
+        """One token per row, at cache index ``write_at`` (the masks' query index) and position ``next_pos``."""
+        with (torch._dynamo.config.patch(**_RECOMPILES), backend.use(self.model),
+              backend.queries(self.write_at[:, None], positions=self.next_pos, windows=self.windows)):
             out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
                              use_cache=True, **{self.cache_arg: self.cache})
         return out.logits[:, -1, :]

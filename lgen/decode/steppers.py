@@ -20,9 +20,10 @@ import torch
 from transformers import DynamicCache
 
 from lgen.batch import bucket
-from lgen.decode.budget import kv_layout
-from lgen.decode.cache import PoolCache, SlotCache, cache_argument
+from lgen.decode.cache import PoolCache, SlotCache, buffers, cache_argument, layout, windows
 from lgen.decode.graphs import CapturedStep
+from lgen.errors import UnsupportedModel
+from lgen.kernels import backend
 
 
 class Stepper(Protocol):
@@ -73,8 +74,9 @@ class EagerStepper:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> torch.Tensor:
         self.cache = DynamicCache(config=self.model.config)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        with backend.queries(None, positions=positions):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
         logits = out.logits[:, -1, :].float()
         if samples > 1:
             self.cache.batch_repeat_interleave(samples)
@@ -93,8 +95,9 @@ class EagerStepper:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
-        out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_pos,
-                         use_cache=True, **{self.cache_arg: self.cache})
+        with backend.queries(None, positions=self.next_pos):
+            out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_pos,
+                             use_cache=True, **{self.cache_arg: self.cache})
         self.next_pos = self.next_pos + 1
         return out.logits[:, -1, :].float()
 
@@ -102,31 +105,23 @@ class EagerStepper:
 def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
             aligned: bool = False) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
     """Run left-padded prompts (``[rows, width]``) over a :class:`SlotCache` of ``width`` positions.
-    Returns the first logits (``[rows, vocab]``, float32), the cache, the additive mask a decode step
-    over those positions takes (``[rows, 1, 1, width]``: 0 where a row may look, the dtype's
-    minimum elsewhere) and each row's next position (``[rows, 1]``). ``aligned``: the prompts start
-    at position 0 and are padded on the right (see :func:`align_left`); the first logits are then
-    each prompt's last token's."""
+    Returns the first logits (``[rows, vocab]``, float32), the cache, the keys each row holds
+    (``[rows, width]``, bool) and each row's next position (``[rows, 1]``). ``aligned``: the prompts
+    start at position 0 and are padded on the right (see :func:`align_left`); the first logits are
+    then each prompt's last token's."""
     rows, width = input_ids.shape
     device = input_ids.device
     dtype = next(model.parameters()).dtype
-    layers, heads, head_dim = kv_layout(model)
-    shape = (rows, heads, width, head_dim)
-    k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+    k, v = buffers(layout(model), rows, width, dtype=dtype, device=device)
     cache = SlotCache(k, v, torch.arange(width, device=device))
-    neg = torch.finfo(dtype).min
     allowed = attention_mask.bool()
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    prefill_mask = allowed[:, None, None, :].expand(rows, 1, width, width)
-    prefill_mask = prefill_mask & causal | torch.eye(width, width, dtype=torch.bool, device=device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.compiler.set_stance("force_eager"), _last_tokens(model, attention_mask, aligned):
-        out = model(input_ids=input_ids, attention_mask=torch.where(prefill_mask, 0.0, neg).to(dtype),
-                    position_ids=positions, use_cache=True, logits_to_keep=0 if aligned else 1,
-                    **{cache_argument(model): cache})
+    with (torch.compiler.set_stance("force_eager"), _last_tokens(model, attention_mask, aligned),
+          backend.use(model), backend.queries(cache.write_at[None].expand(rows, width), positions=positions)):
+        out = model(input_ids=input_ids, attention_mask=allowed, position_ids=positions, use_cache=True,
+                    logits_to_keep=0 if aligned else 1, **{cache_argument(model): cache})
     logits = out.logits[:, -1, :].float()
-    return logits, cache, torch.where(allowed, 0.0, neg).to(dtype)[:, None, None, :], positions[:, -1:] + 1
+    return logits, cache, allowed, positions[:, -1:] + 1
 
 
 def align_left(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,13 +159,11 @@ class PoolStepper(CapturedStep):
         self.cache_arg = cache_argument(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.neg = torch.finfo(self.dtype).min
-        layers, heads, head_dim = kv_layout(model)
-        shape = (rows, heads, length, head_dim)
-        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
-        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        shapes = layout(model)
+        self.windows = windows(shapes)
+        k, v = buffers(shapes, rows, length, dtype=self.dtype, device=self.device)
         self._setup(PoolCache(k, v, torch.zeros(rows, dtype=torch.long, device=self.device)),
-                    torch.full((rows, 1, 1, length), self.neg, dtype=self.dtype, device=self.device),
+                    torch.zeros((rows, length), dtype=torch.bool, device=self.device),
                     torch.zeros((rows, 1), dtype=torch.long, device=self.device))
 
     @property
@@ -178,7 +171,8 @@ class PoolStepper(CapturedStep):
         return self.mask.shape[0]
 
     def _setup(self, cache: PoolCache, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
-        """Static buffers; the step is captured at the next ``step``."""
+        """Static buffers (``mask``: the keys each row holds, ``[rows, length]``); the step is
+        captured at the next ``step``."""
         self.cache, self.write_at = cache, cache.write_at.contiguous()
         self.cache.write_at = self.write_at
         self.mask, self.next_pos = mask.contiguous(), next_pos.contiguous()
@@ -197,10 +191,11 @@ class PoolStepper(CapturedStep):
         logits, cache, mask, next_pos = prefill(self.model, input_ids, attention_mask, aligned=self.aligned)
         prompt = torch.arange(input_ids.shape[0], device=self.device).repeat_interleave(samples)  # each slot's
         for k, v, pk, pv in zip(self.cache.k, self.cache.v, cache.k, cache.v):  # prompt, copied once
-            k[slots, :, :width] = pk[prompt]
-            v[slots, :, :width] = pv[prompt]
-        self.mask[slots] = self.neg
-        self.mask[slots, :, :, :width] = mask[prompt]
+            if k is not None:
+                k[slots, :, :width] = pk[prompt]
+                v[slots, :, :width] = pv[prompt]
+        self.mask[slots] = False
+        self.mask[slots, :width] = mask[prompt]
         self.write_at[slots] = attention_mask.sum(-1)[prompt] if self.aligned else width
         self.next_pos[slots] = next_pos[prompt]
         return logits[prompt]
@@ -212,7 +207,7 @@ class PoolStepper(CapturedStep):
     def step(self, token: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(self.rows, device=self.device)
         self.token.copy_(token[:, None])
-        self.mask[rows, 0, 0, self.write_at] = 0.0  # each new token sees itself
+        self.mask[rows, self.write_at] = True  # each new token sees itself
         logits = self._run()
         self.write_at.add_(1).clamp_(max=self.length - 1)  # a free row runs on; it must stay in bounds
         self.next_pos.add_(1)
@@ -234,3 +229,26 @@ class PoolStepper(CapturedStep):
         sel = torch.cat([keep, keep[-1:].expand(size - keep.numel())])
         self.select(sel)
         return sel
+
+
+def pool_trouble(model: torch.nn.Module) -> str | None:
+    """Why a pool cannot decode ``model`` (None: it can), found by trying: two rows of different
+    lengths are prefilled and step twice, eagerly, before any prompt. What the architecture check
+    before loading cannot see shows here: a model that uses the cache's length while decoding
+    (:class:`lgen.decode.cache.PoolCache`), or asks the cache for something it does not have."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3], [0, 2, 3]], device=device)
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]], device=device)
+    try:
+        with torch.inference_mode():
+            pool = PoolStepper(model, rows=2, length=6, graph=False)
+            logits = pool.prefill(ids, mask, 1)
+            for _ in range(2):
+                logits = pool.step(logits.argmax(-1))
+    except UnsupportedModel as err:
+        return str(err)
+    except AttributeError as err:
+        if not isinstance(getattr(err, "obj", None), SlotCache):
+            raise
+        return f"the compact engine cannot run this model: it asks the cache for {err.name!r}, which a pool lacks"
+    return None

@@ -1,6 +1,8 @@
-"""What runs behind transformers' ``sdpa`` name and under the matmuls while the engines decode:
-the decode attention of :mod:`.attention` (packed heads; span attention in a Triton kernel,
-:mod:`.triton_ops`) or the batch-invariant ops of :mod:`.invariant`.
+"""What runs under attention and the matmuls while the engines decode: the model runs as the
+attention implementation of :mod:`.backend` (its own attention, with masks made for rows that each
+sit at their own place in a cache), with the decode attention of :mod:`.attention` in front
+(packed heads; span attention in a Triton kernel, :mod:`.triton_ops`) or the batch-invariant ops
+and attention of :mod:`.invariant`.
 
 :func:`decoding` is the one way in: the engines enter it around their decoding, and everything it
 swaps is put back when it exits, also on an error.
@@ -13,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
+from lgen.kernels import backend
 from lgen.kernels.attention import packed_decode, packing_needed, span_decode, spans_available
 from lgen.kernels.invariant import batch_invariant
 
@@ -34,17 +37,19 @@ def no_cudnn_attention(device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def decoding(device: torch.device, *, invariant: bool = False, spans: bool | None = None,
+def decoding(model: torch.nn.Module, *, invariant: bool = False, spans: bool | None = None,
              packed: bool | None = None) -> Iterator[None]:
-    """Decoding on ``device``: with ``invariant``, the batch-invariant mode (its own matmuls,
-    reductions and attention); otherwise packed decode attention (``packed``; None: where this
-    transformers copies the cache per head) and span attention (``spans``; None: where it runs).
-    Either way without cuDNN attention (:func:`no_cudnn_attention`)."""
+    """``model`` decoding under :mod:`.backend` on its device: with ``invariant``, the
+    batch-invariant mode (its own matmuls, reductions and attention); otherwise packed decode
+    attention (``packed``; None: where this transformers copies the cache per head) and span
+    attention (``spans``; None: where it runs). Either way without cuDNN attention
+    (:func:`no_cudnn_attention`)."""
+    device = next(model.parameters()).device
     if invariant:
-        with no_cudnn_attention(device), batch_invariant(device):
+        with no_cudnn_attention(device), backend.use(model), batch_invariant(device):
             yield
         return
     packed = packing_needed() if packed is None else packed
     spans = spans_available(device) if spans is None else spans
-    with no_cudnn_attention(device), packed_decode(packed), span_decode(spans):
+    with no_cudnn_attention(device), backend.use(model), packed_decode(packed), span_decode(spans):
         yield

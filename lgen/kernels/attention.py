@@ -1,8 +1,9 @@
-"""Decode-step attention: what runs behind transformers' ``sdpa`` name while an engine decodes.
+"""Decode-step attention: what stands in front of a model's own attention while an engine decodes
+(:func:`lgen.kernels.backend.behind`).
 
 The engines decode over a static cache (:mod:`lgen.decode.steppers`): every row has as many positions as
 the longest row needs, and a mask hides the rest. Two functions make a decode step cheaper; each
-is swapped in for one batch's decoding by a context manager and put back after:
+stands in for one batch's decoding by a context manager and is taken away after:
 
 * :func:`packed_decode`: with a mask, transformers' SDPA function in versions without ``pack_gqa``
   expands every layer's key/value cache to all query heads (``repeat_kv``) at every decode step.
@@ -23,9 +24,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations import sdpa_attention
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from lgen.kernels import backend
 
 # arguments attention layers pass that do not change SDPA's result (a sliding window is in the mask)
 _NEUTRAL = {"dropout", "scaling", "position_ids", "sliding_window", "use_cache", "cache_position", "is_causal",
@@ -39,13 +40,15 @@ def packing_needed() -> bool:
 
 
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+                attention_mask: torch.Tensor | None, *, fallback: Callable | None = None,
+                **kwargs) -> tuple[torch.Tensor, None]:
     """SDPA with a single query token's grouped heads folded into the query axis. Anything else
     (prefill, no grouping, no mask or a per-head one, dropout, softcap, sinks, sparse indices, ...)
-    goes to transformers' own SDPA function."""
+    goes to ``fallback`` (by default transformers' own SDPA function)."""
     groups = getattr(module, "num_key_value_groups", 1)
     if groups == 1 or not _plain_decode_step(query, attention_mask, kwargs):
-        return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        fallback = fallback or sdpa_attention.sdpa_attention_forward
+        return fallback(module, query, key, value, attention_mask, **kwargs)
     rows, heads, _, dim = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(rows, heads // groups, groups, dim), key, value, attn_mask=attention_mask,
@@ -62,26 +65,13 @@ def _plain_decode_step(query: torch.Tensor, attention_mask: torch.Tensor | None,
 
 
 @contextmanager
-def behind_sdpa(function: Callable) -> Iterator[None]:
-    """Within the block, ``function`` runs wherever attention registered as ``sdpa`` runs; the
-    previous function is put back after, also on an error. The name stays ``sdpa``, so model code
-    that checks it (e.g. to build masks) sees no change; only the function behind it is swapped."""
-    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    AttentionInterface.register("sdpa", function)
-    try:
-        yield
-    finally:
-        AttentionInterface.register("sdpa", previous)
-
-
-@contextmanager
 def packed_decode(enabled: bool) -> Iterator[None]:
-    """Within the block (one batch's decoding), attention registered as ``sdpa`` runs
-    :func:`packed_sdpa`. Nothing happens unless ``enabled`` (see :func:`packing_needed`)."""
-    if not enabled:
-        yield
-        return
-    with behind_sdpa(packed_sdpa):
+    """Within the block (one batch's decoding), a decode step's attention runs :func:`packed_sdpa`
+    (anything else what stood before). Nothing happens unless ``enabled`` (see :func:`packing_needed`)."""
+    def front(previous: Callable) -> Callable:
+        return lambda *args, **kwargs: packed_sdpa(*args, fallback=previous, **kwargs)
+
+    with backend.behind(front if enabled else None):
         yield
 
 
@@ -97,21 +87,22 @@ class Spans:
 
     A call returns ``(bias, starts, ends)`` for a ``[rows, 1, queries, keys]`` mask: ``bias`` is
     ``[rows, queries, keys]``, the mask's additive value where a query may look and ``-inf``
-    elsewhere; every key a query may see lies in ``[start, end)``. Every layer of a forward shares
-    one mask, so they are computed at its first attention layer and kept for the next ones. A
-    static mask is one tensor changed in place between steps (and a CUDA graph replays the first
-    layer's computation), so a new forward shows as a layer index that did not grow.
+    elsewhere; every key a query may see lies in ``[start, end)``. The layers of one type share a
+    mask within a forward (full, sliding, chunked: a mask per type), so each mask's spans are
+    computed at the first layer that takes it and kept for the others; a new forward shows as a
+    layer index that did not grow, and forgets them (a CUDA graph replays the computations).
     """
 
     def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
-        self.value: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.seen: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.layer = -1
 
     def __call__(self, mask: torch.Tensor, layer: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        first = layer is None or layer <= self.layer
+        if layer is None or layer <= self.layer:
+            self.seen.clear()
         self.layer = -1 if layer is None else layer
-        if first or mask is not self.mask or self.value is None:
+        kept = self.seen.get(id(mask))
+        if kept is None or kept[0] is not mask:
             # a prefill's mask is [rows, 1, queries, keys]: a byte per entry for the temporaries
             allowed = allowed_keys(mask)[:, 0]
             length = allowed.shape[-1]
@@ -121,9 +112,9 @@ class Spans:
             ends = torch.where(some, length - hit.flip(-1).argmax(dim=-1), 0).to(torch.int32)
             del hit
             values = torch.zeros(allowed.shape, device=mask.device) if mask.dtype == torch.bool else mask[:, 0].float()
-            self.value = (values.masked_fill_(~allowed, float("-inf")), starts, ends)
-            self.mask = mask
-        return self.value
+            kept = (mask, (values.masked_fill_(~allowed, float("-inf")), starts, ends))
+            self.seen[id(mask)] = kept
+        return kept[1]
 
 
 def span_attention(module: torch.nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -169,10 +160,8 @@ def _span_decode_attention(previous: Callable, spans: Spans) -> Callable:
 def span_decode(enabled: bool) -> Iterator[None]:
     """Within the block, a decode step's attention (one query token, one mask for all heads, nothing
     unusual such as soft-capping) runs :func:`span_attention`; anything else, the prefill included,
-    goes to the function registered as ``sdpa`` before (transformers', or :func:`packed_sdpa`). Put
-    back after, also on an error. Nothing happens unless ``enabled`` (see :func:`spans_available`)."""
-    if not enabled:
-        yield
-        return
-    with behind_sdpa(_span_decode_attention(ALL_ATTENTION_FUNCTIONS["sdpa"], Spans())):
+    goes to what stood before (the model's own attention, or :func:`packed_sdpa`). Taken away
+    after, also on an error. Nothing happens unless ``enabled`` (see :func:`spans_available`)."""
+    spans = Spans()
+    with backend.behind((lambda previous: _span_decode_attention(previous, spans)) if enabled else None):
         yield

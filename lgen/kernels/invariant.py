@@ -11,11 +11,12 @@ code, so it covers every architecture transformers loads) fixes the order of eve
   zeros and laid out one way, so every call has the same shape and layout whatever the batch: the
   kernel and its reduction order are fixed, and a row's result depends on that row only. On CUDA,
   matmuls and sums run instead in Triton kernels of one blocking (:mod:`lgen.kernels.triton_ops`).
-* **attention** (behind the ``sdpa`` name) reduces over the keys in blocks of a fixed size from key
-  0, and a block past a row's last key adds exact zeros (:func:`chunked_attention`; on CUDA the
-  Triton kernel, which does not read those blocks). The engines lay each row out *from position 0*
-  (no left padding, see :class:`lgen.decode.steppers.PoolStepper`), so a row's keys fall in the same
-  blocks whoever shares its batch.
+* **attention** (in front of the model's own, :mod:`lgen.kernels.backend`) reduces over the keys
+  in blocks of a fixed size from key 0, and a block past a row's last key adds exact zeros
+  (:func:`chunked_attention`; on CUDA the Triton kernel, which does not read those blocks). The
+  engines lay each row out *from position 0* (no left padding, see
+  :class:`lgen.decode.steppers.PoolStepper`), so a row's keys fall in the same blocks whoever
+  shares its batch.
 
 On a CPU the tiles cost padding and many small calls; on CUDA the attention kernel reads only each
 row's keys, not the whole static cache. ``docs/precision.md`` has the figures.
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from lgen.kernels.attention import Spans, allowed_keys, behind_sdpa, span_attention
+from lgen.kernels import backend
+from lgen.kernels.attention import Spans, allowed_keys, span_attention
 
 aten = torch.ops.aten
 
@@ -292,8 +294,8 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 @contextmanager
 def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterator[Tiles]:
-    """Within the block, matmuls and reductions run on fixed tiles and attention registered as
-    ``sdpa`` runs :func:`chunked_attention`; both are put back after, also on an error."""
+    """Within the block, matmuls and reductions run on fixed tiles and attention runs
+    :func:`chunked_attention` (on CUDA the span kernel); both are taken away after, also on an error."""
     tiles = tiles or Tiles.for_device(device)
     spans = Spans()
 
@@ -304,5 +306,5 @@ def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterato
                                   scaling=kwargs.get("scaling"))
         return chunked_attention(module, query, key, value, attention_mask, tiles=tiles, **kwargs)
 
-    with behind_sdpa(attention), BatchInvariantOps(tiles):
+    with backend.behind(lambda previous: attention), BatchInvariantOps(tiles):
         yield tiles
