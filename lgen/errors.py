@@ -31,6 +31,11 @@ class ConfigError(UserError, ValueError):
     """A setting that cannot work, alone or with the others."""
 
 
+class UnsupportedModel(ConfigError):
+    """A model the compact engine turned out not to run (what the architecture check before loading
+    could not see); the message names what it asked for, and ``model.engine: generate`` runs it."""
+
+
 class DataError(UserError):
     """The dataset cannot be read, or leaves nothing to generate."""
 

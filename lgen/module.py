@@ -9,16 +9,18 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.utilities import rank_zero_only
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lgen.batch import Batch
-from lgen.decode import DecodeSettings, Engine, budget, lockstep, make_engine, sampling
+from lgen.decode import DecodeSettings, Engine, budget, lockstep, make_engine, sampling, settle
 from lgen.decode.braces import Language, token_table
 from lgen.decode.deadline import AgreedDeadline, Deadline
 from lgen.decode.graphs import compile_layers
 from lgen.decode.stopping import BraceMatching, EndOfSequence, Length, StopRules, StopStrings
 from lgen.errors import ConfigError
 from lgen.hf import generation, models, precision, tensor_parallel, zero3
+from lgen.hf.architecture import Architecture
 from lgen.output import records
 
 log = logging.getLogger(__name__)
@@ -139,11 +141,18 @@ class GenerationModule(LightningModule):
             file=generation_config_file, overrides=generation_kwargs or {}, model_path=self.path, hub=hub,
             model_config=self.model_config, tokenizer=self.tokenizer, stop_strings=self.stop_strings)
         self.stop_strings = list(self.generation_config.stop_strings or [])
+        self.architecture = Architecture.of(self.model_config)
         self.decode = DecodeSettings.choose(
             self.generation_config, engine=engine, compact_every=compact_every, cuda_graphs=cuda_graphs,
             torch_compile=torch_compile, batch_invariant=batch_invariant,
-            prompt_learning=self.adapter_config is not None and self.adapter_config.is_prompt_learning,
-            softcap=getattr(self.model_config.get_text_config(decoder=True), "attn_logit_softcapping", None))
+            prompt_learning=self.prompt_learning,
+            softcap=getattr(self.model_config.get_text_config(decoder=True), "attn_logit_softcapping", None),
+            architecture=self.architecture)
+        if self.decode.because and rank_zero_only.rank == 0:
+            log.warning("engine: auto runs model.generate for this %s model, as %s%s", self.architecture.model_type,
+                        "; ".join(self.decode.because),
+                        ", one prompt at a time" if self.decode.one_prompt else "")
+        self.engine_asked = engine
         self.seed = seed
         self.model = None
         self.engine: Engine | None = None  # built in on_predict_start, when the device is known
@@ -157,6 +166,11 @@ class GenerationModule(LightningModule):
     @property
     def num_return_sequences(self) -> int:
         return int(self.generation_config.num_return_sequences or 1)
+
+    @property
+    def prompt_learning(self) -> bool:
+        """A prompt-learning adapter (its virtual tokens go through peft's ``generate``)."""
+        return self.adapter_config is not None and self.adapter_config.is_prompt_learning
 
     @property
     def virtual_tokens(self) -> int:
@@ -265,9 +279,21 @@ class GenerationModule(LightningModule):
                                   "set model.torch_compile: false") from err
         if self.sharded:
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
+        self.decode = settle(self.decode, self.model, asked=self.engine_asked, lockstep=self.synced,
+                             poolable=not self.architecture.compact_missing() and not self.prompt_learning)
+        if self.decode.one_prompt and self.decode.because and self.global_rank == 0:
+            log.warning("engine: auto runs model.generate for this %s model, one prompt at a time: %s",
+                        self.architecture.model_type, "; ".join(self.decode.because))
         self.engine = make_engine(self.decode.on(self.device, sharded=self.sharded), self.generation_config,
                                   rules=self.stop_rules, tokenizer=self.tokenizer,
                                   pad_token_id=self.generation_config.pad_token_id, lockstep=self.synced)
+
+    def engine_summary(self) -> dict[str, Any]:
+        """What ``summary.json`` says of the engine a run used, and why ``engine: auto`` chose
+        ``model.generate``."""
+        return {"engine": self.decode.engine, **({"engine_reason": "; ".join(self.decode.because)}
+                                                   if self.decode.because else {}),
+                **({"one_prompt_at_a_time": True} if self.decode.one_prompt else {})}
 
     def configure_callbacks(self) -> list[Callback]:
         return [_EndOfRun()]

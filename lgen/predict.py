@@ -239,7 +239,8 @@ def prepare_run(model: GenerationModule, data: GenerationDataModule, trainer: Tr
     data.skip(output.prepare(fingerprint, overwrite=overwrite, rank=rank_zero_only.rank,
                              samples=model.num_return_sequences, expected=data.example_keys(),
                              rows=[ex["row"] for ex in data.examples], rows_read=data.stats["rows_read"]))
-    writer.connect(files=model.config_dumps(), data_stats=data.run_stats(), samples=model.num_return_sequences)
+    writer.connect(files=model.config_dumps(), data_stats=data.run_stats(), samples=model.num_return_sequences,
+                   engine=model.engine_summary)
 
 
 def resolve_config_paths(config: Namespace, argv: list[str]) -> None:

@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from lgen.errors import ConfigError
+from lgen.hf.architecture import Architecture
 
 # generation settings the compact engines implement
 SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "num_return_sequences", "max_new_tokens",
@@ -46,7 +47,9 @@ class DecodeSettings:
     they can run, :meth:`on`); ``torch_compile``: compiled decoder layers in those steps;
     ``invariant``: batch-invariant decoding (:mod:`lgen.kernels.invariant`); ``span_attention``:
     decode attention that reads only each row's keys (None: where it runs; off with compiled
-    layers, which keep transformers' attention)."""
+    layers, which keep transformers' attention); ``because``: why ``engine: auto`` runs
+    ``model.generate`` (the settings and model traits the compact engine lacks); ``one_prompt``:
+    ``model.generate`` takes one prompt at a time (the model gets other text for a left-padded row)."""
 
     engine: Literal["compact", "generate"] = "compact"
     samples: int = 1
@@ -55,21 +58,30 @@ class DecodeSettings:
     torch_compile: bool = False
     invariant: bool = False
     span_attention: bool | None = None
+    because: tuple[str, ...] = ()
+    one_prompt: bool = False
 
     @classmethod
     def choose(cls, config: GenerationConfig, *, engine: Literal["auto", "compact", "generate"] = "auto",
                compact_every: int = 4, cuda_graphs: bool = True, torch_compile: bool = False,
                batch_invariant: bool = False, prompt_learning: bool = False,
-               softcap: float | None = None) -> DecodeSettings:
+               softcap: float | None = None, architecture: Architecture | None = None) -> DecodeSettings:
         """The settings for ``config`` and the ``model.*`` keys given, or a :class:`ConfigError`
         naming the key to change. ``prompt_learning``: the adapter adds virtual tokens (only
-        ``model.generate`` runs them); ``softcap``: the model's attention logit soft-cap."""
+        ``model.generate`` runs them); ``softcap``: the model's attention logit soft-cap;
+        ``architecture``: what the model is (:mod:`lgen.hf.architecture`; None: a model the compact
+        engine runs)."""
         missing = unsupported(config)
         if prompt_learning:
             missing.append("prompt-learning adapters")  # virtual tokens go through peft's generate
         if engine == "compact" and missing:
             raise ConfigError(f"model.engine: compact does not implement {missing}; use engine: generate or auto")
-        name = "compact" if engine == "compact" or (engine == "auto" and not missing) else "generate"
+        traits = architecture.compact_missing() if architecture is not None else []
+        if engine == "compact" and traits:
+            raise ConfigError(f"model.engine: compact cannot run {architecture.model_type} models: "
+                              f"{'; '.join(traits)}; use engine: generate or auto")
+        name = "compact" if engine == "compact" or (engine == "auto" and not missing and not traits) else "generate"
+        because = ((f"the settings {missing}",) if missing else ()) + tuple(traits) if engine == "auto" else ()
         if compact_every < 1:
             raise ConfigError(f"model.compact_every must be >= 1, got {compact_every}")
         if torch_compile and (name != "compact" or not cuda_graphs):
@@ -77,7 +89,8 @@ class DecodeSettings:
                               f"engine compact and cuda_graphs: true (here engine {name}, cuda_graphs: "
                               f"{cuda_graphs}{', for ' + str(missing) if missing else ''}); set torch_compile: false")
         if batch_invariant and name != "compact":
-            fix = f"the settings {missing} need it: drop them" if missing else "set model.engine: auto"
+            fix = (f"the settings {missing} need it: drop them" if missing else
+                   f"the model needs it ({'; '.join(traits)})" if traits else "set model.engine: auto")
             raise ConfigError("model.batch_invariant needs the compact engine (model.generate lays batches out its "
                               f"own way), and the engine here is generate; {fix}, or set batch_invariant: false")
         if batch_invariant and torch_compile:
@@ -86,8 +99,10 @@ class DecodeSettings:
         if batch_invariant and softcap:
             raise ConfigError(f"model.batch_invariant runs plain softmax attention, and this model soft-caps its "
                               f"attention logits (attn_logit_softcapping: {softcap}); set batch_invariant: false")
-        return cls(name, int(config.num_return_sequences or 1), compact_every, cuda_graphs, torch_compile,
-                   batch_invariant, False if torch_compile else None)
+        return cls(engine=name, samples=int(config.num_return_sequences or 1), compact_every=compact_every,
+                   cuda_graphs=cuda_graphs, torch_compile=torch_compile, invariant=batch_invariant,
+                   span_attention=False if torch_compile else None, because=because if name == "generate" else (),
+                   one_prompt=name == "generate" and architecture is not None and not architecture.padded_batches)
 
     def continuous(self, *, lockstep: bool) -> bool:
         """Whether prompts join a running pool (continuous batching): the compact engine, unless

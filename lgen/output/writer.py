@@ -9,6 +9,7 @@ import os
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -52,12 +53,15 @@ class JsonlWriter(BasePredictionWriter):
         self.files: dict[str, Any] = {}  # filled in by connect
         self.data_stats: dict[str, Any] = {}
         self.samples = 1
+        self.engine: Callable[[], dict[str, Any]] = dict  # filled in by connect
 
-    def connect(self, *, files: dict[str, Any], data_stats: dict[str, Any], samples: int) -> None:
+    def connect(self, *, files: dict[str, Any], data_stats: dict[str, Any], samples: int,
+                engine: Callable[[], dict[str, Any]] = dict) -> None:
         """What the run writes beside the records, from the parts that know it: JSON files (the
         model and generation configs, as run_gen.py wrote them), the data's counts for the
-        summary, and the records each prompt gives (``samples``)."""
-        self.files, self.data_stats, self.samples = dict(files), dict(data_stats), samples
+        summary, the records each prompt gives (``samples``), and what the summary says of the
+        engine (``engine()``, asked when the run ends: the engine is settled once the model loaded)."""
+        self.files, self.data_stats, self.samples, self.engine = dict(files), dict(data_stats), samples, engine
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.output.path.mkdir(parents=True, exist_ok=True)
@@ -183,6 +187,7 @@ class JsonlWriter(BasePredictionWriter):
             "wall_seconds": round(wall, 3),
             "tokens_per_second": round(stats["generated_tokens"] / wall, 2) if wall > 0 else None,
             "world_size": world_size,
+            **self.engine(),
             "versions": _versions(),
         }
         runs = [*_earlier_runs(self.output.summary()), run]
