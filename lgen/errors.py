@@ -32,8 +32,13 @@ class ConfigError(UserError, ValueError):
 
 
 class UnsupportedModel(ConfigError):
-    """A model the compact engine turned out not to run (what the architecture check before loading
-    could not see); the message names what it asked for, and ``model.engine: generate`` runs it."""
+    """A model a decode setting turned out not to run (what the architecture check before loading
+    could not see): ``what`` the model does, ``needs`` the setting that cannot run it, and the fix."""
+
+    def __init__(self, what: str, *, needs: str = "the compact engine",
+                 fix: str = "set model.engine: generate") -> None:
+        super().__init__(f"{needs} cannot run this model: {what}; {fix}")
+        self.what = what
 
 
 class DataError(UserError):

@@ -50,13 +50,15 @@ def settle(settings: DecodeSettings, model: torch.nn.Module, *, asked: str, lock
     compact = settings.engine == "compact" and pooled
     if not (compact or (settings.engine == "generate" and poolable and not settings.one_prompt)):
         return settings
-    trouble = pool_trouble(model)
+    trouble = pool_trouble(model, invariant=settings.invariant)
     if trouble is None:
         return settings
     if settings.engine == "generate":
         return dataclasses.replace(settings, one_prompt=True)
-    if asked != "auto" or settings.invariant or settings.torch_compile:
-        needs = ("model.engine: compact" if asked == "compact" else
-                 "model.batch_invariant" if settings.invariant else "model.torch_compile")
-        raise UnsupportedModel(f"{trouble} ({needs} needs it)")
+    if settings.invariant or settings.torch_compile:
+        key = "batch_invariant" if settings.invariant else "torch_compile"
+        raise UnsupportedModel(trouble, needs=f"model.{key} (which needs the compact engine)",
+                               fix=f"set {key}: false")
+    if asked != "auto":
+        raise UnsupportedModel(trouble, needs="model.engine: compact")
     return dataclasses.replace(settings, engine="generate", because=(trouble,), one_prompt=True)

@@ -110,9 +110,8 @@ class _RowLengths:
     asks only to fill in positions it was given anyway never uses it."""
 
     def _refuse(self, *args: object) -> None:
-        raise UnsupportedModel("the compact engine cannot run this model: it uses the cache's length while "
-                               "decoding, and the rows of a pool are each at a length of their own; set "
-                               "model.engine: generate")
+        raise UnsupportedModel("it uses the cache's length while decoding, and the rows of a pool are each at a "
+                               "length of their own")
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __floordiv__ = __rfloordiv__ = _refuse
     __truediv__ = __rtruediv__ = __mod__ = __index__ = __int__ = __float__ = __bool__ = _refuse

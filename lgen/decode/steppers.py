@@ -23,7 +23,7 @@ from lgen.batch import bucket
 from lgen.decode.cache import PoolCache, SlotCache, buffers, cache_argument, layout, windows
 from lgen.decode.graphs import CapturedStep
 from lgen.errors import UnsupportedModel
-from lgen.kernels import backend
+from lgen.kernels import backend, decoding
 
 
 class Stepper(Protocol):
@@ -231,24 +231,25 @@ class PoolStepper(CapturedStep):
         return sel
 
 
-def pool_trouble(model: torch.nn.Module) -> str | None:
+def pool_trouble(model: torch.nn.Module, *, invariant: bool = False) -> str | None:
     """Why a pool cannot decode ``model`` (None: it can), found by trying: two rows of different
-    lengths are prefilled and step twice, eagerly, before any prompt. What the architecture check
-    before loading cannot see shows here: a model that uses the cache's length while decoding
-    (:class:`lgen.decode.cache.PoolCache`), or asks the cache for something it does not have."""
+    lengths are prefilled and step twice, eagerly, before any prompt (in the batch-invariant mode
+    with ``invariant``). What the architecture check before loading cannot see shows here: a model
+    that uses the cache's length while decoding (:class:`lgen.decode.cache.PoolCache`), asks the
+    cache for something it does not have, or has attention the invariant mode does not compute."""
     device = next(model.parameters()).device
     ids = torch.tensor([[1, 2, 3], [0, 2, 3]], device=device)
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]], device=device)
     try:
-        with torch.inference_mode():
-            pool = PoolStepper(model, rows=2, length=6, graph=False)
+        with torch.inference_mode(), decoding(model, invariant=invariant, spans=False, packed=False):
+            pool = PoolStepper(model, rows=2, length=6, graph=False, aligned=invariant)
             logits = pool.prefill(ids, mask, 1)
             for _ in range(2):
                 logits = pool.step(logits.argmax(-1))
     except UnsupportedModel as err:
-        return str(err)
+        return err.what
     except AttributeError as err:
         if not isinstance(getattr(err, "obj", None), SlotCache):
             raise
-        return f"the compact engine cannot run this model: it asks the cache for {err.name!r}, which a pool lacks"
+        return f"it asks the cache for {err.name!r}, which a pool's cache does not have"
     return None

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from lgen.errors import UnsupportedModel
 from lgen.kernels import backend
 from lgen.kernels.attention import Spans, allowed_keys, span_attention
 
@@ -222,12 +223,15 @@ _HANDLERS = {
 
 
 def _check_attention(attention_mask: torch.Tensor | None, kwargs: dict) -> None:
-    """Refuse what both attentions of the mode leave out: dropout, soft-capping, sinks, and a mask
-    per head."""
-    if kwargs.get("dropout") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
-        raise ValueError("model.batch_invariant supports plain softmax attention only (no dropout, softcap or sinks)")
+    """Refuse by name what both attentions of the mode leave out: dropout, soft-capping, sinks, and
+    a mask per head (:func:`lgen.decode.settle` asks before any prompt)."""
+    extra = [name for name, on in (("dropout", kwargs.get("dropout")), ("soft-capped logits", kwargs.get("softcap")),
+                                   ("attention sinks", kwargs.get("s_aux") is not None)) if on]
     if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1):
-        raise ValueError(f"model.batch_invariant needs one mask for all heads, got shape {tuple(attention_mask.shape)}")
+        extra.append(f"a mask per head (shape {tuple(attention_mask.shape)})")
+    if extra:
+        raise UnsupportedModel(f"its attention has {' and '.join(extra)}, and the mode computes plain softmax "
+                               "attention only", needs="model.batch_invariant", fix="set batch_invariant: false")
 
 
 def _attention_bmm(a: torch.Tensor, b: torch.Tensor, rows: int | None) -> torch.Tensor:
