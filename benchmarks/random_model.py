@@ -2,6 +2,7 @@
 
     python benchmarks/random_model.py OUT_DIR --shape llama-8b     # 8B Llama shape, bf16, ~16 GB
     python benchmarks/random_model.py OUT_DIR --shape llama-34b    # 34B (CodeLlama-34B's shape), ~68 GB
+    python benchmarks/random_model.py OUT_DIR --shape qwen3-moe-16l   # Qwen3-30B-A3B's layers, 16 of 48, ~21 GB
 
 The tokenizer is SmolLM2's (``smollm2-135m-instruct``, or a folder in ``--tokenizer``), so prompts
 tokenize as real text; the vocabulary is the tokenizer's. Built on the GPU when there is one.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
 from lgen.hf.models import resolve
 
@@ -25,7 +26,13 @@ SHAPES = {
                      num_key_value_heads=8, rope_theta=500000.0),
     "llama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
                       num_key_value_heads=8, rope_theta=1000000.0),  # CodeLlama-34B's shape: ~68 GB in bf16
+    # Qwen3-30B-A3B's layer (128 experts, 8 a token, 3.3B of 30.5B parameters active), 16 of its 48
+    # layers: a decode step costs a third of the whole model's, and the folder fits a 64 GB disk
+    "qwen3-moe-16l": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=16,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1000000.0),
 }
+CONFIGS = {"qwen3-moe-16l": Qwen3MoeConfig}
 
 
 def main() -> None:
@@ -35,15 +42,16 @@ def main() -> None:
     p.add_argument("--tokenizer", default="smollm2-135m-instruct")
     args = p.parse_args()
     tok = AutoTokenizer.from_pretrained(resolve(args.tokenizer))
-    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[args.shape])
+    config = CONFIGS.get(args.shape, LlamaConfig)(
+        vocab_size=len(tok), max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[args.shape])
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(default)
     model.save_pretrained(args.out)

@@ -26,12 +26,13 @@ print(f"SAME {pathlib.Path(sys.argv[1]).name} vs {pathlib.Path(sys.argv[2]).name
 PY
 }
 # random_job PROMPTS NEW ACCELERATOR [OPTIONS...]: a random-weight model of benchmarks/random_model.py
-# (SHAPE, default llama-8b) in $out/model, built once, PROMPTS function prompts (benchmarks/prompts.py),
+# (SHAPE, default llama-8b; TOKENIZER, default SmolLM2's) in $out/model, built once, PROMPTS function prompts (benchmarks/prompts.py),
 # and $common for a greedy bf16 job of NEW new tokens over them, then OPTIONS; sets $model too.
 random_job() {
   local here; here=$(dirname "${BASH_SOURCE[0]}")
   model="$out/model"
-  [ -f "$model/config.json" ] || python3 "$here/random_model.py" "$model" --shape "${SHAPE:-llama-8b}"
+  [ -f "$model/config.json" ] || python3 "$here/random_model.py" "$model" --shape "${SHAPE:-llama-8b}" \
+      --tokenizer "${TOKENIZER:-smollm2-135m-instruct}"
   python3 "$here/prompts.py" "$out/p.jsonl" --prompts "$1"
   common=(--model.model_name_or_path "$model" --model.max_new_tokens "$2" --data.data_files "$out/p.jsonl"
           --data.text_column_name prompt --data.id_column_name task_id --data.mode complete

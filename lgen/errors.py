@@ -35,10 +35,11 @@ class UnsupportedModel(ConfigError):
     """A model a decode setting turned out not to run (what the architecture check before loading
     could not see): ``what`` the model does, ``needs`` the setting that cannot run it, and the fix."""
 
-    def __init__(self, what: str, *, needs: str = "the compact engine",
-                 fix: str = "set model.engine: generate") -> None:
+    ENGINE = "the compact engine"
+
+    def __init__(self, what: str, *, needs: str = ENGINE, fix: str = "set model.engine: generate") -> None:
         super().__init__(f"{needs} cannot run this model: {what}; {fix}")
-        self.what = what
+        self.what, self.needs = what, needs
 
 
 class DataError(UserError):

@@ -279,9 +279,10 @@ class GenerationModule(LightningModule):
                                   "set model.torch_compile: false") from err
         if self.sharded:
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
-        self.decode = settle(self.decode, self.model, asked=self.engine_asked, lockstep=self.synced,
+        chosen = self.decode
+        self.decode = settle(chosen, self.model, asked=self.engine_asked, lockstep=self.synced,
                              poolable=not self.architecture.compact_missing() and not self.prompt_learning)
-        if self.decode.one_prompt and self.decode.because and self.global_rank == 0:
+        if self.decode.engine != chosen.engine and self.global_rank == 0:
             log.warning("engine: auto runs model.generate for this %s model, one prompt at a time: %s",
                         self.architecture.model_type, "; ".join(self.decode.because))
         self.engine = make_engine(self.decode.on(self.device, sharded=self.sharded), self.generation_config,

@@ -47,13 +47,13 @@ def alone(model: torch.nn.Module, tok, rows: list[list[int]]) -> list[str]:
     """``model.generate``'s text for each prompt, one at a time."""
     out = []
     for ids in rows:
-        ids = torch.tensor([ids])
+        ids = torch.tensor([ids], device=model.device)
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=CONFIG)
         out.append(tok.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
     return out
 
 
-def batches(rows: list[list[int]], *, streamed: bool) -> list[Batch]:
+def batches(rows: list[list[int]], *, streamed: bool, device: torch.device) -> list[Batch]:
     """The prompts in left-padded batches of :data:`GROUP`, as one stream when ``streamed``."""
     examples = [{"id": i, "part": [1, 1], "prompt_ids": ids} for i, ids in enumerate(rows)]
     chunks = [examples[i:i + GROUP] for i in range(0, len(examples), GROUP)]
@@ -63,27 +63,29 @@ def batches(rows: list[list[int]], *, streamed: bool) -> list[Batch]:
         last = k == len(chunks) - 1
         group = Group(stream=0, last=last, pool_rows=GROUP, pool_length=max(LENGTHS) + NEW, group_rows=GROUP,
                       max_new_tokens=NEW, final=last, budget=1 << 30) if streamed else None
-        out.append(Batch(ids, mask, NEW, False, chunk, group))
+        out.append(Batch(ids.to(device), mask.to(device), NEW, False, chunk, group))
     return out
 
 
 def texts(model: torch.nn.Module, tok, settings: DecodeSettings, rows: list[list[int]]) -> list[str]:
-    """Each prompt's text from the engine ``settings`` pick, the prompts in padded batches."""
-    engine = make_engine(settings, CONFIG, rules=lambda: StopRules([EndOfSequence([]), Length()]), tokenizer=tok,
-                         pad_token_id=0)
+    """Each prompt's text from the engine ``settings`` pick (as they run on the model's device: CUDA
+    graphs there), the prompts in padded batches."""
+    engine = make_engine(settings.on(model.device), CONFIG, rules=lambda: StopRules([EndOfSequence([]), Length()]),
+                         tokenizer=tok, pad_token_id=0)
     got = {}
-    for batch in batches(rows, streamed=settings.continuous(lockstep=False)):
+    for batch in batches(rows, streamed=settings.continuous(lockstep=False), device=model.device):
         for example, _, finished in engine.generate(model, batch, row_keys=None).rows:
             got[example["id"]] = finished.text
     return [got.get(i) for i in range(len(rows))]
 
 
-def load(name: str, tok, rows: list[list[int]]) -> tuple[torch.nn.Module, list[str]]:
+def load(name: str, tok, rows: list[list[int]], *, device: str = "cpu",
+         dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, list[str]]:
     """The type's tiny model at the largest scale at which its text depends on its context (the
     prompts reversed give other text), and its ``model.generate`` text for each prompt alone."""
     try:
         for scale in SCALES:
-            model = tiny_model(name, scale=scale)
+            model = tiny_model(name, scale=scale).to(device=device, dtype=dtype)
             reference = alone(model, tok, rows)
             if sum(a != b for a, b in zip(reference, alone(model, tok, [r[-2::-1] + r[-1:] for r in rows]))) >= 3:
                 break

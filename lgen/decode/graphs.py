@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from lgen.hf.models import base_model, whole_blocks
-from lgen.kernels import backend
+from lgen.kernels import backend, experts
 
 
 def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
@@ -58,6 +58,7 @@ class CapturedStep:
     def _forward(self) -> torch.Tensor:
         """One token per row, at cache index ``write_at`` (the masks' query index) and position ``next_pos``."""
         with (torch._dynamo.config.patch(**_RECOMPILES), backend.use(self.model),
+              experts.in_graphs(self.model) if self.graph else contextlib.nullcontext(),
               backend.queries(self.write_at[:, None], positions=self.next_pos, windows=self.windows)):
             out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
                              use_cache=True, **{self.cache_arg: self.cache})

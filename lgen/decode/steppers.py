@@ -247,6 +247,8 @@ def pool_trouble(model: torch.nn.Module, *, invariant: bool = False) -> str | No
             for _ in range(2):
                 logits = pool.step(logits.argmax(-1))
     except UnsupportedModel as err:
+        if err.needs != UnsupportedModel.ENGINE:  # a setting's refusal (the invariant mode's), not the engine's
+            raise
         return err.what
     except AttributeError as err:
         if not isinstance(getattr(err, "obj", None), SlotCache):
