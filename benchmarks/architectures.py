@@ -63,7 +63,7 @@ def main() -> None:
         except pytest.skip.Exception as skip:
             table.append((name, "not built", str(skip.msg).split(": ", 1)[-1][:100], "", ""))
             continue
-        architecture = Architecture.of(model.config)
+        architecture = Architecture.of(model.config, type(model))
         poolable = not architecture.compact_missing()
         results = {}
         for engine in ("auto", "generate"):

@@ -111,7 +111,7 @@ def expected_engines() -> dict[str, str]:
 def test_every_engine_gives_each_prompt_its_text_alone(name, tok):
     rows = prompts()
     model, reference = load(name, tok, rows)
-    architecture = Architecture.of(model.config)
+    architecture = Architecture.of(model.config, type(model))
     poolable = not architecture.compact_missing()
 
     def settled(engine: str) -> DecodeSettings:

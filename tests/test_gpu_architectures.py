@@ -36,7 +36,8 @@ def tok(tmp_path_factory):
 def test_cuda_graph_steps_give_each_prompt_its_text_alone(name, tok):
     rows = prompts()
     model, reference = load(name, tok, rows, device="cuda")
-    chosen = DecodeSettings.choose(CONFIG, engine="compact", architecture=Architecture.of(model.config))
+    architecture = Architecture.of(model.config, type(model))
+    chosen = DecodeSettings.choose(CONFIG, engine="compact", architecture=architecture)
     settings = settle(chosen, model, asked="compact").on(model.device)
     assert settings.cuda_graphs
     assert texts(model, tok, settings, rows) == reference

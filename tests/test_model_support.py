@@ -13,9 +13,9 @@ from conftest import base_args, lgen, make_word_tokenizer, read
 from transformers import GenerationConfig
 
 from lgen.decode import DecodeSettings, budget, cache, settle
+from lgen.decode.graphs import capturable_experts
 from lgen.errors import ConfigError, UnsupportedModel
 from lgen.hf.architecture import Architecture
-from lgen.kernels import experts
 
 GREEDY = GenerationConfig(do_sample=False)
 
@@ -93,16 +93,16 @@ def test_experts_run_an_implementation_a_graph_holds():
     batched_mm otherwise; the model's own implementation comes back after."""
     model = random_model("mixtral")
     own = model.get_experts_implementation()
-    with experts.in_graphs(model):
+    with capturable_experts(model):
         assert model.get_experts_implementation() == {"": "batched_mm"}
     assert model.get_experts_implementation() == own
     model.to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="boom"), experts.in_graphs(model):
+    with pytest.raises(RuntimeError, match="boom"), capturable_experts(model):
         assert model.get_experts_implementation() == {"": "grouped_mm"}
         raise RuntimeError("boom")
     assert model.get_experts_implementation() == own
     dense = random_model("llama")
-    with experts.in_graphs(dense):  # nothing to switch
+    with capturable_experts(dense):  # nothing to switch
         pass
 
 

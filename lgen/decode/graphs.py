@@ -1,14 +1,16 @@
-"""A decode step captured once as a CUDA graph and replayed, and ``torch.compile`` of the decoder
-layers that such steps run (``model.torch_compile``)."""
+"""A decode step captured once as a CUDA graph and replayed, the experts implementation such a step
+runs (:func:`capturable_experts`), and ``torch.compile`` of the decoder layers that such steps run
+(``model.torch_compile``)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from lgen.hf.models import base_model, whole_blocks
-from lgen.kernels import backend, experts
+from lgen.kernels import backend
 
 
 def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
@@ -30,6 +32,35 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None) -> int:
         if layer._compiled_call_impl is None:  # a second predict on the same model keeps its graphs
             layer.compile(dynamic=dynamic)
     return len(layers)
+
+
+def experts_for(dtype: torch.dtype) -> str:
+    """The experts implementation a CUDA graph can hold for weights of ``dtype``.
+
+    transformers runs a model's experts by the implementation its config names (``eager``: a Python
+    loop over the experts a batch hit, which reads on the host which they are; ``grouped_mm``: one
+    grouped matmul over tokens sorted by expert, whose fallback for dtypes the kernel lacks reads
+    the offsets on the host; ``batched_mm``: each token's experts' weights gathered and multiplied
+    at once). A host read cannot be captured ("Cannot copy between CPU and CUDA tensors during CUDA
+    graph capture"): ``grouped_mm`` where its kernel takes the dtype (bf16), ``batched_mm``
+    otherwise (its gathered weights grow with the rows, which a float32 model on a GPU pays)."""
+    return "grouped_mm" if dtype == torch.bfloat16 else "batched_mm"
+
+
+@contextlib.contextmanager
+def capturable_experts(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s experts (if it has any) run :func:`experts_for`'s
+    implementation; the model's own is put back after, also on an error."""
+    model = base_model(model)
+    if not getattr(type(model), "_can_set_experts_implementation", lambda: False)():
+        yield
+        return
+    before = model.get_experts_implementation()
+    model.set_experts_implementation(experts_for(next(model.parameters()).dtype))
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
 
 
 # a compiled layer's graphs: up to 3 per layer (static, then symbolic rows, then symbolic cache length),
@@ -58,7 +89,7 @@ class CapturedStep:
     def _forward(self) -> torch.Tensor:
         """One token per row, at cache index ``write_at`` (the masks' query index) and position ``next_pos``."""
         with (torch._dynamo.config.patch(**_RECOMPILES), backend.use(self.model),
-              experts.in_graphs(self.model) if self.graph else contextlib.nullcontext(),
+              capturable_experts(self.model) if self.graph else contextlib.nullcontext(),
               backend.queries(self.write_at[:, None], positions=self.next_pos, windows=self.windows)):
             out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
                              use_cache=True, **{self.cache_arg: self.cache})

@@ -42,9 +42,10 @@ class Architecture:
     layers: tuple[str, ...] | None
 
     @classmethod
-    def of(cls, config: Any) -> Architecture:
-        """The architecture ``AutoModelForCausalLM`` loads for ``config``."""
-        model_class = _causal_lm_class(config)
+    def of(cls, config: Any, model_class: type | None = None) -> Architecture:
+        """The architecture ``AutoModelForCausalLM`` loads for ``config`` (or ``model_class`` with
+        it, for a model already built)."""
+        model_class = model_class or _causal_lm_class(config)
         takes = inspect.signature(model_class.forward).parameters if model_class is not None else {}
         backend = bool(model_class is not None and (model_class.is_backend_compatible()
                                                     or model_class._can_set_attn_implementation()))
