@@ -8,16 +8,24 @@ the records are the same; the weights load at the first call and stay loaded for
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
+import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy
+import torch
 from lightning.pytorch import seed_everything
 
+from lgen import options
 from lgen.cli import quiet
 from lgen.data import GenerationDataModule
-from lgen.errors import ConfigError, Incomplete
+from lgen.errors import ConfigError, Incomplete, Interrupted
 from lgen.interrupt import GracefulStop
 from lgen.module import GenerationModule
 from lgen.output import directory as outputs
@@ -25,6 +33,49 @@ from lgen.output.lock import DirectoryLock
 from lgen.output.merge import ordered_lines
 from lgen.output.writer import JsonlWriter
 from lgen.predict import make_trainer, prepare_run
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a :meth:`LLM.generate` job after the records that finished were
+    written: a ``KeyboardInterrupt``, so ``except Exception`` does not swallow it; ``signum`` says
+    which signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def _global_random_state(seed: int) -> Iterator[None]:
+    """Within the block, the global generators (``random``, NumPy, torch, CUDA) are seeded with
+    ``seed``, as ``lgen predict`` seeds them (``engine: generate`` samples with torch's); after
+    it, they are where the caller left them, and so is ``PL_GLOBAL_SEED``."""
+    states = (random.getstate(), numpy.random.get_state(), torch.random.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    env = os.environ.get("PL_GLOBAL_SEED")
+    seed_everything(seed, verbose=False)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        numpy.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+        if env is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = env
+
+
+def _check_names(given: dict[str, Any], function: Any, where: str, *, group: str, drop: set[str] = frozenset()) -> None:
+    """A named error for a keyword ``function`` does not take, with the closest that it does."""
+    takes = set(inspect.signature(function).parameters) - {"self"} - set(drop)
+    unknown = sorted(set(given) - takes)
+    if unknown:
+        hint = options.suggest(f"{group}.{unknown[0]}", [f"{group}.{k}" for k in takes])
+        raise ConfigError(f"{where}: unknown option {unknown[0]!r}{hint.replace(f'{group}.', '')} "
+                          f"(it takes the {group}: keys of a config)")
 
 
 class LLM:
@@ -54,6 +105,8 @@ class LLM:
             raise ConfigError("LLM runs in one process: trainer devices must be 1; for several devices run "
                               "lgen predict with a config")
         self.seed = seed
+        _check_names(model_options, GenerationModule.__init__, "LLM", group="model",
+                     drop={"model_name_or_path", "max_new_tokens", "seed"})
         self.module = GenerationModule(model_name_or_path, max_new_tokens=max_new_tokens, seed=seed,
                                        **model_options)
         self.module.release_weights = False
@@ -65,16 +118,27 @@ class LLM:
         Args:
             prompts: a list of prompt strings (complete mode, ids ``0..n-1``), or a ``datasets.Dataset``
                 (set ``text_column_name`` and the other ``data:`` keys as in a config).
-            output_dir: where the records go, as ``lgen predict``'s (resumed when it holds some);
-                default: a temporary folder, removed after.
+            output_dir: where the records go, as ``lgen predict``'s (resumed when it holds some: the
+                prompts count by content, a ``datasets.Dataset`` too); default: a temporary folder,
+                removed after.
             overwrite_output_dir: as ``lgen predict``'s.
             **data_options: any ``data:`` key (``mode``, ``text_column_name``, ``id_column_name``,
                 ``keep_columns``, ``chat_template``, ``per_device_batch_size``, ...).
+
+        Raises :class:`JobInterrupted` (a ``KeyboardInterrupt``) on Ctrl-C or SIGTERM, once the
+        records that finished are written; the same call with the same ``output_dir`` resumes.
         """
+        _check_names(data_options, GenerationDataModule.__init__, "LLM.generate", group="data")
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            return []
         with tempfile.TemporaryDirectory(prefix="lgen-") as tmp, quiet():
             data = self._data(prompts, Path(tmp), data_options)
             out = Path(output_dir) if output_dir is not None else Path(tmp) / "out"
-            return self._run(data, out, overwrite=overwrite_output_dir)
+            try:
+                return self._run(data, out, overwrite=overwrite_output_dir)
+            except Interrupted as err:
+                raise JobInterrupted(f"{err}; generate() again with output_dir={str(out)!r} resumes"
+                                     if output_dir is not None else str(err), err.signum) from err
 
     def _data(self, prompts: Any, tmp: Path, options: dict[str, Any]) -> GenerationDataModule:
         linked = {"max_new_tokens": self.module.max_new_tokens, "token": self.module.token, "seed": self.seed}
@@ -89,9 +153,9 @@ class LLM:
                                     for i, p in enumerate(prompts)), encoding="utf-8")
             source = {"data_files": str(path)}
             options = {"mode": "complete", "text_column_name": "prompt", "id_column_name": "id", **options}
-        elif hasattr(prompts, "save_to_disk"):
-            prompts.save_to_disk(str(tmp / "dataset"))
-            source = {"dataset_name": str(tmp / "dataset")}
+        elif hasattr(prompts, "to_parquet"):  # a file's content, not its temporary name, is fingerprinted
+            prompts.to_parquet(str(tmp / "dataset.parquet"))
+            source = {"data_files": str(tmp / "dataset.parquet")}
         else:
             raise ConfigError(f"LLM.generate: prompts must be a list of strings or a datasets.Dataset, "
                               f"got {type(prompts).__name__}")
@@ -99,8 +163,7 @@ class LLM:
 
     def _run(self, data: GenerationDataModule, out: Path, *, overwrite: bool) -> list[dict[str, Any]]:
         outputs.check_output_dir(out, overwrite)
-        with DirectoryLock(out):
-            seed_everything(self.seed, verbose=False)  # as lgen predict (engine: generate samples with it)
+        with DirectoryLock(out), _global_random_state(self.seed):
             output = outputs.OutputDir(out, data.dataset_split)
             writer = JsonlWriter(output)
             trainer = make_trainer(self.trainer_options, callbacks=[writer, GracefulStop()])

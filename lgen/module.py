@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lgen.batch import Batch
+from lgen.data import lengths
 from lgen.decode import DecodeSettings, Engine, budget, lockstep, make_engine, sampling, settle
 from lgen.decode.braces import Language, token_table
 from lgen.decode.deadline import AgreedDeadline, Deadline
@@ -98,6 +99,7 @@ class GenerationModule(LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        lengths.check_new_tokens(max_new_tokens)
         self.model_name_or_path = model_name_or_path
         self.config_name, self.tokenizer_name, self.use_fast_tokenizer = config_name, tokenizer_name, use_fast_tokenizer
         self.max_new_tokens = max_new_tokens

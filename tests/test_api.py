@@ -57,3 +57,87 @@ def test_bad_calls_are_named(tiny_model, call, words):
     llm = LLM(str(tiny_model), max_new_tokens=8, trainer={"accelerator": "cpu"})
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
         call(llm)
+
+
+def test_a_job_leaves_the_callers_random_state_as_it_was(tiny_model):
+    """lgen seeds its own sampling; the caller's generators and PL_GLOBAL_SEED are where they were."""
+    import os
+    import random
+
+    import numpy
+    import torch
+
+    llm = LLM(str(tiny_model), max_new_tokens=4, trainer={"accelerator": "cpu"},
+              generation_kwargs={"do_sample": True, "top_k": 5})
+
+    def reseed():
+        random.seed(7)
+        numpy.random.seed(7)
+        torch.manual_seed(7)
+        os.environ.pop("PL_GLOBAL_SEED", None)
+
+    def draws():
+        return random.random(), float(numpy.random.rand()), float(torch.rand(1))
+
+    reseed()
+    expected = draws()
+    reseed()
+    llm.generate(["int f() {"])
+    assert draws() == expected
+    assert "PL_GLOBAL_SEED" not in os.environ
+
+
+def test_a_dataset_resumes_by_content(tiny_model, tmp_path):
+    import datasets
+
+    llm = LLM(str(tiny_model), max_new_tokens=4, trainer={"accelerator": "cpu"})
+    rows = datasets.Dataset.from_dict({"task_id": ["a", "b"], "prompt": ["int f() {", "void g() {"]})
+    options = {"mode": "complete", "text_column_name": "prompt", "id_column_name": "task_id"}
+    first = llm.generate(rows, output_dir=tmp_path / "out", **options)
+    again = datasets.Dataset.from_dict({"task_id": ["a", "b"], "prompt": ["int f() {", "void g() {"]})
+    assert llm.generate(again, output_dir=tmp_path / "out", **options) == first
+    assert [r["id"] for r in first] == ["a", "b"]
+
+
+def test_ctrl_c_stops_a_job_as_a_keyboard_interrupt(tiny_model, tmp_path, monkeypatch):
+    """The records that finished are written; the interrupt is no Exception, so ``except Exception``
+    lets it through; the same call resumes."""
+    import os
+    import signal
+
+    from lgen.api import JobInterrupted
+    from lgen.output.writer import JsonlWriter
+
+    llm = LLM(str(tiny_model), max_new_tokens=6, trainer={"accelerator": "cpu"})
+    prompts = [f"int f{i}() {{" for i in range(6)]
+    sent = []
+    write = JsonlWriter.write_on_batch_end
+
+    def write_then_interrupt(self, *args, **kwargs):
+        write(self, *args, **kwargs)
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(JsonlWriter, "write_on_batch_end", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        try:
+            llm.generate(prompts, output_dir=tmp_path / "out", per_device_batch_size=1)
+        except Exception:  # a caller's catch-all must not swallow Ctrl-C
+            pytest.fail("Ctrl-C was raised as an Exception")
+    assert isinstance(caught.value, JobInterrupted) and caught.value.signum == signal.SIGINT
+    assert "output_dir=" in str(caught.value)
+    monkeypatch.setattr(JsonlWriter, "write_on_batch_end", write)
+    assert len(llm.generate(prompts, output_dir=tmp_path / "out", per_device_batch_size=1)) == 6
+
+
+def test_misspelled_options_and_empty_jobs(tiny_model):
+    with pytest.raises(ConfigError, match="LLM: unknown option 'use_brace_matchin'; did you mean use_brace_matching"):
+        LLM(str(tiny_model), max_new_tokens=8, use_brace_matchin=True)
+    with pytest.raises(ConfigError, match="model.max_new_tokens must be an integer >= 1 or 'auto', got 0"):
+        LLM(str(tiny_model), max_new_tokens=0)
+    llm = LLM(str(tiny_model), max_new_tokens=8, trainer={"accelerator": "cpu"})
+    with pytest.raises(ConfigError, match="LLM.generate: unknown option 'text_colum_name'; did you mean "
+                                          "text_column_name"):
+        llm.generate(["x"], text_colum_name="prompt")
+    assert llm.generate([]) == []

@@ -9,6 +9,7 @@ Pure functions of the settings, so the rules can be read (and tested) without a 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +37,22 @@ class Lengths:
         return self.block - width if self.max_new_tokens == "auto" else int(self.max_new_tokens)
 
 
+def check_new_tokens(value: int | Literal["auto"] | None) -> None:
+    """A :class:`ConfigError` for a ``model.max_new_tokens`` that cannot work whatever the data."""
+    if value is None:
+        raise ConfigError("model.max_new_tokens must be set: an integer, or 'auto' in complete mode")
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"model.max_new_tokens must be an integer >= 1 or 'auto', got {value!r}")
+
+
+@functools.cache
+def _capped(model_max_length: int, max_position_embeddings: int) -> None:
+    """Say once per process (a Python caller runs many jobs) that the tokenizer's limit was capped."""
+    log.warning("tokenizer.model_max_length=%s exceeds the model's max_position_embeddings=%s; using block_size=%s "
+                "(set data.block_size to choose)", model_max_length, max_position_embeddings,
+                min(1024, max_position_embeddings))
+
+
 def resolve(*, block_size: int | None, max_window_size: int | None, max_new_tokens: int | Literal["auto"] | None,
             model_max_length: int, max_position_embeddings: int | None = None, reserved_tokens: int = 0,
             has_reference: bool = False) -> Lengths:
@@ -46,19 +63,14 @@ def resolve(*, block_size: int | None, max_window_size: int | None, max_new_toke
     if block is None:
         block = model_max_length
         if max_position_embeddings is not None and block > max_position_embeddings:
-            log.warning("tokenizer.model_max_length=%s exceeds the model's max_position_embeddings=%s; "
-                        "using block_size=%s (set data.block_size to choose)", block, max_position_embeddings,
-                        min(1024, max_position_embeddings))
+            _capped(block, max_position_embeddings)
             block = min(1024, max_position_embeddings)
     block -= reserved_tokens
     mnt = max_new_tokens
-    if mnt is None:
-        raise ConfigError("model.max_new_tokens must be set: an integer, or 'auto' in complete mode")
+    check_new_tokens(mnt)
     if mnt == "auto" and not has_reference:
         raise ConfigError("model.max_new_tokens: auto needs data.reference_column_name (complete mode); "
                           "without references give an integer")
-    if isinstance(mnt, int) and mnt < 1:
-        raise ConfigError(f"model.max_new_tokens must be >= 1, got {mnt}")
     window = max_window_size
     if window is None:
         window = block if mnt == "auto" else block - mnt
