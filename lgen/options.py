@@ -33,7 +33,7 @@ TRAINER_KEYS = {
     "precision": "32-true, bf16-true, 16-true, bf16-mixed, ...; part of the fingerprint",
     "logger": "a Lightning logger for the summary's numbers (default: none)",
     "callbacks": "extra Lightning callbacks",
-    "limit_predict_batches": "run only this many batches (per rank), or this fraction",
+    "limit_predict_batches": "not supported (a cut would leave pooled rows unfinished): give a smaller data file",
     "enable_progress_bar": "the progress bar (default: true)",
     "profiler": "a Lightning profiler: simple, advanced, pytorch",
     "plugins": "Lightning plugins (cluster environments, precision)",

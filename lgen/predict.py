@@ -227,6 +227,11 @@ def prepare_run(model: GenerationModule, data: GenerationDataModule, trainer: Tr
     learns the tokenizer and limits and is read and planned, the output directory is checked
     against the fingerprint, which leaves the data only the records still missing, and the writer
     learns what it writes beside the records."""
+    if trainer.limit_predict_batches != 1.0:
+        raise ConfigError(f"trainer.limit_predict_batches={trainer.limit_predict_batches} is not supported: lgen's "
+                          "batches are groups of prompts joining rows that are still decoding, and a cut would "
+                          "leave them unfinished; to run part of a dataset give a smaller data file (the same "
+                          "output_dir resumes with the whole one later)")
     strategy = trainer.strategy
     model.check_strategy(strategy)
     lockstep = zero3.lockstep(strategy)

@@ -62,6 +62,11 @@ def run(capsys, model, data, out, *extra: str) -> tuple[int, str]:
      ["model.torch_compile", "for ['num_beams']"]),
     (["--model.torch_compile", "true", "--trainer.accelerator", "cpu"],
      ["model.torch_compile needs a CUDA device without ZeRO-3"]),
+    (["--trainer.limit_predict_batches", "0"], ["trainer.limit_predict_batches=0 is not supported",
+                                                "give a smaller data file"]),
+    (["--trainer.limit_predict_batches", "0.5"], ["trainer.limit_predict_batches=0.5 is not supported"]),
+    (["--model.engine", "compact", "--model.max_new_tokens", "0"],
+     ["model.max_new_tokens must be an integer >= 1 or 'auto', got 0"]),
 ])
 def test_bad_settings(capsys, tiny_model, code_jsonl, tmp_path, extra, words):
     code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)

@@ -153,7 +153,9 @@ def test_a_resume_refuses_settings_that_change_records(tiny_model, tmp_path, cap
 def test_a_directory_made_before_the_new_fingerprint_entries_resumes(tiny_model, tmp_path, capsys):
     data = prompts_file(tmp_path / "p.jsonl", 4)
     out = tmp_path / "out"
-    assert main(args(tiny_model, data, out, "--trainer.limit_predict_batches", "1")) == 1
+    assert main(args(tiny_model, data, out)) == 0
+    shard = out / "00001-of-00001.test.jsonl"
+    shard.write_text("".join(shard.read_text().splitlines(keepends=True)[:1]))  # a directory with 1 of 4 records
     old = json.loads((out / "fingerprint.json").read_text())
     for key in ("precision", "counts"):
         del old[key]
