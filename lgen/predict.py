@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lgen import options
 from lgen.cluster import without_mpi_probe
-from lgen.data import GenerationDataModule
+from lgen.data import GenerationDataModule, sources
 from lgen.errors import ConfigError
 from lgen.hf import zero3
 from lgen.interrupt import GracefulStop
@@ -232,6 +232,12 @@ def prepare_run(model: GenerationModule, data: GenerationDataModule, trainer: Tr
                           "batches are groups of prompts joining rows that are still decoding, and a cut would "
                           "leave them unfinished; to run part of a dataset give a smaller data file (the same "
                           "output_dir resumes with the whole one later)")
+    for pattern in data.data_files or []:
+        own = output.path / outputs.shard_name(0, 1, output.split)
+        if sources.covers(pattern, own):
+            raise ConfigError(f"output_dir={str(output.path)!r} is where data.data_files={pattern!r} reads: lgen's own "
+                              f"records ({own.name}) would be read back as prompts; put output_dir elsewhere or "
+                              "narrow the pattern")
     strategy = trainer.strategy
     model.check_strategy(strategy)
     lockstep = zero3.lockstep(strategy)

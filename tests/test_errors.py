@@ -291,3 +291,25 @@ def test_an_unwritable_lgen_cache_is_named_before_the_conversion(capsys, code_js
     assert code == 2, err
     assert f"is converted once into the lgen cache, and {tmp_path / 'a-file' / 'cache' / 'models'}" in err
     assert "set LGEN_CACHE to a writable folder" in err
+
+
+def test_a_recursive_pattern_reads_every_folder(capsys, tiny_model, tmp_path):
+    for folder, n in (("a", 2), ("b/c", 1)):
+        (tmp_path / "dd" / folder).mkdir(parents=True)
+        (tmp_path / "dd" / folder / "p.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"int {folder[0]}{i}() {{"}) + "\n" for i in range(n)))
+    code, err = run(capsys, tiny_model, str(tmp_path / "dd" / "**" / "*.jsonl"), tmp_path / "out")
+    assert code == 0, err
+    assert len((tmp_path / "out" / "00001-of-00001.test.jsonl").read_text().splitlines()) == 3
+
+
+def test_an_output_dir_the_data_pattern_reads_is_refused(capsys, tiny_model, tmp_path):
+    (tmp_path / "dd" / "a").mkdir(parents=True)
+    (tmp_path / "dd" / "a" / "p.jsonl").write_text(json.dumps({"prompt": "int f() {"}) + "\n")
+    pattern, out = str(tmp_path / "dd" / "*" / "*.jsonl"), tmp_path / "dd" / "out"
+    code, err = run(capsys, tiny_model, pattern, out)
+    assert code == 2
+    assert err.strip() == (f"lgen: error: output_dir={str(out)!r} is where data.data_files={pattern!r} reads: lgen's "
+                           "own records (00001-of-00001.test.jsonl) would be read back as prompts; put output_dir "
+                           "elsewhere or narrow the pattern")
+    assert run(capsys, tiny_model, pattern, tmp_path / "elsewhere")[0] == 0

@@ -4,6 +4,7 @@ with ``datasets``; a file that cannot be read fails with its name and what to fi
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import importlib.util
 import json
@@ -28,11 +29,36 @@ def file_format(path: str | Path) -> str | None:
     return LOCAL_FORMATS.get(suffixes[-1]) if suffixes else None
 
 
+def is_pattern(name: str) -> bool:
+    return any(ch in name for ch in "*?[")
+
+
+def matches(pattern: str) -> list[str]:
+    """The files a ``data_files`` pattern names, as ``datasets`` resolves it (``**`` spans folders)."""
+    return sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+
+
+def covers(pattern: str, path: Path) -> bool:
+    """Whether ``pattern`` (a ``data_files`` entry: a file, or a glob where ``**`` spans folders)
+    names ``path``, which need not exist yet: ``dd/*/*.jsonl`` covers ``dd/out/00001-of-00001.test.jsonl``."""
+    want = Path(pattern).expanduser().absolute().parts
+    have = Path(path).expanduser().absolute().parts
+
+    def match(i: int, j: int) -> bool:
+        if i == len(want):
+            return j == len(have)
+        if want[i] == "**":
+            return any(match(i + 1, k) for k in range(j, len(have) + 1))
+        return j < len(have) and fnmatch.fnmatchcase(have[j], want[i]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
 def local_files(data_files: list[str]) -> list[Path]:
     """The files ``data_files`` names, patterns expanded, in the order ``datasets`` reads them."""
     found: list[Path] = []
     for f in data_files:
-        found += [Path(p) for p in sorted(glob.glob(f))] if any(ch in f for ch in "*?[") else [Path(f)]
+        found += [Path(p) for p in matches(f)] if is_pattern(f) else [Path(f)]
     return found
 
 
@@ -66,9 +92,9 @@ def _load_files(builder: str | None, files: list[str], split: str, streaming: bo
     import datasets
 
     for f in files:
-        if not any(ch in f for ch in "*?[") and not Path(f).is_file():
+        if not is_pattern(f) and not Path(f).is_file():
             raise DataError(f"data.data_files: {f!r} does not exist")
-        if any(ch in f for ch in "*?[") and not glob.glob(f):
+        if is_pattern(f) and not matches(f):
             raise DataError(f"data.data_files: {f!r} matches no file")
     builder = builder or file_format(files[0])
     if builder is None:
