@@ -294,7 +294,7 @@ def test_an_unwritable_lgen_cache_is_named_before_the_conversion(capsys, code_js
 
 
 def test_a_recursive_pattern_reads_every_folder(capsys, tiny_model, tmp_path):
-    for folder, n in (("a", 2), ("b/c", 1)):
+    for folder, n in (("a/x", 2), ("b/c", 1)):  # two folders down: a one-folder glob finds nothing
         (tmp_path / "dd" / folder).mkdir(parents=True)
         (tmp_path / "dd" / folder / "p.jsonl").write_text(
             "".join(json.dumps({"prompt": f"int {folder[0]}{i}() {{"}) + "\n" for i in range(n)))
