@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -64,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from lgen import options
 
         if "-h" in rest or "--help" in rest:
-            print(options.help_text())
-            return 0
+            return _print(options.help_text())
         try:
             options.check_config_files(rest)
         except LgenError as err:
@@ -181,11 +182,23 @@ def merge_main(argv: list[str]) -> int:
     return 0
 
 
+def _print(text: str) -> int:
+    """Print ``text``; a reader that closed the pipe early (``lgen predict --help | head``) ends it quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
+    return 0
+
+
 def _split(parser: argparse.ArgumentParser, output_dir: str, split: str | None) -> str:
     """The split to read: the one asked for, else the only one there."""
     from lgen.output.merge import splits
 
     if split is not None:
+        if not re.fullmatch(r"\w+(\.\w+)*", split):  # it names files in output_dir: no path, no wildcard
+            parser.error(f"--split {split!r} is not a split name (letters, digits, _ and .); the shards are named "
+                         "{rank}-of-{ranks}.{split}.jsonl")
         return split
     found = splits(output_dir)
     if len(found) != 1:

@@ -108,6 +108,9 @@ class LgenCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise ConfigError(explain(str(err), parser, list(args or []))) from None
+        except ValueError as err:
+            raise (class_problem(err, list(args or [])) or err) from None
+        self.argv = list(args or [])
         resolve_config_paths(self.config, list(args or []))
 
     def before_instantiate_classes(self) -> None:
@@ -126,7 +129,10 @@ class LgenCLI(LightningCLI):
             raise
 
     def _instantiate_classes(self) -> None:
-        self.config_init = self.parser.instantiate_classes(self.config)
+        try:
+            self.config_init = self.parser.instantiate_classes(self.config)
+        except ValueError as err:
+            raise (class_problem(err, self.argv) or err) from None
         cfg = self.config_init
         model: GenerationModule = cfg.model
         data: GenerationDataModule = cfg.data
@@ -175,10 +181,50 @@ def make_fingerprint(model: GenerationModule, data: GenerationDataModule, *, pre
             outputs.COUNTS: {"rows": data.stats.get("rows_read"), "examples": len(data.examples or [])}}
 
 
+def class_problem(err: ValueError, argv: list[str]) -> ConfigError | None:
+    """One line for a class a config names that jsonargparse could not make (a logger whose package
+    is missing, a callback whose defaults YAML cannot write): the key, the class, the cause, the
+    fix. None for any other error, which keeps its traceback."""
+    chain, cause = [], err
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = "\n".join(str(e) for e in chain)
+    found = re.search(r"class_path[ =]'([^']+)'", text)
+    if found is None:
+        return None
+    cls = found.group(1)
+    given = [" ".join(argv)]  # where the class was named: the command line, or a config file's trainer section
+    for path in options.config_files(argv):
+        try:
+            own = yaml.safe_load(Path(path).expanduser().read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        given += [f"--trainer.{k} {v}" for k, v in (own.get("trainer") or {}).items()]
+    key = next((k for k in ("trainer.logger", "trainer.callbacks", "trainer.plugins", "trainer.profiler",
+                            "trainer.strategy") for g in given if k in g and cls.rsplit(".", 1)[-1] in g), "trainer")
+    root = chain[-1]
+    if isinstance(root, ImportError):
+        return ConfigError(f"{key}: {cls} needs a package that is not installed ({str(root).splitlines()[0]}); "
+                           "install it, or choose another")
+    if type(root).__name__ == "RepresenterError":
+        value = root.args[1] if len(root.args) > 1 else root
+        return ConfigError(f"{key}: {cls} has a default ({value!r}) that the config lgen keeps cannot hold; give the "
+                           "class's init_args in a config file (e.g. interval: step)")
+    return ConfigError(f"{key}: {cls}: {str(root).splitlines()[0]}")
+
+
 def explain(message: str, parser: LightningArgumentParser, argv: list[str]) -> str:
     """One line for a jsonargparse error: the key, what it takes, the closest keys for a typo, or the
     config file with a YAML syntax error."""
     keys = sorted({opt[2:] for opt in parser._option_string_actions if opt.startswith("--")} - {"help"} - LINKED)
+    if (m := re.match(r'Parser key "([^"]+)":', message)) and (c := re.search(
+            r"Problem with given class_path '([^']+)':\s*(.+)", message)):
+        key, cls, why = m.group(1), c.group(1), c.group(2).strip()
+        if r := re.match(r"the following arguments are required: ([\w, ]+)", why):
+            arg = r.group(1).split(",")[0].strip()
+            return f"{key}.{arg} is required: {cls.rsplit('.', 1)[-1]} needs it (--{key}.{arg} VALUE, or in a config)"
+        return f"{key}={cls}: {why}"
     if m := re.search(r"following arguments are required: (.+)", message):
         key = m.group(1).split(",")[0].strip()
         return f"{key} is required: {ACCEPTS.get(key, 'set it in a config file or on the command line')}"

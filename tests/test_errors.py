@@ -313,3 +313,50 @@ def test_an_output_dir_the_data_pattern_reads_is_refused(capsys, tiny_model, tmp
                            "own records (00001-of-00001.test.jsonl) would be read back as prompts; put output_dir "
                            "elsewhere or narrow the pattern")
     assert run(capsys, tiny_model, pattern, tmp_path / "elsewhere")[0] == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--trainer.logger", "CSVLogger"],
+     "lgen: error: trainer.logger.save_dir is required: CSVLogger needs it (--trainer.logger.save_dir VALUE, or in a "
+     "config)"),
+    (["--trainer.callbacks+", "lightning.pytorch.callbacks.Timer"],
+     "lgen: error: trainer.callbacks: lightning.pytorch.callbacks.Timer has a default (<Interval.step: 'step'>) that "
+     "the config lgen keeps cannot hold; give the class's init_args in a config file (e.g. interval: step)"),
+    pytest.param(["--trainer.logger", "TensorBoardLogger", "--trainer.logger.save_dir", "TMP"],
+                 "lgen: error: trainer.logger: lightning.pytorch.loggers.TensorBoardLogger needs a package that is not "
+                 "installed (Neither `tensorboard` nor `tensorboardX` is available.",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None
+                                          or importlib.util.find_spec("tensorboardX") is not None,
+                                          reason="tensorboard is installed")),
+])
+def test_a_trainer_class_that_cannot_be_made_is_one_line(capsys, tiny_model, code_jsonl, tmp_path, extra, message):
+    extra = [str(tmp_path / "logs") if e == "TMP" else e for e in extra]
+    code, err = run(capsys, tiny_model, code_jsonl, tmp_path / "out", *extra)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(message), err
+    assert "Traceback" not in err
+
+
+def test_ids_that_differ_only_in_type_are_explained(capsys, tiny_model, tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"id": 1, "prompt": "a"}\n{"id": "1", "prompt": "b"}\n')
+    code, err = run(capsys, tiny_model, data, tmp_path / "out", "--data.id_column_name", "id")
+    assert code == 2
+    assert 'the column mixes value types, which datasets reads as JSON values: 1 and "1" become the same id' in err
+
+
+def test_merge_refuses_a_split_that_is_a_path(capsys, tiny_model, code_jsonl, tmp_path):
+    assert run(capsys, tiny_model, code_jsonl, tmp_path / "out")[0] == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", str(tmp_path / "out"), "--split", "../x"])
+    assert exit_.value.code == 2
+    assert "--split '../x' is not a split name" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_help_into_a_closed_pipe_ends_quietly(monkeypatch):
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["predict", "--help"]) == 0

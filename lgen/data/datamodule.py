@@ -384,7 +384,7 @@ class GenerationDataModule(LightningDataModule):
                 ex["meta"]["prompt_text"] = str(source[ex["row"]])
             examples.append(ex)
         self._check_json(examples, raw.features)
-        self._check_unique(examples)
+        self._check_unique(examples, raw.features)
         self._check_batch_tokens(examples)
         if truncated:
             log.warning("%d of %d prompts are longer than max_window_size=%d tokens and keep only their last %d, "
@@ -479,7 +479,7 @@ class GenerationDataModule(LightningDataModule):
         raise ConfigError(f"data.max_batch_tokens={self.max_batch_tokens} cannot hold one row: {what}{samples} "
                           f"= {need} cache tokens; set it to at least {need}, or auto")
 
-    def _check_unique(self, examples: list[dict[str, Any]]) -> None:
+    def _check_unique(self, examples: list[dict[str, Any]], features) -> None:
         """Refuse ids that name several rows: their records would share a key, and resume and the
         writer would keep only one of them."""
         counts = Counter(records.example_key(ex) for ex in examples)
@@ -487,10 +487,13 @@ class GenerationDataModule(LightningDataModule):
         if repeated:
             shown = ", ".join(f"{ident}{'' if part == (1, 1) else f' part {list(part)}'} ({n} times)"
                               for (ident, part), n in repeated[:3])
+            mixed = (self.id_column_name is not None and type(features[self.id_column_name]).__name__ == "Json")
+            why = (" (the column mixes value types, which datasets reads as JSON values: 1 and \"1\" become the same "
+                   "id)" if mixed else "")
             raise DataError(f"data.id_column_name={self.id_column_name!r} does not identify the rows: "
                             f"{len(repeated)} ids appear more than once ({shown}{', ...' if len(repeated) > 3 else ''})"
-                            "; choose a column whose values are unique, or leave data.id_column_name unset to use "
-                            "the row index")
+                            f"{why}; choose a column whose values are unique, or leave data.id_column_name unset to "
+                            "use the row index")
 
     # ---- planning and loading --------------------------------------------------------------------
 
