@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PROMPTS, base_args, lgen, read
+from conftest import PROMPTS, base_args, lgen, prompts_file, read
 from reference import reference_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -203,31 +203,39 @@ def test_stop_strings_compact_engine_matches_generate(tiny_model, code_jsonl, tm
         assert not any(s in text for s in stop)  # cut before the first stop string, which is dropped
 
 
-def test_auto_batch_tokens_is_no_cap_on_cpu(tiny_model, code_jsonl, tmp_path):
-    plain, auto = tmp_path / "plain", tmp_path / "auto"  # lgen() runs on the CPU, on a GPU machine too
-    assert lgen(*base_args(tiny_model, code_jsonl, plain, "--data.max_batch_tokens", "null")) == 0
-    assert lgen(*base_args(tiny_model, code_jsonl, auto)) == 0  # auto is the default
-    assert sorted(map(str, read(auto))) == sorted(map(str, read(plain)))
-
-
-def test_zero3_config_is_set_for_generation_before_the_model_is_built(tiny_model):
-    """Lightning enters DeepSpeed's zero.Init (which swaps F.linear when memory_efficient_linear is
-    on) around configure_model, from the strategy's config: setup must have turned it off by then,
-    and leave a value the user set alone."""
-    from types import SimpleNamespace
-
+def test_auto_batch_tokens_on_a_cpu_means_pools_of_32_rows(tiny_model, tmp_path):
+    """No device memory to size a pool by: ``max_batch_tokens: auto`` leaves the pool at 32 rows, and
+    an integer budget sizes it."""
+    from lgen.data import GenerationDataModule
     from lgen.module import GenerationModule
 
-    module = GenerationModule(str(tiny_model), max_new_tokens=4)
-    for given, expected in (({"stage": 3}, False), ({"stage": 3, "memory_efficient_linear": True}, True)):
-        strategy = SimpleNamespace(zero_stage_3=True, world_size=2, config={"zero_optimization": dict(given)})
-        module._trainer = SimpleNamespace(strategy=strategy, world_size=2)
-        module.setup("predict")
-        assert strategy.config["zero_optimization"]["memory_efficient_linear"] is expected
-    plain = SimpleNamespace(config={"zero_optimization": {"stage": 3}}, world_size=1)  # not ZeRO-3: untouched
-    module._trainer = SimpleNamespace(strategy=plain, world_size=1)
-    module.setup("predict")
-    assert plain.config == {"zero_optimization": {"stage": 3}}
+    module = GenerationModule(str(tiny_model), max_new_tokens=8)
+    assert module.token_budget([5], 13) is None
+    data = prompts_file(tmp_path / "p.jsonl", 40)
+    pools = {}
+    for budget in ("auto", 200):
+        dm = GenerationDataModule(data_files=str(data), mode="complete", text_column_name="prompt", max_new_tokens=8,
+                                  max_batch_tokens=budget)
+        dm.connect(module.tokenizer, token_budget=module.token_budget, continuous=True)
+        dm.setup("predict")
+        batches = list(dm.predict_dataloader())
+        pools[budget] = ({b.group.stream for b in batches}, {b.group.pool_rows for b in batches})
+    # auto: 40 rows over pools of at most 32 rows make 2 streams of 20, each pool bucketed to 24 rows;
+    # 200 tokens hold 7 rows of the longest prompt's span (28 tokens), so 6 streams
+    assert pools == {"auto": ({0, 1}, {24}), 200: (set(range(6)), {7})}
+
+
+def test_zero3_config_keeps_linear_as_it_is():
+    """DeepSpeed's zero.Init swaps F.linear when memory_efficient_linear is on: lgen's inference
+    config turns it off unless the user set it (the 2-process ZeRO-3 test checks F.linear is kept
+    while the model is built)."""
+    from lgen.hf import zero3
+
+    assert zero3.inference_config({"zero_optimization": {"stage": 3}}) == {
+        "zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
+    mine = {"zero_optimization": {"stage": 3, "memory_efficient_linear": True}}
+    assert zero3.inference_config(mine)["zero_optimization"]["memory_efficient_linear"] is True
+    assert zero3.inference_config({}) == {"zero_optimization": {"memory_efficient_linear": False}}
 
 
 def test_zero3_trace_hook_lives_for_the_predict_run(tiny_model):
