@@ -107,7 +107,12 @@ def _rowwise(x: torch.Tensor, inner: int, tiles: Tiles, fn: Callable[[torch.Tens
 
 
 class BatchInvariantOps(TorchDispatchMode):
-    """Runs matmuls and row reductions on fixed tiles (see the module docstring)."""
+    """Runs matmuls and row reductions on fixed tiles (see the module docstring).
+
+    Under inference mode (the engines decode in it) composite ops reach the mode whole, before
+    autograd would have taken them apart: ``linear`` and ``matmul`` instead of ``mm``, ``softmax``
+    instead of ``_softmax``, ``layer_norm``, ``rms_norm``, ``einsum``. Each is taken apart here,
+    with the mode on, so that its parts come back through the handlers."""
 
     def __init__(self, tiles: Tiles) -> None:
         super().__init__()
@@ -117,9 +122,19 @@ class BatchInvariantOps(TorchDispatchMode):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
         if handler is None:
+            if _composite(func):
+                with self:
+                    out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
             return func(*args, **kwargs)
         out = handler(self.tiles, *args, **kwargs)
         return func(*args, **kwargs) if out is NotImplemented else out
+
+
+def _composite(func) -> bool:
+    """Whether ``func`` is made of other ops (a CompositeImplicitAutograd kernel)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), torch._C.DispatchKey.CompositeImplicitAutograd)
 
 
 def _kernels(t: Tiles, *tensors: torch.Tensor) -> bool:
