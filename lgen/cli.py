@@ -113,8 +113,9 @@ def predict_main(args: list[str]) -> int:
         if cli.stop.signum:  # the signal came after the last batch: a stopped run never exits 0
             raise Interrupted(cli.stop.signum)
     except Interrupted as err:
-        dropped = cli.writer.stats["rows_dropped_at_stop"]
-        stopped = Interrupted(err.signum, f"{err}{_so_far(cli.writer.summary, cli.output.path, dropped=dropped)}")
+        summary = cli.writer.summary  # every rank's figures, summed (rank 0, which says it)
+        dropped = summary["runs"][-1]["rows_dropped_at_stop"] if summary else 0
+        stopped = Interrupted(err.signum, f"{err}{_so_far(summary, cli.output.path, dropped=dropped)}")
         stopped.quiet = cli.trainer.global_rank > 0  # rank 0 says it for the run
         raise stopped from None
     finally:

@@ -123,7 +123,14 @@ def test_a_sigterm_to_every_rank_stops_a_ddp_run_and_it_resumes(tiny_model, tmp_
     assert "lgen: stopped by SIGTERM (" in err and "Traceback" not in err, err[-3000:]
     written = sum(len(p.read_text().splitlines()) for p in out.glob("*.test.jsonl"))
     assert written < 120
+    # every count is the sum over ranks of what is on disk, when every rank has ended
+    assert f"lgen: stopped by SIGTERM ({written} of 120 records are in {out}" in err, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == summary["runs"][-1]["records_written"] == written
+    assert not list(out.glob("*.run.json"))  # each rank's figures went into the summary
     result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = sorted(line for p in out.glob("*.test.jsonl") for line in p.read_text().splitlines())
     assert sorted(map(json.dumps, map(json.loads, got))) == sorted(map(json.dumps, read(clean)))
+    total = json.loads((out / "summary.json").read_text())["generated_tokens"]
+    assert total == json.loads((clean / "summary.json").read_text())["generated_tokens"]

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SHARD = re.compile(r"^(\d{5})-of-(\d{5})\.(.+)\.jsonl$")
 MERGED = re.compile(r"^merged\.(.+)\.jsonl$")
 EXPECTED = re.compile(r"^expected\.(.+)\.json$")
+RUNNING = re.compile(r"^(\d{5})-of-(\d{5})\.(.+)\.run\.json$")  # a writing rank's figures while a run lasts
 EXPORTED = re.compile(r"^(humaneval\.(.+)\.jsonl|bigcode\.(.+)\.json)$")
 RECORD_FIELDS = ("id", "part", "seq", "finish_reason", "meta")  # what readers of a shard rely on
 OWNED = {"model_config.json", "model_config_diff.json", "generation_config.json", "generation_config_diff.json",
@@ -68,9 +69,15 @@ def shard_name(rank: int, world_size: int, split: str) -> str:
     return f"{rank + 1:05d}-of-{world_size:05d}.{split}.jsonl"
 
 
+def run_file(output_dir: str | Path, place: int, places: int, split: str) -> Path:
+    """Where the rank writing shard ``place`` of ``places`` keeps this run's figures while it runs
+    (``shard_name`` with ``.run.json``): what rank 0 sums when a stop leaves no time for a collective."""
+    return Path(output_dir) / shard_name(place, places, split).replace(".jsonl", ".run.json")
+
+
 def is_owned(name: str) -> bool:
     return (name in OWNED or bool(SHARD.match(name) or MERGED.match(name) or EXPECTED.match(name)
-                                  or EXPORTED.match(name)) or name.endswith(".lgen-tmp"))
+                                  or EXPORTED.match(name) or RUNNING.match(name)) or name.endswith(".lgen-tmp"))
 
 
 def shards(output_dir: str | Path, split: str) -> list[Path]:

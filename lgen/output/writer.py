@@ -24,6 +24,10 @@ from lgen.output.records import BatchRecords, record_key
 
 log = logging.getLogger(__name__)
 
+# a run's own figures, kept per rank and summed over ranks
+RUN_FIGURES = ("records_written", "records_skipped_done", "rows_dropped_at_stop", "generated_tokens",
+               "generation_seconds")
+
 
 class JsonlWriter(BasePredictionWriter):
     """Append each batch's records to ``{rank+1:05d}-of-{world:05d}.{split}.jsonl``.
@@ -78,6 +82,8 @@ class JsonlWriter(BasePredictionWriter):
         if not self.writes:
             return
         self.path = self.output.path / outputs.shard_name(*outputs.data_place(trainer), self.output.split)
+        self.run_path = outputs.run_file(self.output.path, *outputs.data_place(trainer), self.output.split)
+        self._note(ended=False)
         if self.path.exists():
             outputs.drop_torn_tail(self.path)
         self._file = open(self.path, "ab")
@@ -116,6 +122,18 @@ class JsonlWriter(BasePredictionWriter):
                 os.fsync(self._file.fileno())
             except OSError as err:
                 raise outputs.unwritable(self.path, err) from err
+        self._note(ended=False)
+
+    def _note(self, *, ended: bool) -> None:
+        """This rank's figures of the run so far, beside its shard (``outputs.run_file``), for rank 0
+        to sum when a stop leaves no time for a collective (:meth:`on_exception`). Replaced whole,
+        not fsynced: it only has to outlast the run."""
+        tmp = self.run_path.with_name(self.run_path.name + ".lgen-tmp")
+        try:
+            tmp.write_text(json.dumps({"ended": ended, **{k: self.stats[k] for k in RUN_FIGURES}}))
+            os.replace(tmp, self.run_path)
+        except OSError as err:  # the figures then come from this rank alone; the records are on disk
+            log.warning("%s not written: %s", self.run_path.name, err)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._file is not None:
@@ -140,21 +158,56 @@ class JsonlWriter(BasePredictionWriter):
             records = len(self.output.done) + stats["records_written"]
             self._write_summary(trainer, stats, self.output.reasons + reasons, records,
                                 "complete" if not self.shortfall else f"{self.shortfall} records missing")
+            self._forget_runs(trainer)
             if self.merge:
                 merge(self.output.path, self.output.split)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """A run stopped early (a signal) or failed: the summary still describes the directory, from
-        its shards as they are now; this run's figures are this rank's."""
+        its shards once every writing rank has ended (each says so in its run file; rank 0 waits up
+        to ``wait_seconds`` for them), and this run's figures are their sum."""
         self.teardown(trainer, pl_module, "predict")
+        if self.writes and hasattr(self, "run_path"):
+            self._note(ended=True)
         if trainer.is_global_zero and hasattr(self, "_start"):
             status = (f"interrupted ({exception})" if isinstance(exception, Interrupted)
                       else f"failed ({type(exception).__name__})")
             try:
+                stats = self._every_rank(trainer)
                 keys, reasons = outputs.scan(self.output.path, self.output.split)
-                self._write_summary(trainer, self.stats, reasons, len(keys), status)
+                self._write_summary(trainer, stats, reasons, len(keys), status)
             except (OSError, OutputDirError) as err:  # e.g. the disk that failed the batch is still full
                 log.warning("summary.json not updated: %s", err)
+            self._forget_runs(trainer)
+
+    wait_seconds = 30.0
+
+    def _every_rank(self, trainer: Trainer) -> Counter:
+        """The figures of every writing rank's run file, once all have ended (or ``wait_seconds``
+        passed: then those there are; a rank that died keeps its records on disk, not its figures)."""
+        _, places = outputs.data_place(trainer)
+        paths = [outputs.run_file(self.output.path, p, places, self.output.split) for p in range(places)]
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            notes = []
+            for path in paths:
+                try:
+                    notes.append(json.loads(path.read_text()))
+                except (OSError, ValueError):
+                    notes.append({})
+            if all(n.get("ended") for n in notes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        stats = Counter()
+        for note in notes:
+            stats.update({k: note.get(k, 0) for k in RUN_FIGURES})
+        return stats
+
+    def _forget_runs(self, trainer: Trainer) -> None:
+        """The run files go once the summary holds their sum."""
+        _, places = outputs.data_place(trainer)
+        for place in range(places):
+            outputs.run_file(self.output.path, place, places, self.output.split).unlink(missing_ok=True)
 
     def _write_summary(self, trainer: Trainer, stats: Counter, reasons: Counter, records: int, status: str) -> None:
         self.write_summary(stats, reasons, records, status, world_size=trainer.world_size,
