@@ -481,3 +481,19 @@ def test_every_row_dropped_hints_by_reason(tok, tmp_path, rows, kw, hint):
         module(tok, write_jsonl(tmp_path / "d.jsonl", rows), block_size=8, **kw)
     assert str(err.value).split("); ", 1)[1].startswith(hint)
     assert "every prompt is empty or null" not in str(err.value)
+
+
+def test_a_capped_model_max_length_is_said_once(caplog):
+    """A tokenizer that says 10^30 positions (many do) gets block_size from the model, and a Python
+    caller running job after job hears it once, not at every job."""
+    from lgen.data import lengths
+
+    lengths._capped.cache_clear()
+    with caplog.at_level("WARNING", logger="lgen.data.lengths"):
+        for _ in range(3):
+            got = lengths.resolve(block_size=None, max_window_size=None, max_new_tokens=8,
+                                  model_max_length=int(1e30), max_position_embeddings=2048)
+    assert got.block == 1024
+    said = [r.getMessage() for r in caplog.records if "model_max_length" in r.getMessage()]
+    assert said == [f"tokenizer.model_max_length={int(1e30)} exceeds the model's max_position_embeddings=2048; "
+                    "using block_size=1024 (set data.block_size to choose)"]
