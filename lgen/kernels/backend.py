@@ -41,7 +41,8 @@ class _State:
     """What the registered functions read while a model runs under :data:`NAME`: the model's own
     attention (``base``), a decode kernel standing in front of it (``front``), the cache index of
     each row's queries (``queries``, ``[rows, q]``; None: the last ``q`` keys, as transformers lays
-    a dense cache out), and the layers whose decode steps see a window of keys (``windows``)."""
+    a dense cache out) and their positions (``positions``), the layers whose decode steps see a
+    window of keys (``windows``), and the layers whose query temperature lgen applies (``tuned``)."""
 
     def __init__(self) -> None:
         self.base: Callable | None = None
@@ -49,7 +50,7 @@ class _State:
         self.queries: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.windows: dict[int, int] = {}
-        self.tuned: set[int] = set()  # attention modules whose query temperature lgen applies (_temperature)
+        self.tuned: set[int] = set()  # ids of attention modules (_temperature)
         self.windowed: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's
 
 
