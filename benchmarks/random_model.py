@@ -3,6 +3,8 @@
     python benchmarks/random_model.py OUT_DIR --shape llama-8b     # 8B Llama shape, bf16, ~16 GB
     python benchmarks/random_model.py OUT_DIR --shape llama-34b    # 34B (CodeLlama-34B's shape), ~68 GB
     python benchmarks/random_model.py OUT_DIR --shape qwen3-moe-16l   # Qwen3-30B-A3B's layers, 16 of 48, ~21 GB
+    python benchmarks/random_model.py OUT_DIR --shape qwen3-next-16l  # a hybrid: Qwen3-Next's layers, 16 of 48
+    python benchmarks/random_model.py OUT_DIR --shape mamba2-1.3b     # state-space layers only
 
 The tokenizer is SmolLM2's (``smollm2-135m-instruct``, or a folder in ``--tokenizer``), so prompts
 tokenize as real text; the vocabulary is the tokenizer's. Built on the GPU when there is one.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mamba2Config, Qwen3MoeConfig, Qwen3NextConfig
 
 from lgen.hf.models import resolve
 
@@ -31,8 +33,24 @@ SHAPES = {
     "qwen3-moe-16l": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=16,
                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
                           num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1000000.0),
+    # Qwen3-Next's layers (3 gated delta-net layers to 1 of attention, experts with a shared one), 16 of
+    # its 48 and 64 of its 512 experts: a hybrid's decode step at a size one GPU holds
+    "qwen3-next-16l": dict(hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,
+                           shared_expert_intermediate_size=512, num_hidden_layers=16, num_attention_heads=16,
+                           num_key_value_heads=2, head_dim=256, num_experts=64, num_experts_per_tok=10,
+                           linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                           linear_value_head_dim=128, linear_conv_kernel_dim=4, rope_theta=10000000.0),
+    "qwen3-next-small": dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                             shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                             linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+                             linear_value_head_dim=64, linear_conv_kernel_dim=4),  # for CPU runs
+    # Mamba2-1.3B's shape: state-space layers only
+    "mamba2-1.3b": dict(hidden_size=2048, num_hidden_layers=48, state_size=128, num_heads=64, head_dim=64,
+                        expand=2, n_groups=1, conv_kernel=4),
 }
-CONFIGS = {"qwen3-moe-16l": Qwen3MoeConfig}
+CONFIGS = {"qwen3-moe-16l": Qwen3MoeConfig, "qwen3-next-16l": Qwen3NextConfig, "qwen3-next-small": Qwen3NextConfig,
+           "mamba2-1.3b": Mamba2Config}
 
 
 def main() -> None:

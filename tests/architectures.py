@@ -64,7 +64,6 @@ FIXES: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1, "time_step_rank": 8, "state_size": 16, "chunk_size": 16},
     "bamba": {**_MAMBA, "attn_layer_indices": [1]},
     "granitemoehybrid": {**_MAMBA, "layer_types": ["mamba", "attention"]},
-    "recurrent_gemma": {"lru_width": 64, "attention_window_size": WINDOW, "num_key_value_heads": 1},
     "xlm": {"emb_dim": 64, "is_encoder": False, "causal": True},
     "reformer": {"is_decoder": True, "attn_layers": ["local", "lsh"], "axial_pos_shape": [16, 16],
                  "axial_pos_embds_dim": [32, 32], "hidden_size": 64, "feed_forward_size": 96,
@@ -83,6 +82,16 @@ FIXES: dict[str, dict[str, Any]] = {
     "dory": {"num_hidden_layers": 8, "n_input_layers": 2, "n_recurrent_layers": 4, "n_output_layers": 2,
              "layer_types": ["sliding_attention", "mlp", "full_attention", "mlp"] * 2},
     "llama4_text": _LLAMA4, "llama4": {"text_config": _LLAMA4},
+    # state layers beside attention, each kind kept in two layers
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8},
+    "kimi_linear": {"linear_head_dim": 16, "linear_num_heads": 4, "qk_head_dim": 32, "num_experts_per_token": 2},
+    "zamba2": {"attention_hidden_size": 128, "mamba_headdim": 16, "adapter_rank": 8, "chunk_size": 16,
+               "hybrid_layer_ids": [1]},
+    "recurrent_gemma": {"lru_width": 64, "attention_window_size": WINDOW, "num_key_value_heads": 1,
+                        "block_types": ["recurrent", "attention"]},
+    "rwkv": {"attention_hidden_size": 64},
+    "xlstm": {"embedding_dim": 64, "num_blocks": 2, "chunk_size": 16},
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
 }
 
 # name -> (model type, fields): configurations beyond a type's default

@@ -1,4 +1,4 @@
-"""On a CUDA GPU, float32: the attention families the compact engine runs, through CUDA graphs and
+"""On a CUDA GPU, float32: the attention and state-layer families the compact engine runs, through CUDA graphs and
 span attention, give each prompt ``model.generate``'s text alone (the CPU matrix's test, on the
 GPU path). bf16 is counted, not asserted: ``python benchmarks/architectures.py --device cuda
 --dtype bfloat16``. Skipped where there is no GPU (CI has none)."""
@@ -24,6 +24,7 @@ FAMILIES = [
     "gemma4_text", "gemma4_text+kv_sharing", "gemma3n_text",  # per-layer head sizes, shared key/value layers
     "mixtral", "qwen3_moe", "olmoe", "qwen2_moe",  # mixtures of experts under CUDA graphs
     "falcon+alibi",  # ALiBi
+    "qwen3_next", "qwen3_5_text", "mamba2", "mamba", "nemotron_h", "jamba", "lfm2",  # recurrent and conv states
 ]
 
 

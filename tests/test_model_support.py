@@ -26,8 +26,11 @@ def test_the_architecture_says_what_the_compact_engine_lacks():
     assert Architecture.of(tiny_config("gemma3_text")).layers == ("sliding_attention", "full_attention")
     assert Architecture.of(tiny_config("bart")).compact_missing() == [
         "BartForCausalLM takes no position_ids (it counts positions from the cache length)"]
-    assert Architecture.of(tiny_config("qwen3_next")).compact_missing() == [
-        "its cache holds linear_attention layers, not only attention keys and values"]
+    assert Architecture.of(tiny_config("qwen3_next")).compact_missing() == []  # recurrent states: held per row
+    assert Architecture.of(tiny_config("mamba2")).compact_missing() == []  # no attention: no positions needed
+    assert Architecture.of(tiny_config("deepseek_v32")).compact_missing() == [
+        "its cache holds indexed_attention layers, not only attention keys and values and recurrent states"]
+    assert not Architecture.of(tiny_config("qwen3_next")).padded_batches
     assert Architecture.of(tiny_config("bloom")).compact_missing()[0] == (
         "BloomForCausalLM computes attention its own way, not through transformers' attention interface")
     assert not Architecture.of(tiny_config("bart")).padded_batches

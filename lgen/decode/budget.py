@@ -15,6 +15,12 @@ def cache_bytes_per_token(model: torch.nn.Module) -> int:
     return elements * next(model.parameters()).element_size()
 
 
+def state_bytes_per_row(model: torch.nn.Module) -> int:
+    """Conv and recurrent state bytes one row takes across all layers, whatever its length
+    (:func:`lgen.decode.cache.states`)."""
+    return sum(shape.bytes for shape in cache.states(model) if shape is not None)
+
+
 def token_budget(model: torch.nn.Module, free_bytes: int, *, share: float = 0.8, row_span: int | None = None,
                  prompt_width: int = 0) -> int:
     """Batch tokens (prompt + new tokens, every sample) that fit in ``share`` of ``free_bytes``.
@@ -23,13 +29,16 @@ def token_budget(model: torch.nn.Module, free_bytes: int, *, share: float = 0.8,
     freed), the prefill's widest activations (the MLP's gate, up and product, and a few hidden-size
     tensors) and its attention mask (``prompt_width`` entries of up to 8 bytes in its making). Per
     row (one sample): scores over the vocabulary (the logits, a float32 copy, and sampling's
-    temporaries, ~40 bytes a token id), spread over ``row_span``, the fewest tokens a row holds.
+    temporaries, ~40 bytes a token id) and the layers' states twice (as the cache), spread over
+    ``row_span``, the fewest tokens a row holds (without it, over the prompt's width).
     """
     cfg = model.config.get_text_config(decoder=True)
     elem = next(model.parameters()).element_size()
     mlp = (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size) // tensor_parallel.degree(model)
     width = 3 * mlp + 4 * cfg.hidden_size
     per_token = 2 * cache_bytes_per_token(model) + width * elem + 8 * prompt_width
+    per_row = 2 * state_bytes_per_row(model)
     if row_span:
-        per_token += -(-cfg.vocab_size * 40 // row_span)  # ceiling
+        per_row += cfg.vocab_size * 40
+    per_token += -(-per_row // (row_span or max(prompt_width, 1)))  # ceiling
     return int(free_bytes * share) // per_token

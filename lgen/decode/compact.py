@@ -25,6 +25,7 @@ from lgen.decode.engine import Batchwise, Generated, next_step
 from lgen.decode.settings import DecodeSettings
 from lgen.decode.steppers import EagerStepper, PoolStepper, Stepper
 from lgen.decode.stopping import StopRules, first_stops
+from lgen.hf.architecture import Architecture
 from lgen.kernels import decoding
 
 
@@ -66,10 +67,12 @@ class CompactEngine(Batchwise):
         if self.config.do_sample and row_keys is None:
             raise ValueError("sampling needs row_keys")
         total = lockstep.all_max(max_new_tokens, device) if self.synced else max_new_tokens
-        stepper: Stepper  # batch-invariant: each prompt laid out from position 0, as if alone
-        if self.settings.invariant:
+        # the pool's cache for batch-invariant decoding (each prompt laid out from position 0, as if
+        # alone) and for layers with recurrent state (each prompt's state its own: steppers.prefill)
+        stepper: Stepper
+        if self.settings.invariant or Architecture.of(model.config).carries_state:
             stepper = PoolStepper(model, rows=rows, length=input_ids.shape[1] + max_new_tokens, graph=False,
-                                  aligned=True)
+                                  aligned=self.settings.invariant)
         else:
             stepper = EagerStepper(model)
         # output buffers, by output row (+1: a trash row that padding slots write to)

@@ -84,6 +84,7 @@ class CapturedStep:
 
     graph: bool
     windows: dict[int, int]  # the layers whose decode steps see a window of keys (lgen.decode.cache.windows)
+    attends: bool  # some layer attends to keys (a model of state layers only gets no mask: nothing is padding)
     _graph: torch.cuda.CUDAGraph | None
 
     def _forward(self) -> torch.Tensor:
@@ -91,8 +92,8 @@ class CapturedStep:
         with (torch._dynamo.config.patch(**_RECOMPILES), backend.use(self.model),
               capturable_experts(self.model) if self.graph else contextlib.nullcontext(),
               backend.queries(self.write_at[:, None], positions=self.next_pos, windows=self.windows)):
-            out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.next_pos,
-                             use_cache=True, **{self.cache_arg: self.cache})
+            out = self.model(input_ids=self.token, attention_mask=self.mask if self.attends else None,
+                             position_ids=self.next_pos, use_cache=True, **{self.cache_arg: self.cache})
         return out.logits[:, -1, :]
 
     def _capture(self) -> None:

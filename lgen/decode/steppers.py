@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from lgen.batch import bucket
-from lgen.decode.cache import PoolCache, SlotCache, buffers, cache_argument, layout, windows
+from lgen.decode.cache import PoolCache, SlotCache, buffers, cache_argument, layout, state_buffers, states, windows
 from lgen.decode.graphs import CapturedStep
 from lgen.errors import UnsupportedModel
 from lgen.kernels import backend, decoding
@@ -108,12 +108,46 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     Returns the first logits (``[rows, vocab]``, float32), the cache, the keys each row holds
     (``[rows, width]``, bool) and each row's next position (``[rows, 1]``). ``aligned``: the prompts
     start at position 0 and are padded on the right (see :func:`align_left`); the first logits are
-    then each prompt's last token's."""
+    then each prompt's last token's.
+
+    A model whose layers carry state (:func:`lgen.decode.cache.states`) runs the prompts of each
+    length on their own, unpadded: a recurrent state runs through every position it is given, so
+    padding would change it (unless the model masks padding its own way, which not every model
+    does), and a prompt padded on the right would end on padding."""
+    lengths = attention_mask.sum(-1)
+    if not any(states(model)) or bool((lengths == lengths[0]).all()) and bool(attention_mask.all()):
+        return _prefill(model, input_ids, attention_mask, aligned=aligned)
     rows, width = input_ids.shape
-    device = input_ids.device
-    dtype = next(model.parameters()).dtype
-    k, v = buffers(layout(model), rows, width, dtype=dtype, device=device)
-    cache = SlotCache(k, v, torch.arange(width, device=device))
+    logits, cache = None, _slot_cache(model, rows, width, device=input_ids.device)
+    for length in lengths.unique().tolist():
+        sel = (lengths == length).nonzero().flatten()
+        cols = slice(0, length) if aligned else slice(width - length, width)
+        part, sub, _, _ = _prefill(model, input_ids[sel, cols], attention_mask[sel, cols])
+        logits = part.new_empty((rows, part.shape[1])) if logits is None else logits
+        logits[sel] = part
+        for whole, piece in zip((*cache.k, *cache.v), (*sub.k, *sub.v)):
+            if whole is not None:
+                whole[sel, :, cols] = piece
+        for whole, piece in zip((*cache.conv, *cache.recurrent), (*sub.conv, *sub.recurrent)):
+            for w, s in zip(whole, piece):
+                if w is not None:
+                    w[sel] = s
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return logits, cache, attention_mask.bool(), positions[:, -1:] + 1
+
+
+def _slot_cache(model: torch.nn.Module, rows: int, width: int, *, device: torch.device) -> SlotCache:
+    """An empty :class:`SlotCache` of ``width`` positions (and states) for ``rows`` rows."""
+    k, v = buffers(layout(model), rows, width, dtype=next(model.parameters()).dtype, device=device)
+    conv, recurrent = state_buffers(states(model), rows, device=device)
+    return SlotCache(k, v, torch.arange(width, device=device), conv=conv, recurrent=recurrent)
+
+
+def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+             aligned: bool = False) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
+    """:func:`prefill` of one padded batch."""
+    rows, width = input_ids.shape
+    cache = _slot_cache(model, rows, width, device=input_ids.device)
     allowed = attention_mask.bool()
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with (torch.compiler.set_stance("force_eager"), _last_tokens(model, attention_mask, aligned),
@@ -160,9 +194,11 @@ class PoolStepper(CapturedStep):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         shapes = layout(model)
-        self.windows = windows(shapes)
+        self.windows, self.attends = windows(shapes), any(s is not None for s in shapes)
         k, v = buffers(shapes, rows, length, dtype=self.dtype, device=self.device)
-        self._setup(PoolCache(k, v, torch.zeros(rows, dtype=torch.long, device=self.device)),
+        conv, recurrent = state_buffers(states(model), rows, device=self.device)
+        self._setup(PoolCache(k, v, torch.zeros(rows, dtype=torch.long, device=self.device), conv=conv,
+                              recurrent=recurrent),
                     torch.zeros((rows, length), dtype=torch.bool, device=self.device),
                     torch.zeros((rows, 1), dtype=torch.long, device=self.device))
 
@@ -194,6 +230,10 @@ class PoolStepper(CapturedStep):
             if k is not None:
                 k[slots, :, :width] = pk[prompt]
                 v[slots, :, :width] = pv[prompt]
+        for kept, written in zip((*self.cache.conv, *self.cache.recurrent), (*cache.conv, *cache.recurrent)):
+            for state, fresh in zip(kept, written):
+                if state is not None:
+                    state[slots] = fresh[prompt]
         self.mask[slots] = False
         self.mask[slots, :width] = mask[prompt]
         self.write_at[slots] = attention_mask.sum(-1)[prompt] if self.aligned else width

@@ -11,9 +11,12 @@ description of the model, never from a list of names:
   (:mod:`lgen.kernels.backend`);
 * its forward takes ``position_ids``, so that each row gets its own positions (a model without them
   counts positions from the cache length, one number for every row);
-* every cache layer holds attention keys and values (full, sliding-window or chunked attention; the
-  kinds transformers' ``DynamicCache`` builds for the config): recurrent and convolution states,
-  indexers and compressed caches are not what the engine's cache holds.
+* every cache layer holds what the engine's cache holds (the kinds transformers' ``DynamicCache``
+  builds for the config): attention keys and values (full, sliding-window or chunked attention),
+  and states of fixed size per row (linear-attention, state-space and convolution layers, alone
+  or beside attention); indexers and compressed caches are not.
+
+A model with no attention layer at all (Mamba) needs neither of the first two.
 
 ``model.generate`` batches prompts padded on the left; a model that counts positions from the
 cache length, or whose cache is not plain attention, gets other text for a padded row than for the
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTENTION = ("full_attention", "sliding_attention", "chunked_attention")
+STATE = ("linear_attention", "conv")  # a conv and a recurrent state per row (lgen.decode.cache.StateShape)
+BOTH = ("hybrid", "hybrid_sliding")  # attention and state in one layer
 NO_CACHE = ("dummy",)  # a layer that keeps nothing (an MLP-only layer, one that reads another layer's cache)
 
 
@@ -55,18 +60,28 @@ class Architecture:
     def compact_missing(self) -> list[str]:
         """Why lgen's compact engine cannot run this model (empty: it can)."""
         missing = []
+        if self.layers is not None and not set(self.layers) & {*ATTENTION, *BOTH}:
+            return self._unknown_layers()
         if not self.backend:
             missing.append(f"{self.model_class} computes attention its own way, not through transformers' "
                            "attention interface")
         if not self.positions:
             missing.append(f"{self.model_class} takes no position_ids (it counts positions from the cache length)")
+        return missing + self._unknown_layers()
+
+    def _unknown_layers(self) -> list[str]:
         if self.layers is None:
-            missing.append("transformers cannot say what its cache layers hold")
-        else:
-            other = sorted(set(self.layers) - set(ATTENTION) - set(NO_CACHE))
-            if other:
-                missing.append(f"its cache holds {', '.join(other)} layers, not only attention keys and values")
-        return missing
+            return ["transformers cannot say what its cache layers hold"]
+        other = sorted(set(self.layers) - {*ATTENTION, *STATE, *BOTH, *NO_CACHE})
+        if other:
+            return [f"its cache holds {', '.join(other)} layers, not only attention keys and values and "
+                    "recurrent states"]
+        return []
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether some layer keeps a recurrent or conv state per row (:mod:`lgen.decode.cache`)."""
+        return bool(self.layers and set(self.layers) & {*STATE, *BOTH})
 
     @property
     def padded_batches(self) -> bool:
