@@ -48,9 +48,11 @@ SHAPES = {
     # Mamba2-1.3B's shape: state-space layers only
     "mamba2-1.3b": dict(hidden_size=2048, num_hidden_layers=48, state_size=128, num_heads=64, head_dim=64,
                         expand=2, n_groups=1, conv_kernel=4),
+    "mamba2-small": dict(hidden_size=512, num_hidden_layers=8, state_size=64, num_heads=16, head_dim=64, expand=2,
+                         n_groups=1, conv_kernel=4),  # for CPU runs
 }
 CONFIGS = {"qwen3-moe-16l": Qwen3MoeConfig, "qwen3-next-16l": Qwen3NextConfig, "qwen3-next-small": Qwen3NextConfig,
-           "mamba2-1.3b": Mamba2Config}
+           "mamba2-1.3b": Mamba2Config, "mamba2-small": Mamba2Config}
 
 
 def main() -> None:

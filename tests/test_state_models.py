@@ -11,7 +11,7 @@ import torch
 from architectures import SCALES, VOCAB
 from architectures import tiny_model as random_model
 from conftest import compact, continuous, make_word_tokenizer
-from transformers import DynamicCache, GenerationConfig
+from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
 from lgen.batch import Batch, Group, left_pad
 from lgen.decode import DecodeSettings, budget, cache, settle
@@ -168,3 +168,33 @@ def test_a_model_with_a_cache_class_of_its_own_runs_generate_or_is_refused():
     assert auto.because[0].startswith("it does not run over transformers' DynamicCache (MiniMax uses cache of its own")
     with pytest.raises(ConfigError, match="model.engine: compact cannot run this model: it does not run over"):
         settle(DecodeSettings.choose(GREEDY, engine="compact"), model, asked="compact")
+
+
+def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
+    """A rank of a 2-process gloo group running the one-batch loop in lockstep over a state model:
+    rank 0's prompts have four lengths, rank 1's one."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = model_of(HYBRID)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    cache.states(model)  # the probe forward, before counting
+    calls.clear()
+    rows = prompts(4) if rank == 0 else [prompts(1)[0]] * 3
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = lockstep(model, tok, rows, synced=True)
+    results[rank] = (len(calls), texts == alone(model, tok, rows))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_in_lockstep_run_as_many_prefill_forwards(tok, tmp_path):
+    """Under ZeRO-3 every forward is a collective: a rank whose prompts have fewer lengths joins
+    the other's extra prefill forwards (else both would wait forever), and each row is still
+    ``model.generate``'s."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    tok.save_pretrained(tmp_path / "tok")
+    mp.spawn(_lockstep_worker, args=(str(tmp_path / "tok"), f"file://{tmp_path}/store", results), nprocs=2)
+    (calls0, right0), (calls1, right1) = results[0], results[1]
+    assert calls0 == calls1 == 4 + NEW - 1  # four prefills, then a step for each token after the first
+    assert right0 and right1

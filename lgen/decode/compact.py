@@ -72,7 +72,7 @@ class CompactEngine(Batchwise):
         stepper: Stepper
         if self.settings.invariant or Architecture.of(model.config).carries_state:
             stepper = PoolStepper(model, rows=rows, length=input_ids.shape[1] + max_new_tokens, graph=False,
-                                  aligned=self.settings.invariant)
+                                  aligned=self.settings.invariant, synced=self.synced)
         else:
             stepper = EagerStepper(model)
         # output buffers, by output row (+1: a trash row that padding slots write to)

@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from lgen.batch import bucket
+from lgen.decode import lockstep
 from lgen.decode.cache import PoolCache, SlotCache, buffers, cache_argument, layout, state_buffers, states, windows
 from lgen.decode.graphs import CapturedStep
 from lgen.errors import UnsupportedModel
@@ -102,8 +103,8 @@ class EagerStepper:
         return out.logits[:, -1, :].float()
 
 
-def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-            aligned: bool = False) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, aligned: bool = False,
+            synced: bool = False) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
     """Run left-padded prompts (``[rows, width]``) over a :class:`SlotCache` of ``width`` positions.
     Returns the first logits (``[rows, vocab]``, float32), the cache, the keys each row holds
     (``[rows, width]``, bool) and each row's next position (``[rows, 1]``). ``aligned``: the prompts
@@ -112,14 +113,31 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
     A model whose layers carry state (:func:`lgen.decode.cache.states`) runs the prompts of each
     length on their own, unpadded: a recurrent state runs through every position it is given, so
-    padding would change it (unless the model masks padding its own way, which not every model
-    does), and a prompt padded on the right would end on padding."""
+    padding would change it (unless the model masks padding its own way, which is each model's
+    code, not a contract), and a prompt padded on the right would end on padding. ``synced``: ranks
+    in lockstep (ZeRO-3) each run as many forwards as the rank with the most lengths."""
     lengths = attention_mask.sum(-1)
-    if not any(states(model)) or bool((lengths == lengths[0]).all()) and bool(attention_mask.all()):
-        return _prefill(model, input_ids, attention_mask, aligned=aligned)
+    split = any(states(model)) and not (bool((lengths == lengths[0]).all()) and bool(attention_mask.all()))
+    runs = lengths.unique().tolist() if split else []
+    forwards = max(len(runs), 1)
+    idle = lockstep.all_max(forwards, input_ids.device) - forwards if synced and any(states(model)) else 0
+    if not split:
+        out = _prefill(model, input_ids, attention_mask, aligned=aligned)
+    else:
+        out = _by_length(model, input_ids, attention_mask, runs, aligned=aligned)
+    for _ in range(idle):
+        lockstep.idle_forward(model, input_ids.device)
+    return out
+
+
+def _by_length(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, runs: list[int], *,
+               aligned: bool) -> tuple[torch.Tensor, SlotCache, torch.Tensor, torch.Tensor]:
+    """:func:`prefill` of the prompts of each length in ``runs`` on their own, unpadded, gathered
+    into one cache laid out as a padded prefill lays it out."""
     rows, width = input_ids.shape
+    lengths = attention_mask.sum(-1)
     logits, cache = None, _slot_cache(model, rows, width, device=input_ids.device)
-    for length in lengths.unique().tolist():
+    for length in runs:
         sel = (lengths == length).nonzero().flatten()
         cols = slice(0, length) if aligned else slice(width - length, width)
         part, sub, _, _ = _prefill(model, input_ids[sel, cols], attention_mask[sel, cols])
@@ -186,10 +204,12 @@ class PoolStepper(CapturedStep):
     row computes garbage that nobody reads. With a graph the pool keeps its size while prompts come
     (one capture), and a draining pool moves to smaller buckets (8, 12, 16, 24, ...); eagerly (on a
     CPU, where a free row costs as much as a live one) it holds just the live rows (:meth:`select`).
+    ``synced``: ranks in lockstep (ZeRO-3) run as many prefill forwards each (:func:`prefill`).
     """
 
-    def __init__(self, model: torch.nn.Module, *, rows: int, length: int, graph: bool, aligned: bool = False) -> None:
-        self.model, self.length, self.graph, self.aligned = model, length, graph, aligned
+    def __init__(self, model: torch.nn.Module, *, rows: int, length: int, graph: bool, aligned: bool = False,
+                 synced: bool = False) -> None:
+        self.model, self.length, self.graph, self.aligned, self.synced = model, length, graph, aligned, synced
         self.cache_arg = cache_argument(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -224,7 +244,8 @@ class PoolStepper(CapturedStep):
         width = input_ids.shape[1]
         if width > self.length:
             raise ValueError(f"a prompt group of width {width} does not fit a pool of {self.length} positions")
-        logits, cache, mask, next_pos = prefill(self.model, input_ids, attention_mask, aligned=self.aligned)
+        logits, cache, mask, next_pos = prefill(self.model, input_ids, attention_mask, aligned=self.aligned,
+                                                synced=self.synced)
         prompt = torch.arange(input_ids.shape[0], device=self.device).repeat_interleave(samples)  # each slot's
         for k, v, pk, pv in zip(self.cache.k, self.cache.v, cache.k, cache.v):  # prompt, copied once
             if k is not None:
