@@ -111,7 +111,9 @@ def _probe(model: torch.nn.Module) -> _Probe:
         with torch.inference_mode(), backend.queries(None, positions=token):
             model(input_ids=token, attention_mask=torch.ones_like(token), use_cache=True,
                   **{cache_argument(model): cache}, **extra)
-    except ValueError as err:  # transformers' refusal of its own cache (MiniMax keeps a cache class of its own)
+    except ValueError as err:  # a model that refuses transformers' own cache (MiniMax keeps a class of its own)
+        if "cache" not in str(err).lower():
+            raise
         raise UnsupportedModel(f"it does not run over transformers' DynamicCache ({str(err).splitlines()[0]})") from err
     shapes, carried = [], []
     for layer in cache.layers:
