@@ -73,7 +73,8 @@ def pooled(model, tok, rows, *, group: int, pool_rows: int, config=GREEDY) -> li
         last = n == len(starts) - 1
         g = Group(stream=0, last=last, group_rows=group, pool_rows=pool_rows, pool_length=width + NEW,
                   max_new_tokens=NEW, final=last, budget=pool_rows * (width + NEW + 3))
-        batch = Batch(ids, mask, NEW, False, [{"id": start + i} for i in range(len(chunk))], group=g)
+        batch = Batch(ids, mask, max_new_tokens=NEW, padding=False,
+                      examples=[{"id": start + i} for i in range(len(chunk))], group=g)
         got.update({ex["id"]: f.text for ex, _, f in engine.generate(model, batch, row_keys=None).rows})
     return [got[i] for i in range(len(rows))]
 
@@ -198,3 +199,63 @@ def test_ranks_in_lockstep_run_as_many_prefill_forwards(tok, tmp_path):
     (calls0, right0), (calls1, right1) = results[0], results[1]
     assert calls0 == calls1 == 4 + NEW - 1  # four prefills, then a step for each token after the first
     assert right0 and right1
+
+
+def alone_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """The next-token logits after ``ids``, one forward over the whole sequence, no cache."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("name", [HYBRID, SSM, "lfm2", "zaya", "jamba", "falcon_h1"])
+def test_a_pool_rows_logits_are_its_own_through_a_compaction(name):
+    """Logits, not only greedy text: three prompts of 4, 9 and 15 tokens prefilled into one pool,
+    two steps, the middle row dropped (the pool compacts), three more steps: at every step each
+    row's logits are those of its whole sequence run alone, without a cache."""
+    model = model_of(name)
+    rows = [prompts(4, seed=5)[i] for i in (0, 1, 3)]
+    fed = [7, 9, 11, 13, 17]
+    ids, mask = left_pad(rows, 0)
+    with torch.inference_mode():
+        pool = PoolStepper(model, rows=3, length=ids.shape[1] + len(fed), graph=False)
+        logits = pool.prefill(ids, mask, 1)
+        live = [0, 1, 2]
+        for step, token in enumerate(fed):
+            for slot, row in enumerate(live):
+                want = alone_logits(model, rows[row] + fed[:step])
+                torch.testing.assert_close(logits[slot], want, rtol=1e-4, atol=1e-4)
+            if step == 2:
+                pool.compact(torch.tensor([0, 2]))
+                live = [0, 2]
+            logits = pool.step(torch.full((len(live),), token))
+
+
+def test_a_captured_steps_warm_up_leaves_every_state_as_it_was():
+    """A CUDA graph's capture runs the step once before recording it; a state updated in place
+    there would take the step's token twice. The warm-up puts every state back (on a CPU, the
+    same method, without the graph)."""
+    model = model_of(HYBRID)
+    ids, mask = left_pad(prompts(2), 0)
+    with torch.inference_mode():
+        pool = PoolStepper(model, rows=2, length=ids.shape[1] + 4, graph=False)
+        pool.prefill(ids, mask, 1)
+        before = [s.clone() for s in pool.states()]
+        assert before and any(s.abs().sum() > 0 for s in before)
+        pool.token.fill_(5)
+        pool._warm_up()
+        assert all(torch.equal(a, b) for a, b in zip(before, pool.states()))
+
+
+def test_a_model_that_keeps_its_state_itself_runs_generate():
+    """RecurrentGemma's config names state layers, but the model keeps their state on its modules
+    (and zeroes it when the row count changes): the probe sees none in the cache, so ``engine:
+    auto`` runs ``model.generate`` and ``engine: compact`` is refused by name."""
+    model = model_of("recurrent_gemma")
+    architecture = Architecture.of(model.config, type(model))
+    assert architecture.carries_state and architecture.compact_missing() == []
+    auto = settle(DecodeSettings.choose(GREEDY, architecture=architecture), model, asked="auto")
+    assert (auto.engine, auto.one_prompt) == ("generate", True)
+    assert auto.because == ("its state layers (0) keep their state themselves, not in the cache, where a pool "
+                            "cannot hold each row's",)
+    with pytest.raises(ConfigError, match="model.engine: compact cannot run this model: its state layers"):
+        settle(DecodeSettings.choose(GREEDY, engine="compact"), model, asked="compact")

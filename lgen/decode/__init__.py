@@ -21,6 +21,7 @@ from lgen.decode.settings import DecodeSettings
 from lgen.decode.steppers import pool_trouble
 from lgen.decode.stopping import StopRules
 from lgen.errors import UnsupportedModel
+from lgen.hf.architecture import Architecture
 
 __all__ = ["CompactEngine", "ContinuousEngine", "DecodeSettings", "Engine", "GenerateEngine", "make_engine", "settle"]
 
@@ -46,7 +47,8 @@ def settle(settings: DecodeSettings, model: torch.nn.Module, *, asked: str, lock
     ``model.generate`` one prompt at a time; ``engine: compact``, ``batch_invariant`` and
     ``torch_compile``, which need the compact engine, are a named error. ``poolable``: the
     architecture check found nothing missing (a ``model.generate`` run is tried only then)."""
-    pooled = settings.continuous(lockstep=lockstep) or settings.invariant
+    pooled = (settings.continuous(lockstep=lockstep) or settings.invariant
+              or Architecture.of(model.config).carries_state)  # the lockstep loop pools state models too
     compact = settings.engine == "compact" and pooled
     if not (compact or (settings.engine == "generate" and poolable and not settings.one_prompt)):
         return settings

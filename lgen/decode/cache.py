@@ -36,7 +36,7 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerShape:
     """One layer's cached keys and values per token (``[key_heads, key_dim]``, ``[value_heads,
     value_dim]``), and the keys transformers' own cache keeps for it (``window``: the last
@@ -122,8 +122,8 @@ def _probe(model: torch.nn.Module) -> _Probe:
             shapes.append(None)
         else:
             window = getattr(layer, "sliding_window", None)
-            shapes.append(LayerShape(keys.shape[1], keys.shape[3], values.shape[1], values.shape[3],
-                                     int(window) if window else None))
+            shapes.append(LayerShape(key_heads=keys.shape[1], key_dim=keys.shape[3], value_heads=values.shape[1],
+                                     value_dim=values.shape[3], window=int(window) if window else None))
         count = getattr(layer, "number_of_states", 0)
         state = StateShape(tuple(_row_shape(layer.conv_states[i]) for i in range(count)),
                            tuple(_row_shape(layer.recurrent_states[i]) for i in range(count)))
@@ -246,11 +246,13 @@ class SlotCache:
         if self.previous:
             return True
         if layer_idx is None:  # transformers asks of its last stateful layer
-            layer_idx = max(i for i, c in enumerate(self.conv) if c or self.recurrent[i])
+            stateful = [i for i, c in enumerate(self.conv) if c or self.recurrent[i]]
+            if not stateful:
+                raise ValueError("has_previous_state asks of state layers, and this model has none")
+            layer_idx = stateful[-1]
         count = max(len(self.conv[layer_idx]), len(self.recurrent[layer_idx]))
         wanted = range(count) if state_idx is None else [state_idx]
-        return all(("conv", layer_idx, i) in self._written or ("recurrent", layer_idx, i) in self._written
-                   for i in wanted)
+        return all(("conv", layer_idx, i) in self._written for i in wanted)  # as transformers counts it
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
         if not self.has_previous_state(layer_idx, state_idx):

@@ -98,7 +98,7 @@ class CapturedStep:
 
     def _capture(self) -> None:
         """Capture the step, after one warm-up run on the capturing stream (it compiles kernels and
-        sets up library workspaces outside the capture, and writes what the replay writes).
+        sets up library workspaces outside the capture; :meth:`_warm_up`).
 
         Unlike ``torch.cuda.graph``, no device-wide synchronize and cache flush, which would stall the
         other pools' work. A pool captures on its own CUDA stream: cuBLAS keeps a workspace per
@@ -111,7 +111,7 @@ class CapturedStep:
         stream = _capture_stream(current.device) if side else current
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            self._forward()
+            self._warm_up()
             try:
                 graph, out = self._record()
             except torch.cuda.OutOfMemoryError:
@@ -120,6 +120,19 @@ class CapturedStep:
                 graph, out = self._record()
         current.wait_stream(stream)
         self._graph, self._out = graph, out
+
+    def _warm_up(self) -> None:
+        """Run the step once, eagerly, leaving every state as it was: a key written twice at the same
+        place is the same key, but a recurrent or conv state updated in place would take the step's
+        token twice (the capture then the replay)."""
+        kept = [(state, state.clone()) for state in self.states()]
+        self._forward()
+        for state, before in kept:
+            state.copy_(before)
+
+    def states(self) -> list[torch.Tensor]:
+        """The buffers a step updates in place from their own values (none here)."""
+        return []
 
     def _record(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """One capture of the step on the current stream."""

@@ -24,6 +24,7 @@ from lgen.decode import lockstep
 from lgen.decode.cache import PoolCache, SlotCache, buffers, cache_argument, layout, state_buffers, states, windows
 from lgen.decode.graphs import CapturedStep
 from lgen.errors import UnsupportedModel
+from lgen.hf.architecture import BOTH, STATE, Architecture
 from lgen.kernels import backend, decoding
 
 
@@ -226,6 +227,10 @@ class PoolStepper(CapturedStep):
     def rows(self) -> int:
         return self.mask.shape[0]
 
+    def states(self) -> list[torch.Tensor]:
+        """Every row's conv and recurrent states (a step updates them in place)."""
+        return [s for layer in (*self.cache.conv, *self.cache.recurrent) for s in layer if s is not None]
+
     def _setup(self, cache: PoolCache, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
         """Static buffers (``mask``: the keys each row holds, ``[rows, length]``); the step is
         captured at the next ``step``."""
@@ -297,11 +302,15 @@ def pool_trouble(model: torch.nn.Module, *, invariant: bool = False) -> str | No
     lengths are prefilled and step twice, eagerly, before any prompt (in the batch-invariant mode
     with ``invariant``). What the architecture check before loading cannot see shows here: a model
     that uses the cache's length while decoding (:class:`lgen.decode.cache.PoolCache`), asks the
-    cache for something it does not have, or has attention the invariant mode does not compute."""
+    cache for something it does not have, keeps a layer's state itself (:func:`_state_outside`), or
+    has attention the invariant mode does not compute."""
     device = next(model.parameters()).device
     ids = torch.tensor([[1, 2, 3], [0, 2, 3]], device=device)
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]], device=device)
     try:
+        outside = _state_outside(model)
+        if outside:
+            return outside
         with torch.inference_mode(), decoding(model, invariant=invariant, spans=False, packed=False):
             pool = PoolStepper(model, rows=2, length=6, graph=False, aligned=invariant)
             logits = pool.prefill(ids, mask, 1)
@@ -316,3 +325,16 @@ def pool_trouble(model: torch.nn.Module, *, invariant: bool = False) -> str | No
             raise
         return f"it asks the cache for {err.name!r}, which a pool's cache does not have"
     return None
+
+
+def _state_outside(model: torch.nn.Module) -> str | None:
+    """Why a model's state layers cannot be held in a pool: its config names a layer that carries
+    state, and the probe forward saw the layer keep none in the cache (RecurrentGemma keeps its
+    states on its modules and zeroes them whenever the number of rows changes)."""
+    kinds = Architecture.of(model.config).layers or ()
+    held = states(model)
+    outside = [i for i, kind in enumerate(kinds) if kind in (*STATE, *BOTH) and (i >= len(held) or held[i] is None)]
+    if not outside:
+        return None
+    return (f"its state layers ({', '.join(map(str, outside))}) keep their state themselves, not in the cache, "
+            "where a pool cannot hold each row's")
