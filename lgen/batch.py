@@ -6,7 +6,7 @@ where it sits in a stream plan (:class:`Group`), and the row counts pools take (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ class Batch:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    _: KW_ONLY
     max_new_tokens: int
     padding: bool
     examples: list[dict[str, Any]]

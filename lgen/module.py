@@ -371,8 +371,9 @@ class GenerationModule(LightningModule):
     def _batch_records(self, rows: list, *, slots: int = 0, dropped: int = 0) -> records.BatchRecords:
         now = time.perf_counter()
         seconds, self._mark = now - self._mark, now
-        return records.BatchRecords(records.build(rows, samples=self.num_return_sequences, tokenizer=self.tokenizer),
-                                    [f.tokens for _, _, f in rows], seconds, slots, dropped)
+        return records.BatchRecords(
+            records=records.build(rows, samples=self.num_return_sequences, tokenizer=self.tokenizer),
+            tokens=[f.tokens for _, _, f in rows], seconds=seconds, slots=slots, dropped=dropped)
 
     def _emit(self, rows: list) -> None:
         """Rows a long call (a pool's drain) finished before it ended: out to the callbacks that take

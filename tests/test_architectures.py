@@ -63,7 +63,8 @@ def batches(rows: list[list[int]], *, streamed: bool, device: torch.device) -> l
         last = k == len(chunks) - 1
         group = Group(stream=0, last=last, pool_rows=GROUP, pool_length=max(LENGTHS) + NEW, group_rows=GROUP,
                       max_new_tokens=NEW, final=last, budget=1 << 30) if streamed else None
-        out.append(Batch(ids.to(device), mask.to(device), NEW, False, chunk, group))
+        out.append(Batch(ids.to(device), mask.to(device), max_new_tokens=NEW, padding=False, examples=chunk,
+                         group=group))
     return out
 
 

@@ -251,8 +251,8 @@ def _stream_batches(tok, prompts, *, group, pool_rows, mnt, samples=1, streams=1
         for k, chunk in enumerate(chunks):
             ids, mask = encode(tok, [prompts[e["id"]] for e in chunk])
             last = k == len(chunks) - 1
-            yield Batch(ids, mask, mnt, False, chunk,
-                        Group(stream=s, last=last, pool_rows=pool_rows, pool_length=longest + mnt,
+            yield Batch(ids, mask, max_new_tokens=mnt, padding=False, examples=chunk,
+                        group=Group(stream=s, last=last, pool_rows=pool_rows, pool_length=longest + mnt,
                               group_rows=group * samples, max_new_tokens=mnt, final=last and s == streams - 1,
                               budget=budget))
 

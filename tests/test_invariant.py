@@ -202,7 +202,8 @@ def continuous_texts(model, tok, prompts, *, group: int, pool_rows: int, graphs:
         last = n == len(starts) - 1
         g = Group(stream=0, last=last, group_rows=group, pool_rows=pool_rows, pool_length=width + 40,
                   max_new_tokens=40, final=last, budget=pool_rows * (width + 43))
-        out = engine.generate(model, Batch(ids, mask, 40, False, examples, group=g), row_keys=None)
+        batch = Batch(ids, mask, max_new_tokens=40, padding=False, examples=examples, group=g)
+        out = engine.generate(model, batch, row_keys=None)
         got.update({ex["id"]: f.text for ex, _, f in out.rows})
     return [got[i] for i in range(len(prompts))]
 

@@ -1,21 +1,20 @@
 """Rows to batches: the ``LightningDataModule`` that loads a split, cuts it into prompts and plans
 left-padded batches.
 
-Loading is :mod:`lgen.data.sources`, cutting rows into prompts :mod:`lgen.data.windows`, the batch plan
-:mod:`lgen.data.plan`. What the data module needs from the model side (the tokenizer, length limits,
-samples per prompt, a memory budget, whether ranks run in lockstep) comes through :meth:`connect`;
-the examples already written by an earlier run through :meth:`skip`.
+Loading is :mod:`lgen.data.sources`, cutting rows into prompts :mod:`lgen.data.windows` (and
+:mod:`lgen.data.examples` around it), what the data side refuses :mod:`lgen.data.checks` and
+:mod:`lgen.data.chat`, the batch plan :mod:`lgen.data.plan`. What the data module needs from the
+model side (the tokenizer, length limits, samples per prompt, a memory budget, whether ranks run in
+lockstep) comes through :meth:`connect`; the examples already written by an earlier run through
+:meth:`skip`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,10 +22,11 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lgen.batch import Batch, Group, left_pad
-from lgen.data import lengths
+from lgen.data import chat, checks, lengths
+from lgen.data.examples import build as build_examples
 from lgen.data.plan import PADDING, PlannedBatches, deal, plan_batches, rank_groups
-from lgen.data.sources import file_format, load_split, local_files
-from lgen.data.windows import Windowing, make_examples
+from lgen.data.sources import load_split, local_files
+from lgen.data.windows import Windowing
 from lgen.errors import ConfigError, DataError
 from lgen.output import records
 from lgen.output.directory import data_place
@@ -210,57 +210,8 @@ class GenerationDataModule(LightningDataModule):
                                        max_position_embeddings=max_position_embeddings,
                                        reserved_tokens=reserved_tokens,
                                        has_reference=self.reference_column_name is not None)
-        self._check_chat(tokenizer)
-
-    def _check_chat(self, tokenizer) -> None:
-        if self.system_prompt is not None and not self.chat_template:
-            raise ConfigError("data.system_prompt goes into the chat template: set data.chat_template: true "
-                              "(or a template file) as well")
-        if not self.chat_template:
-            return
-        if not self.complete_mode:
-            raise ConfigError("data.chat_template wraps whole prompts (complete mode); strided windows of a long "
-                              "text are not chat messages: unset it, or set data.mode: complete")
-        if isinstance(self.chat_template, str):
-            try:
-                self.template = Path(self.chat_template).read_text()
-            except OSError as err:
-                raise ConfigError(f"data.chat_template={self.chat_template!r} is not a readable template file "
-                                  f"({err.strerror}); give a Jinja file, or true for the tokenizer's own") from None
-        elif not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("data.chat_template: true, but the tokenizer has no chat template; give a Jinja "
-                              "template file instead (data.chat_template: path/to/template.jinja)")
-        self._render_sample(tokenizer)
-
-    def _render_sample(self, tokenizer) -> None:
-        """Render one conversation (with the system message when there is one) now, so that a template
-        that cannot parse, or refuses it (``raise_exception``, as Gemma's refuses a system role), fails
-        here, naming the file and line, not as a jinja2 traceback from inside the tokenizing map."""
-        from jinja2.exceptions import TemplateError, TemplateSyntaxError
-
-        def render(system: bool) -> None:
-            messages = [{"role": "system", "content": self.system_prompt}] if system else []
-            tokenizer.apply_chat_template([*messages, {"role": "user", "content": "Hello"}], tokenize=False,
-                                          add_generation_prompt=True, chat_template=self.template)
-
-        try:
-            render(self.system_prompt is not None)
-        except TemplateError as err:
-            where = "data.chat_template: true (the tokenizer's template)" if self.template is None \
-                else f"data.chat_template={self.chat_template!r}"
-            message = " ".join(str(err).split())
-            if isinstance(err, TemplateSyntaxError):
-                line = f", line {err.lineno}" if err.lineno else ""
-                raise ConfigError(f"{where}{line}: the template does not parse ({message}); fix the template") from None
-            fix = "fix the template, or give another one"
-            if self.system_prompt is not None:
-                try:
-                    render(False)
-                    fix = "the template takes no system message: unset data.system_prompt, or give another template"
-                except TemplateError:
-                    pass
-            raise ConfigError(f"{where} fails on a sample conversation ({type(err).__name__}: {message}); {fix}") \
-                from None
+        self.template = chat.template(self.chat_template, system_prompt=self.system_prompt,
+                                      complete=self.complete_mode, tokenizer=tokenizer)
 
     def skip(self, done: Iterable[records.ExampleKey]) -> None:
         """Leave out the examples whose every record an earlier run wrote (resume)."""
@@ -321,179 +272,53 @@ class GenerationDataModule(LightningDataModule):
                           revision=self.dataset_revision, streaming=self.streaming, token=self.token,
                           sample_by=self.sample_by)
 
-    def _check_columns(self, columns: list[str]) -> None:
-        if not columns:
-            raise DataError("the dataset is empty: it has no columns; check data.dataset_name / data.data_files")
-        if self.text_column_name is None:
-            self.text_column_name = "text" if "text" in columns else columns[0]
-        for key in ("text_column_name", "reference_column_name", "id_column_name"):
-            value = getattr(self, key)
-            if value is not None and value not in columns:
-                raise ConfigError(f"data.{key}={value!r} is not a column of the dataset; columns: {columns}")
-        clash = [c for c in self.keep_columns if c in records.FIELDS]
-        if clash:
-            raise ConfigError(f"data.keep_columns: {clash} would overwrite record fields {list(records.FIELDS)}; "
-                              "rename those columns or leave them out")
-        missing = [c for c in self.keep_columns if c not in columns]
-        if missing:
-            raise ConfigError(f"data.keep_columns: {missing} are not columns of the dataset; columns: {columns}")
-
     def setup(self, stage: str | None = None) -> None:
         if self.examples is not None:
             return
         if self.tokenizer is None:
             raise RuntimeError("GenerationDataModule.connect(tokenizer, ...) must run before setup")
         raw = self.load_raw()
-        self._check_columns(list(raw.column_names))
+        self.text_column_name = checks.columns(list(raw.column_names), text=self.text_column_name,
+                                               reference=self.reference_column_name, id_column=self.id_column_name,
+                                               keep=self.keep_columns)
         if len(raw) == 0:
             raise DataError(f"the dataset split {self.dataset_split!r} is empty: nothing to generate")
-        self._check_text(raw)
-        windowing = Windowing(self.complete_mode, self.text_column_name, self.reference_column_name,
-                              self.id_column_name, tuple(self.keep_columns), self.resolved_block_size,
-                              self.resolved_window, self.max_new_tokens, self.subsamples, self.seed,
-                              chat=bool(self.chat_template), template=self.template, system=self.system_prompt)
-        processed = raw.map(
-            make_examples, batched=True, with_indices=True, remove_columns=raw.column_names,
-            fn_kwargs={"tokenizer": self.tokenizer, "w": windowing},
-            load_from_cache_file=not self.overwrite_cache, num_proc=self.preprocessing_num_workers,
-            desc="tokenizing",
-        )
-        dropped: dict[str, list[int]] = {}  # reason -> the rows it dropped, as meta.row counts them (from 0)
-        for reason, row in zip(processed["drop"], processed["row"]):
-            if reason:
-                dropped.setdefault(reason, []).append(row)
-        drops = {reason: len(rows) for reason, rows in dropped.items()}
-        for reason, rows in dropped.items():
-            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
-            log.warning("dropped %d of %d rows: %s (%s %s)", len(rows), len(raw), reason,
-                        "row" if len(rows) == 1 else "rows", shown)
+        checks.text_columns(raw, text=self.text_column_name, reference=self.reference_column_name)
+        windowing = Windowing(complete=self.complete_mode, text=self.text_column_name,
+                              reference=self.reference_column_name, id_column=self.id_column_name,
+                              keep=tuple(self.keep_columns), block_size=self.resolved_block_size,
+                              window=self.resolved_window, max_new_tokens=self.max_new_tokens,
+                              subsamples=self.subsamples, seed=self.seed, chat=bool(self.chat_template),
+                              template=self.template, system=self.system_prompt)
+        built = build_examples(raw, tokenizer=self.tokenizer, windowing=windowing, subset=self.dataset_config_name,
+                               cached=not self.overwrite_cache, workers=self.preprocessing_num_workers)
         if self.id_column_name is None:
             log.info("no data.id_column_name: the row index is the id")
-        kept = processed.filter(lambda d: not d, input_columns="drop")
-        if len(kept) == 0:
-            raise DataError(f"every row was dropped ({drops}); {self._drop_hint(set(drops))}")
-        examples = []
-        truncated = 0
-        source = raw[self.text_column_name] if self.chat_template else None
-        for ex in kept:
-            ex.pop("drop")
-            truncated += ex.pop("truncated")
-            ex["keep"] = {c: ex.pop(f"keep.{c}") for c in self.keep_columns}
-            ex["meta"] = {"subset": self.dataset_config_name, "row": ex["row"]}
-            if self.chat_template:  # the dataset's prompt, before the template (exports need it)
-                ex["meta"]["prompt_text"] = str(source[ex["row"]])
-            examples.append(ex)
-        self._check_json(examples, raw.features)
-        self._check_unique(examples, raw.features)
-        self._check_batch_tokens(examples)
-        if truncated:
+        if not built.examples:
+            hint = checks.drop_hint(set(built.drops), text=self.text_column_name,
+                                    reference=self.reference_column_name, max_window_size=self.max_window_size,
+                                    sample_by=self.sample_by, text_files=checks.reads_text(self.dataset_name,
+                                                                                           self.data_files))
+            raise DataError(f"every row was dropped ({built.drops}); {hint}")
+        checks.json_values(built.examples, raw.features, id_column=self.id_column_name, keep=self.keep_columns)
+        checks.unique_ids(built.examples, raw.features, id_column=self.id_column_name)
+        self._check_batch_tokens(built.examples)
+        if built.truncated:
             log.warning("%d of %d prompts are longer than max_window_size=%d tokens and keep only their last %d, "
                         "as run_gen.py did; raise data.block_size (or data.max_window_size) to keep more",
-                        truncated, len(examples), self.resolved_window, self.resolved_window)
-        self.stats = {"rows_read": len(raw), "rows_dropped": drops, "examples": len(examples),
-                      "prompts_truncated": truncated}
-        self.pad_example = examples[0]  # what padding batches run (a rank with no work still steps)
-        self.examples = examples
+                        built.truncated, len(built.examples), self.resolved_window, self.resolved_window)
+        self.stats = {"rows_read": len(raw), "rows_dropped": built.drops, "examples": len(built.examples),
+                      "prompts_truncated": built.truncated}
+        self.pad_example = built.examples[0]  # what padding batches run (a rank with no work still steps)
+        self.examples = built.examples
         self._todo = None
 
-    def _drop_hint(self, reasons: set[str]) -> str:
-        """What to change, by why the rows were dropped."""
-        hints = []
-        empty = reasons & {"empty prompt", "null or missing prompt"}
-        if empty:
-            hints.append(f"every prompt is empty or null: check data.text_column_name={self.text_column_name!r}"
-                         if empty == reasons else f"check data.text_column_name={self.text_column_name!r}")
-        if "null or missing reference" in reasons:
-            hints.append(f"check data.reference_column_name={self.reference_column_name!r}")
-        if "prompt + reference > block_size - 1" in reasons:
-            hints.append("prompt + reference must fit in block_size - 1: raise data.block_size or lower "
-                         "data.max_window_size")
-        if "chat prompt longer than max_window_size" in reasons:
-            room = "raise data.max_window_size" if self.max_window_size is not None \
-                else "raise data.block_size or lower model.max_new_tokens"
-            hints.append(f"a chat prompt must fit max_window_size whole: {room}")
-        if "shorter than max_window_size + max_new_tokens" in reasons:
-            hint = "rows must hold at least max_window_size + max_new_tokens tokens: lower data.max_window_size"
-            if self.sample_by == "line" and (self.dataset_name == "text" or any(
-                    file_format(f) == "text" for f in self.data_files or [])):
-                hint += ("; a text file is read one row per line, so for longer rows set data.sample_by: paragraph "
-                         "(blank-line separated) or document")
-            hints.append(hint)
-        return "; ".join(hints)
-
-    def _check_text(self, raw) -> None:
-        """Refuse a prompt or reference column that does not hold text (lists, dicts, numbers): each
-        value would be generated from as its ``str()``, ``['a', 'b']``. A column of nulls alone (an
-        empty CSV column reads as float64) passes: its rows are dropped as null."""
-        import datasets
-
-        for key in ("text_column_name", "reference_column_name"):
-            column = getattr(self, key)
-            if column is None:
-                continue
-            feature = raw.features[column]
-            if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null"):
-                continue
-            if all(v is None for v in raw[column]):
-                continue
-            if isinstance(feature, datasets.Value):
-                kind = f"{feature.dtype} values"
-            elif isinstance(feature, dict):
-                kind = "dicts"
-            elif isinstance(feature, (datasets.List, datasets.LargeList)):
-                kind = f"lists ({feature})"
-            else:
-                kind = f"{type(feature).__name__} values"
-            raise DataError(f"data.{key}={column!r} holds {kind}, not text; choose a text column "
-                            f"(columns: {list(raw.column_names)}) or convert this one to strings")
-
-    def _check_json(self, examples: list[dict[str, Any]], features) -> None:
-        """Refuse ids and kept values that a JSON record cannot hold (bytes, datetime, Decimal ...)
-        here, before the output directory is touched: the writer would fail on the first record,
-        after ``overwrite_output_dir`` emptied it."""
-        checks = [(f"data.keep_columns: column {c!r}", c, lambda ex, c=c: ex["keep"][c],
-                   "leave it out of data.keep_columns, or convert the column to text first") for c in self.keep_columns]
-        if self.id_column_name is not None:
-            checks.insert(0, (f"data.id_column_name={self.id_column_name!r}", self.id_column_name, lambda ex: ex["id"],
-                              "choose another id column, or leave data.id_column_name unset to use the row index"))
-        for key, column, value, fix in checks:
-            for ex in examples:
-                bad = _not_json(value(ex))
-                if bad is not None:
-                    raise ConfigError(f"{key} holds {bad} values ({features[column]}; row {ex['row']}), which a JSON "
-                                      f"record cannot hold; {fix}")
-
     def _check_batch_tokens(self, examples: list[dict[str, Any]]) -> None:
-        """Refuse an integer ``max_batch_tokens`` below what the longest row needs: the plan would
-        exceed it, one row a batch, instead of keeping memory within it."""
-        if not isinstance(self.max_batch_tokens, int):
-            return
         longest = max(len(ex["input_ids"]) for ex in examples)
-        need = self._row_tokens(longest)
-        if self.max_batch_tokens >= need:
-            return
         what = (f"data.block_size ({self.resolved_block_size}, with model.max_new_tokens: auto)"
                 if self.max_new_tokens == "auto" else
                 f"the longest prompt + model.max_new_tokens ({longest} + {self.max_new_tokens})")
-        samples = f" x {self.samples} samples" if self.samples > 1 else ""
-        raise ConfigError(f"data.max_batch_tokens={self.max_batch_tokens} cannot hold one row: {what}{samples} "
-                          f"= {need} cache tokens; set it to at least {need}, or auto")
-
-    def _check_unique(self, examples: list[dict[str, Any]], features) -> None:
-        """Refuse ids that name several rows: their records would share a key, and resume and the
-        writer would keep only one of them."""
-        counts = Counter(records.example_key(ex) for ex in examples)
-        repeated = [(key, n) for key, n in counts.items() if n > 1]
-        if repeated:
-            shown = ", ".join(f"{ident}{'' if part == (1, 1) else f' part {list(part)}'} ({n} times)"
-                              for (ident, part), n in repeated[:3])
-            mixed = (self.id_column_name is not None and type(features[self.id_column_name]).__name__ == "Json")
-            why = (" (the column mixes value types, which datasets reads as JSON values: 1 and \"1\" become the same "
-                   "id)" if mixed else "")
-            raise DataError(f"data.id_column_name={self.id_column_name!r} does not identify the rows: "
-                            f"{len(repeated)} ids appear more than once ({shown}{', ...' if len(repeated) > 3 else ''})"
-                            f"{why}; choose a column whose values are unique, or leave data.id_column_name unset to "
-                            "use the row index")
+        checks.batch_tokens(self.max_batch_tokens, need=self._row_tokens(longest), what=what, samples=self.samples)
 
     # ---- planning and loading --------------------------------------------------------------------
 
@@ -541,25 +366,10 @@ class GenerationDataModule(LightningDataModule):
         examples = [ex for _, ex, _ in items]
         input_ids, attention_mask = left_pad([ex["input_ids"] for ex in examples], pad)
         width = input_ids.shape[1]
-        return Batch(input_ids, attention_mask, self.lengths.new_tokens(width), any(is_pad for is_pad, _, _ in items),
-                     [{k: v for k, v in ex.items() if k != "input_ids"} | {"prompt_ids": ex["input_ids"]}
-                      for ex in examples], items[0][2])
-
-
-def _not_json(value: Any) -> str | None:
-    """The type in ``value`` that JSON cannot hold, or None: ``{"a": b"x"}`` -> ``bytes``."""
-    found: list[type] = []
-
-    def default(obj: Any) -> Any:
-        found.append(type(obj))
-        raise TypeError
-
-    try:
-        json.dumps(value, default=default)
-    except (TypeError, ValueError):
-        kind = found[0] if found else type(value)
-        return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    return None
+        return Batch(input_ids, attention_mask, max_new_tokens=self.lengths.new_tokens(width),
+                     padding=any(is_pad for is_pad, _, _ in items),
+                     examples=[{k: v for k, v in ex.items() if k != "input_ids"} | {"prompt_ids": ex["input_ids"]}
+                               for ex in examples], group=items[0][2])
 
 
 class _Examples(torch.utils.data.Dataset):

@@ -26,7 +26,7 @@ from lgen.errors import DataError
 def make_examples(rows: dict[str, list], indices: list[int], tokenizer, w: Windowing) -> dict[str, list]:
     """Batched ``.map``: rows in, examples out (several per row in strided mode). A null prompt or
     reference (a CSV field left empty, JSON ``null``, a key missing from a JSON line) drops the row;
-    the columns are text, ``GenerationDataModule.setup`` checked their types."""
+    the columns are text (:func:`lgen.data.checks.text_columns` checked their types)."""
     tok = tokenizer
     missing = [t is None for t in rows[w.text]]
     texts = ["" if t is None else t for t in rows[w.text]]
@@ -105,7 +105,7 @@ def _chat(tok, w: Windowing, text: str, row: int) -> str:
                         "or that row") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Windowing:
     """What ``make_examples`` needs from the settings (hashable, so ``datasets`` can cache the map)."""
 

@@ -111,7 +111,8 @@ class CompactEngine(Batchwise):
                 if flags & 2:  # a stop's deadline passed: the rows still running are dropped
                     cut = torch.zeros(rows + 1, dtype=torch.bool, device=device)
                     cut[live[keep]] = True
-                    return Generated(tokens[:rows], stop_rule[:rows], stop_step[:rows], slots, cut[:rows])
+                    return Generated(tokens[:rows], stop_rule[:rows], stop_step[:rows], slots=slots,
+                                     dropped=cut[:rows])
                 if not flags & 1:
                     break
                 idle = keep.numel() == 0
@@ -128,4 +129,4 @@ class CompactEngine(Batchwise):
                 lockstep.idle_forward(model, device)
             else:
                 logits = stepper.step(token)
-        return Generated(tokens[:rows], stop_rule[:rows], stop_step[:rows], slots)
+        return Generated(tokens[:rows], stop_rule[:rows], stop_step[:rows], slots=slots)

@@ -46,7 +46,7 @@ from lgen.decode.stopping import StopRules, first_stops
 from lgen.kernels import decoding
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Pool:
     """One stream's pool: the stepper and, per row, what the decode loop tracks."""
 
@@ -234,9 +234,11 @@ class ContinuousEngine:
         def full(value: int, dtype=torch.long) -> torch.Tensor:
             return torch.full((rows,), value, dtype=dtype, device=device)
 
-        return _Pool(group.stream, rows, stepper, rules, torch.zeros((rows, vocab), dtype=torch.float32, device=device),
-                     torch.full((rows, width), self.pad_token_id, dtype=torch.long, device=device), full(0), full(0),
-                     full(False, torch.bool), full(False, torch.bool), full(-1), full(-1), [None] * rows, cuda)
+        return _Pool(stream=group.stream, capacity=rows, stepper=stepper, rules=rules,
+                     logits=torch.zeros((rows, vocab), dtype=torch.float32, device=device),
+                     tokens=torch.full((rows, width), self.pad_token_id, dtype=torch.long, device=device),
+                     steps=full(0), keys=full(0), live=full(False, torch.bool), done=full(False, torch.bool),
+                     stop_rule=full(-1), stop_step=full(-1), owner=[None] * rows, cuda=cuda)
 
     def _admit(self, pool: _Pool, batch: Batch, row_keys: torch.Tensor | None) -> None:
         """Prefill the group and give its rows free places, on the pool's CUDA stream: after the work

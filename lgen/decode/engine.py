@@ -16,7 +16,7 @@ Three engines implement it, each in a module of its own:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +38,7 @@ class Generated:
     tokens: torch.Tensor
     stop_rule: torch.Tensor
     stop_step: torch.Tensor
+    _: KW_ONLY
     slots: int
     dropped: torch.Tensor | None = None
 

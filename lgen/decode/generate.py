@@ -53,7 +53,7 @@ class GenerateEngine(Batchwise):
             dropped = torch.cat([torch.zeros(p.tokens.shape[0], dtype=torch.bool, device=p.tokens.device)
                                  if p.dropped is None else p.dropped for p in parts])
         stop_rule, stop_step = rules.replay(tokens, max_new_tokens)
-        return Generated(tokens, stop_rule, stop_step, sum(p.slots for p in parts), dropped)
+        return Generated(tokens, stop_rule, stop_step, slots=sum(p.slots for p in parts), dropped=dropped)
 
     def _run(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
              max_new_tokens: int, rules: StopRules, deadline: Deadline | None) -> Generated:
@@ -72,7 +72,7 @@ class GenerateEngine(Batchwise):
         if (deadline is not None and deadline.expired() and generated.shape[1] < max_new_tokens
                 and criteria.done is not None):
             dropped = ~criteria.done  # cut by the deadline before a rule (or a stop string) ended them
-        return Generated(generated, stop_rule, stop_step, generated.numel(), dropped)
+        return Generated(generated, stop_rule, stop_step, slots=generated.numel(), dropped=dropped)
 
 
 class _Expired(StoppingCriteria):

@@ -35,7 +35,7 @@ BOTH = ("hybrid", "hybrid_sliding")  # attention and state in one layer
 NO_CACHE = ("dummy",)  # a layer that keeps nothing (an MLP-only layer, one that reads another layer's cache)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Architecture:
     """Facts about a model class and config (see the module docstring). ``layers``: the kind of each
     cache layer (None: transformers could not say)."""
@@ -54,8 +54,8 @@ class Architecture:
         takes = inspect.signature(model_class.forward).parameters if model_class is not None else {}
         backend = bool(model_class is not None and (model_class.is_backend_compatible()
                                                     or model_class._can_set_attn_implementation()))
-        return cls(config.model_type, model_class.__name__ if model_class is not None else "?", backend,
-                   "position_ids" in takes, _layer_kinds(config))
+        return cls(model_type=config.model_type, model_class=model_class.__name__ if model_class is not None else "?",
+                   backend=backend, positions="position_ids" in takes, layers=_layer_kinds(config))
 
     def compact_missing(self) -> list[str]:
         """Why lgen's compact engine cannot run this model (empty: it can)."""

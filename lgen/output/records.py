@@ -46,7 +46,7 @@ def complete_examples(keys: set[RecordKey], samples: int) -> set[ExampleKey]:
     return {k for k, s in seqs.items() if s >= set(range(1, samples + 1))}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchRecords:
     """What ``predict_step`` returns for one batch: its records, the generated tokens of each, the
     batch's generation seconds, the row-steps the engine computed (``slots``), and the rows a stop
