@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,25 @@ def continuous(tok, config, *, rules, **options):
 
     return ContinuousEngine(config, decode_settings(config, **options), rules=rules, tokenizer=tok,
                             pad_token_id=tok.pad_token_id)
+
+
+def runs_generate_instead(model, because: str) -> None:
+    """What trying ``model`` in a pool shows: ``engine: auto`` runs ``model.generate`` one prompt at a
+    time, saying why (``because``, its start), and ``engine: compact`` is refused by name with it."""
+    from transformers import GenerationConfig
+
+    from lgen.decode import DecodeSettings, settle
+    from lgen.errors import UnsupportedModel
+    from lgen.hf.architecture import Architecture
+
+    greedy = GenerationConfig(do_sample=False)
+    architecture = Architecture.of(model.config, type(model))
+    assert architecture.compact_missing() == []  # nothing the config shows: only trying it does
+    auto = settle(DecodeSettings.choose(greedy, architecture=architecture), model, asked="auto")
+    assert (auto.engine, auto.one_prompt) == ("generate", True)
+    assert len(auto.because) == 1 and auto.because[0].startswith(because), auto.because
+    with pytest.raises(UnsupportedModel, match="model.engine: compact cannot run this model: " + re.escape(because)):
+        settle(DecodeSettings.choose(greedy, engine="compact"), model, asked="compact")
 
 
 def lgen(*args: str) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from architectures import VOCAB, tiny_config
 from architectures import tiny_model as random_model
-from conftest import base_args, lgen, make_word_tokenizer, read
+from conftest import base_args, lgen, make_word_tokenizer, read, runs_generate_instead
 from transformers import GenerationConfig
 
 from lgen.decode import DecodeSettings, budget, cache, settle
@@ -66,14 +66,8 @@ def test_a_model_that_reads_the_cache_length_runs_generate_or_is_refused():
     engine auto runs model.generate one prompt at a time; engine compact, batch_invariant and
     torch_compile are refused by name; engine generate takes one prompt at a time too."""
     model = random_model("git", scale=0.3)
-    architecture = Architecture.of(model.config)
-    assert architecture.compact_missing() == []
-    auto = settle(DecodeSettings.choose(GREEDY, architecture=architecture), model, asked="auto")
-    assert (auto.engine, auto.one_prompt) == ("generate", True)
-    assert auto.because == ("it uses the cache's length while decoding, and the rows of a pool are each at a length "
-                            "of their own",)
-    with pytest.raises(UnsupportedModel, match="model.engine: compact cannot run this model: it uses the cache's"):
-        settle(DecodeSettings.choose(GREEDY, engine="compact"), model, asked="compact")
+    runs_generate_instead(model, "it uses the cache's length while decoding, and the rows of a pool are each at a "
+                                 "length of their own")
     with pytest.raises(UnsupportedModel, match=r"model.batch_invariant \(which needs the compact engine\) cannot run "
                                                r".*; set batch_invariant: false"):
         settle(DecodeSettings.choose(GREEDY, batch_invariant=True), model, asked="auto")

@@ -10,14 +10,13 @@ import pytest
 import torch
 from architectures import SCALES, VOCAB
 from architectures import tiny_model as random_model
-from conftest import compact, continuous, make_word_tokenizer
+from conftest import compact, continuous, make_word_tokenizer, runs_generate_instead
 from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
 from lgen.batch import Batch, Group, left_pad
-from lgen.decode import DecodeSettings, budget, cache, settle
+from lgen.decode import budget, cache
 from lgen.decode.steppers import PoolStepper
 from lgen.decode.stopping import EndOfSequence, Length, StopRules
-from lgen.errors import ConfigError
 from lgen.hf.architecture import Architecture
 
 HYBRID, SSM = "qwen3_next", "mamba2"  # gated delta-net layers beside attention; state-space layers only
@@ -157,20 +156,6 @@ def test_a_prefill_writes_each_state_once_and_a_pool_step_reads_it():
     assert fresh.get_recurrent_state(0).eq(1).all()
 
 
-def test_a_model_with_a_cache_class_of_its_own_runs_generate_or_is_refused():
-    """MiniMax's layers carry state the engine could hold, but the model refuses any cache but its
-    own: trying it in a pool shows that, so ``engine: auto`` runs ``model.generate`` one prompt at a
-    time and ``engine: compact`` is refused by name."""
-    model = model_of("minimax")
-    architecture = Architecture.of(model.config, type(model))
-    assert architecture.compact_missing() == []
-    auto = settle(DecodeSettings.choose(GREEDY, architecture=architecture), model, asked="auto")
-    assert (auto.engine, auto.one_prompt) == ("generate", True)
-    assert auto.because[0].startswith("it does not run over transformers' DynamicCache (MiniMax uses cache of its own")
-    with pytest.raises(ConfigError, match="model.engine: compact cannot run this model: it does not run over"):
-        settle(DecodeSettings.choose(GREEDY, engine="compact"), model, asked="compact")
-
-
 def _lockstep_worker(rank: int, folder: str, init: str, results) -> None:
     """A rank of a 2-process gloo group running the one-batch loop in lockstep over a state model:
     rank 0's prompts have four lengths, rank 1's one."""
@@ -246,16 +231,14 @@ def test_a_captured_steps_warm_up_leaves_every_state_as_it_was():
         assert all(torch.equal(a, b) for a, b in zip(before, pool.states()))
 
 
-def test_a_model_that_keeps_its_state_itself_runs_generate():
-    """RecurrentGemma's config names state layers, but the model keeps their state on its modules
-    (and zeroes it when the row count changes): the probe sees none in the cache, so ``engine:
-    auto`` runs ``model.generate`` and ``engine: compact`` is refused by name."""
-    model = model_of("recurrent_gemma")
-    architecture = Architecture.of(model.config, type(model))
-    assert architecture.carries_state and architecture.compact_missing() == []
-    auto = settle(DecodeSettings.choose(GREEDY, architecture=architecture), model, asked="auto")
-    assert (auto.engine, auto.one_prompt) == ("generate", True)
-    assert auto.because == ("its state layers (0) keep their state themselves, not in the cache, where a pool "
-                            "cannot hold each row's",)
-    with pytest.raises(ConfigError, match="model.engine: compact cannot run this model: its state layers"):
-        settle(DecodeSettings.choose(GREEDY, engine="compact"), model, asked="compact")
+@pytest.mark.parametrize(("name", "because"), [
+    ("minimax", "it does not run over transformers' DynamicCache (MiniMax uses cache of its own"),
+    ("recurrent_gemma", "its state layers (0) keep their state themselves, not in the cache, where a pool cannot "
+                        "hold each row's"),
+])
+def test_state_the_pool_cannot_hold_runs_generate(name, because):
+    """MiniMax's layers carry state the engine could hold, but the model refuses any cache but its
+    own; RecurrentGemma's config names state layers, but the model keeps their state on its
+    modules (and zeroes it when the row count changes), so the probe sees none in the cache."""
+    assert Architecture.of(model_of(name).config).carries_state
+    runs_generate_instead(model_of(name), because)
