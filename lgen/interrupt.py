@@ -22,7 +22,6 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lgen.decode.deadline import Deadline
 from lgen.errors import Interrupted
-from lgen.hf import tensor_parallel, zero3
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,9 @@ class GracefulStop(Callback):
     The handlers live from predict start to predict end, and the previous ones are put back. A
     SIGTERM is passed on to the processes Lightning launched (DDP on one machine), as Lightning's
     own handler would; that handler is not called, since it also runs a collective broadcast from
-    inside the signal handler, which hangs when the ranks are anywhere else than in step. Ranks in
-    lockstep (ZeRO-3) agree after each batch, and at each look inside one, so they stop together.
+    inside the signal handler, which hangs when the ranks are anywhere else than in step. Ranks that
+    run every forward together (:attr:`lgen.hf.layout.Layout.agreed_stop`: ZeRO-3, a tensor-parallel
+    group) agree after each batch, and at each look inside one, so they stop together.
 
     Args:
         grace_seconds: how long the rows in flight may take to finish after the signal.
@@ -53,7 +53,7 @@ class GracefulStop(Callback):
         self.deadline.reset()
         pl_module.deadline = self.deadline
         # ranks that run every forward together stop after the same batch
-        self._lockstep = zero3.lockstep(trainer.strategy) or tensor_parallel.strategy_degrees(trainer.strategy)[0] > 1
+        self._agreed = pl_module.layout.agreed_stop
         self._launcher = getattr(trainer.strategy, "launcher", None)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -78,7 +78,7 @@ class GracefulStop(Callback):
         of earlier batches are still in flight (continuous batching); then the next batch admits
         nothing and only winds them down, to the deadline."""
         signum = self.deadline.signum or 0
-        if self._lockstep:
+        if self._agreed:
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device),
                                                  reduce_op=torch.distributed.ReduceOp.MAX))
         if signum:

@@ -22,6 +22,7 @@ from lgen.decode.stopping import BraceMatching, EndOfSequence, Length, StopRules
 from lgen.errors import ConfigError
 from lgen.hf import generation, models, precision, tensor_parallel, zero3
 from lgen.hf.architecture import Architecture
+from lgen.hf.layout import Layout
 from lgen.output import records
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,7 @@ class GenerationModule(LightningModule):
         self.seed = seed
         self.model = None
         self.engine: Engine | None = None  # built in on_predict_start, when the device is known
-        self.sharded = self.synced = False  # set in setup, from the strategy
-        self.tensor_parallel = 1  # the tensor-parallel degree, set in setup, from the strategy
+        self.layout = Layout()  # how the ranks share the model and the work: set in setup, from the strategy
         self.deadline: Deadline | None = None  # set by lgen.interrupt.GracefulStop for the run
         self.release_weights = True  # at the end of a run (lgen.api.LLM keeps them for its next job)
         self._float32: dict[str, torch.Tensor] = {}  # see configure_model
@@ -207,44 +207,42 @@ class GenerationModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
-        self.sharded = zero3.is_zero3(strategy)
-        self.synced = zero3.lockstep(strategy)
-        self.tensor_parallel = tensor_parallel.strategy_degrees(strategy)[0]
+        self.layout = Layout.of(strategy)
         # Before configure_model: Lightning builds DeepSpeed's zero.Init from this config around it.
-        if self.sharded:
+        if self.layout.zero3:
             zero3.inference_config(strategy.config)
-        self.check_strategy(strategy)
+        self.check_layout(self.layout)
 
-    def check_strategy(self, strategy: Any) -> None:
-        """Refuse settings the trainer's strategy cannot run (the CLI asks before any file is written)."""
-        tensor, data = tensor_parallel.strategy_degrees(strategy)
-        if tensor > 1:
+    def check_layout(self, layout: Layout) -> None:
+        """Refuse settings the run's layout cannot run (``lgen predict`` and ``LLM`` ask before any
+        file is written, Lightning's ``setup`` again for a trainer built another way)."""
+        if layout.tensor > 1:
             if self.decode.torch_compile:
                 raise ConfigError("model.torch_compile is not supported with tensor parallelism yet (its compiled "
                                   "steps were not checked over sharded weights); set torch_compile: false")
-            tensor_parallel.check(self.model_config, tensor=tensor, data=data, adapter=self.adapter_name_or_path,
-                                  device=strategy.root_device.type)
-        if self.decode.torch_compile and (strategy.root_device.type != "cuda" or zero3.is_zero3(strategy)):
+            tensor_parallel.check(self.model_config, tensor=layout.tensor, data=layout.data,
+                                  adapter=self.adapter_name_or_path, device=layout.device)
+        if self.decode.torch_compile and (layout.device != "cuda" or layout.zero3):
             raise ConfigError("model.torch_compile needs a CUDA device without ZeRO-3 (the CUDA-graph decode steps "
                               "it compiles run only there); set torch_compile: false")
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        if self.sharded:
+        if self.layout.zero3:
             # ZeRO-3: transformers sees this (weakly referenced) config and builds the model already
             # partitioned, loading each weight straight into its shards; it never exists whole on one GPU.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
         kwargs = {**self._hub[self.model_name_or_path], "config": self.model_config,
-                  **tensor_parallel.load_kwargs(self.tensor_parallel)}
+                  **tensor_parallel.load_kwargs(self.layout.tensor)}
         if self.torch_dtype:
             kwargs["dtype"] = DTYPES[self.torch_dtype]
         if self.batch_invariant:  # the mode's attention stands behind transformers' sdpa name
             kwargs["attn_implementation"] = "sdpa"
         try:
-            with (tensor_parallel.local_rank(self.trainer.strategy.local_rank) if self.tensor_parallel > 1
+            with (tensor_parallel.local_rank(self.trainer.strategy.local_rank) if self.layout.tensor > 1
                   else contextlib.nullcontext()):
                 model = models.load(AutoModelForCausalLM.from_pretrained, self.path, "model.model_name_or_path",
                                     **kwargs)
@@ -259,10 +257,10 @@ class GenerationModule(LightningModule):
                                         merge=self.merge_adapter and not self.adapter_config.is_prompt_learning,
                                         **adapter_hub)
         model.eval()
-        if self.tensor_parallel > 1 and self.global_rank == 0:
+        if self.layout.tensor > 1 and self.global_rank == 0:
             log.info("tensor parallel: %d ranks each hold 1/%d of the model's heads and MLP",
-                     tensor_parallel.degree(model), self.tensor_parallel)
-        if self.sharded:
+                     tensor_parallel.degree(model), self.layout.tensor)
+        if self.layout.zero3:
             blocks = zero3.leaf_blocks(model, self.trainer.strategy.config)
             log.info("ZeRO-3 gathers these blocks whole: %s", blocks)
         else:  # what is float32 in a bf16 model is so on purpose; the precision's cast comes next
@@ -279,17 +277,17 @@ class GenerationModule(LightningModule):
             except ValueError as err:
                 raise ConfigError(f"model.torch_compile: {err}, so there is nothing to compile; "
                                   "set model.torch_compile: false") from err
-        if self.sharded:
+        if self.layout.zero3:
             self._trace_hook = zero3.step_per_forward(self.trainer.strategy.model, self.model)
         chosen = self.decode
-        self.decode = settle(chosen, self.model, asked=self.engine_asked, lockstep=self.synced,
+        self.decode = settle(chosen, self.model, asked=self.engine_asked, lockstep=self.layout.lockstep,
                              poolable=not self.architecture.compact_missing() and not self.prompt_learning)
         if self.decode.engine != chosen.engine and self.global_rank == 0:
             log.warning("engine: auto runs model.generate for this %s model, one prompt at a time: %s",
                         self.architecture.model_type, "; ".join(self.decode.because))
-        self.engine = make_engine(self.decode.on(self.device, sharded=self.sharded), self.generation_config,
+        self.engine = make_engine(self.decode.on(self.device, sharded=self.layout.zero3), self.generation_config,
                                   rules=self.stop_rules, tokenizer=self.tokenizer,
-                                  pad_token_id=self.generation_config.pad_token_id, lockstep=self.synced)
+                                  pad_token_id=self.generation_config.pad_token_id, lockstep=self.layout.lockstep)
 
     def engine_summary(self) -> dict[str, Any]:
         """What ``summary.json`` says of the engine a run used, and why ``engine: auto`` chose
@@ -308,7 +306,7 @@ class GenerationModule(LightningModule):
         if self._trace_hook is not None:
             self._trace_hook.remove()
             self._trace_hook = None
-        if self.release_weights and not self.sharded:  # ZeRO-3's strategy lets go of its partitioned weights
+        if self.release_weights and not self.layout.zero3:  # ZeRO-3's strategy lets go of its partitioned weights
             self.model = None
 
     def token_budget(self, prompt_lengths: list[int], row_span: int) -> int | None:
@@ -353,14 +351,14 @@ class GenerationModule(LightningModule):
         """Generate for one batch; return the records that finished (with continuous batching also
         earlier batches' rows). A padding batch writes nothing; only synced ranks (ZeRO-3) run it,
         to join the other ranks' forwards."""
-        if batch.padding and not self.synced:
+        if batch.padding and not self.layout.lockstep:
             return records.BatchRecords()
         samples = self.num_return_sequences
         keys = None
         if self.generation_config.do_sample:
             keys = sampling.row_keys(self.seed, batch.examples, samples, self.device)
         deadline = self.deadline
-        if deadline is not None and self.tensor_parallel > 1:  # the group stops at the same step
+        if deadline is not None and self.layout.tensor > 1:  # the group stops at the same step
             deadline = AgreedDeadline(deadline, lambda flag: lockstep.any_rank(flag, self.device))
         self._mark = time.perf_counter()
         out = self.engine.generate(self.model, batch, row_keys=keys, deadline=deadline, emit=self._emit)

@@ -31,7 +31,7 @@ from lgen import options
 from lgen.cluster import without_mpi_probe
 from lgen.data import GenerationDataModule, sources
 from lgen.errors import ConfigError
-from lgen.hf import zero3
+from lgen.hf.layout import Layout
 from lgen.interrupt import GracefulStop
 from lgen.module import GenerationModule
 from lgen.output import directory as outputs
@@ -284,13 +284,12 @@ def prepare_run(model: GenerationModule, data: GenerationDataModule, trainer: Tr
             raise ConfigError(f"output_dir={str(output.path)!r} is where data.data_files={pattern!r} reads: lgen's own "
                               f"records ({own.name}) would be read back as prompts; put output_dir elsewhere or "
                               "narrow the pattern")
-    strategy = trainer.strategy
-    model.check_strategy(strategy)
-    lockstep = zero3.lockstep(strategy)
+    layout = Layout.of(trainer.strategy)
+    model.check_layout(layout)
     data.connect(model.tokenizer, max_position_embeddings=getattr(model.model_config, "max_position_embeddings", None),
                  reserved_tokens=model.virtual_tokens, samples=model.num_return_sequences,
-                 token_budget=model.token_budget, lockstep=lockstep,
-                 continuous=model.decode.continuous(lockstep=lockstep))
+                 token_budget=model.token_budget, lockstep=layout.lockstep,
+                 continuous=model.decode.continuous(lockstep=layout.lockstep))
     data.setup("predict")
     fingerprint = make_fingerprint(model, data, precision=str(trainer.precision))
     data.skip(output.prepare(fingerprint, overwrite=overwrite, rank=rank_zero_only.rank,

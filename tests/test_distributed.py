@@ -141,3 +141,20 @@ def test_a_finished_run_ends_its_process_group(tmp_path):
     _close_process_group()
     assert not torch.distributed.is_initialized()
     _close_process_group()  # nothing to end: no error
+
+
+def test_the_layout_is_read_once_from_the_strategy():
+    """One object says how the ranks share the model and the work: a single process, DDP on two
+    (data places, no lockstep), ZeRO-3 on two (every forward together), a tensor-parallel group
+    (its stop agreed, but not lockstep: its ranks get the same rows)."""
+    from lightning.pytorch import Trainer
+
+    from lgen.hf.layout import Layout
+
+    one = Layout.of(Trainer(accelerator="cpu", devices=1, logger=False).strategy)
+    assert one == Layout() and not one.lockstep and not one.agreed_stop
+    ddp = Layout.of(Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False).strategy)
+    assert (ddp.world, ddp.data, ddp.tensor, ddp.lockstep, ddp.agreed_stop) == (2, 2, 1, False, False)
+    assert Layout(zero3=True, world=2).lockstep and not Layout(zero3=True, world=1).lockstep
+    group = Layout(tensor=2, world=2)
+    assert group.agreed_stop and not group.lockstep

@@ -250,7 +250,8 @@ def test_zero3_trace_hook_lives_for_the_predict_run(tiny_model):
     resets = []
     coordinator = SimpleNamespace(reset_step=lambda: resets.append(1))
     engine = SimpleNamespace(optimizer=SimpleNamespace(get_param_coordinator=lambda: coordinator))
-    strategy = SimpleNamespace(zero_stage_3=True, model=engine, world_size=2, config={})
+    strategy = SimpleNamespace(zero_stage_3=True, model=engine, world_size=2, config={},
+                               root_device=torch.device("cpu"))
     module._trainer = SimpleNamespace(strategy=strategy, world_size=2)
     module.setup("predict")
     ids = torch.tensor([[3, 4, 5]])
