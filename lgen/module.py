@@ -235,7 +235,9 @@ class GenerationModule(LightningModule):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
-        kwargs = {**self._hub[self.model_name_or_path], "config": self.model_config,
+        # use_kernels: not transformers' Hub kernels, which swap layers for code fetched at load time (offline,
+        # a failed load), so that the model runs the code lgen was tested with, the same on every machine
+        kwargs = {**self._hub[self.model_name_or_path], "config": self.model_config, "use_kernels": False,
                   **tensor_parallel.load_kwargs(self.layout.tensor)}
         if self.torch_dtype:
             kwargs["dtype"] = DTYPES[self.torch_dtype]

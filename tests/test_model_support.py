@@ -4,6 +4,7 @@ run says of the engine it used (the matrix itself is ``test_architectures.py``).
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -142,3 +143,26 @@ def test_a_compact_run_says_so(tiny_model, code_jsonl, tmp_path):
     assert lgen(*base_args(tiny_model, code_jsonl, out)) == 0
     run = json.loads((out / "summary.json").read_text())["runs"][-1]
     assert run["engine"] == "compact" and "engine_reason" not in run
+
+
+def test_the_invariant_mode_runs_latent_attention():
+    """Multi-head latent attention's values are smaller than its keys (DeepSeek V3): the
+    batch-invariant attention computes them (it failed on their shape), each row as alone, in bf16."""
+    from conftest import compact
+
+    from lgen.batch import left_pad
+    from lgen.decode.stopping import EndOfSequence, Length, StopRules
+
+    model = random_model("deepseek_v3", scale=0.3).to(torch.bfloat16)
+    assert model.config.v_head_dim != model.config.qk_nope_head_dim + model.config.qk_rope_head_dim
+    config = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=None)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+
+    def run(prompts):
+        ids, mask = left_pad(prompts, 0)
+        out = compact(SimpleNamespace(pad_token_id=0), config, invariant=True).run(
+            model, ids, mask, max_new_tokens=8, rules=StopRules([EndOfSequence([]), Length()]), row_keys=None)
+        return [row[:8].tolist() for row in out.tokens]
+
+    together = run(rows)
+    assert together == [run([row])[0] for row in rows] and len({tuple(t) for t in together}) == 3

@@ -146,9 +146,16 @@ def spans_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
+def spans_take(query: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether :func:`span_attention` computes this attention: values of the queries' size (not the
+    smaller values of multi-head latent attention)."""
+    return value.shape[-1] == query.shape[-1]
+
+
 def _span_decode_attention(previous: Callable, spans: Spans) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
-        if not (query.is_cuda and query.dtype in _SPAN_DTYPES and _plain_decode_step(query, attention_mask, kwargs)):
+        if not (query.is_cuda and query.dtype in _SPAN_DTYPES and _plain_decode_step(query, attention_mask, kwargs)
+                and spans_take(query, value)):
             return previous(module, query, key, value, attention_mask, **kwargs)
         groups = query.shape[1] // key.shape[1]  # the query heads of a key/value head: one query each
         return span_attention(module, query, key, value, attention_mask, spans=spans, scaling=kwargs.get("scaling"),

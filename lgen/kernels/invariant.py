@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from lgen.errors import UnsupportedModel
 from lgen.kernels import backend
-from lgen.kernels.attention import Spans, allowed_keys, span_attention
+from lgen.kernels.attention import Spans, allowed_keys, span_attention, spans_take
 
 aten = torch.ops.aten
 
@@ -271,9 +271,11 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """Softmax attention whose sums over the keys run chunk by chunk from key 0, in chunks of
     ``tiles.keys``: a chunk past a row's last key adds exact zeros, so a row's result depends on
     its own keys only, not on the cache length its batch needs. Masked keys weigh exactly 0.
-    ``query``: ``[rows, heads, queries, dim]``; ``key``/``value``: ``[rows, kv_heads, keys, dim]``."""
+    ``query``: ``[rows, heads, queries, dim]``; ``key``/``value``: ``[rows, kv_heads, keys, dim]``
+    (values may be of another size: multi-head latent attention)."""
     _check_attention(attention_mask, kwargs)
     rows, heads, queries, dim = query.shape
+    vdim = value.shape[-1]
     kv_heads, length = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
@@ -288,7 +290,7 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # the query heads that share a key/value head stand in the query axis: [rows * kv_heads, groups * queries, dim]
     q = query.reshape(rows * kv_heads, groups * queries, dim)
     k = torch.nn.functional.pad(key, (0, 0, 0, pad)).reshape(rows * kv_heads, length + pad, dim)
-    v = torch.nn.functional.pad(value, (0, 0, 0, pad)).reshape(rows * kv_heads, length + pad, dim)
+    v = torch.nn.functional.pad(value, (0, 0, 0, pad)).reshape(rows * kv_heads, length + pad, vdim)
     allowed = torch.nn.functional.pad(allowed, (0, pad), value=False)
     allowed = allowed[:, :, None].expand(rows, kv_heads, groups, queries, length + pad)
     allowed = allowed.reshape(rows * kv_heads, groups * queries, length + pad)
@@ -302,12 +304,12 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     weights = torch.exp(scores - top)
     sums = weights.reshape(*weights.shape[:2], len(chunks), c).sum(dim=-1)  # each chunk's sum, then in order
     total = torch.zeros_like(top)
-    out = torch.zeros((q.shape[0], q.shape[1], dim), dtype=torch.float32, device=q.device)
+    out = torch.zeros((q.shape[0], q.shape[1], vdim), dtype=torch.float32, device=q.device)
     for n, i in enumerate(chunks):
         total = total + sums[:, :, n:n + 1]
         out = out + _attention_bmm(weights[:, :, i:i + c].to(v.dtype), v[:, i:i + c], tile).float()
     out = out / total.clamp_min(torch.finfo(torch.float32).tiny)
-    out = out.to(query.dtype).reshape(rows, heads, queries, dim).transpose(1, 2).contiguous()
+    out = out.to(query.dtype).reshape(rows, heads, queries, vdim).transpose(1, 2).contiguous()
     return out, None
 
 
@@ -319,7 +321,7 @@ def batch_invariant(device: torch.device, tiles: Tiles | None = None) -> Iterato
     spans = Spans()
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        if _kernels(tiles, query, key, value) and attention_mask is not None:
+        if _kernels(tiles, query, key, value) and attention_mask is not None and spans_take(query, value):
             _check_attention(attention_mask, kwargs)
             return span_attention(module, query, key, value, attention_mask, spans=spans,
                                   scaling=kwargs.get("scaling"))
