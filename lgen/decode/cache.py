@@ -235,6 +235,11 @@ class SlotCache:
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every layer's conv and recurrent states, in one order for every cache of the model (the
+        probe's), so that two caches' lists pair up."""
+        return [s for layer in (*self.conv, *self.recurrent) for s in layer if s is not None]
+
     def _state(self, kind: str, layer_idx: int, state_idx: int) -> torch.Tensor:
         states = (self.conv if kind == "conv" else self.recurrent)[layer_idx]
         if state_idx >= len(states) or states[state_idx] is None:

@@ -118,10 +118,11 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     code, not a contract), and a prompt padded on the right would end on padding. ``synced``: ranks
     in lockstep (ZeRO-3) each run as many forwards as the rank with the most lengths."""
     lengths = attention_mask.sum(-1)
-    split = any(states(model)) and not (bool((lengths == lengths[0]).all()) and bool(attention_mask.all()))
+    stateful = any(states(model))
+    split = stateful and not (bool((lengths == lengths[0]).all()) and bool(attention_mask.all()))
     runs = lengths.unique().tolist() if split else []
     forwards = max(len(runs), 1)
-    idle = lockstep.all_max(forwards, input_ids.device) - forwards if synced and any(states(model)) else 0
+    idle = lockstep.all_max(forwards, input_ids.device) - forwards if synced and stateful else 0
     if not split:
         out = _prefill(model, input_ids, attention_mask, aligned=aligned)
     else:
@@ -147,10 +148,8 @@ def _by_length(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
         for whole, piece in zip((*cache.k, *cache.v), (*sub.k, *sub.v)):
             if whole is not None:
                 whole[sel, :, cols] = piece
-        for whole, piece in zip((*cache.conv, *cache.recurrent), (*sub.conv, *sub.recurrent)):
-            for w, s in zip(whole, piece):
-                if w is not None:
-                    w[sel] = s
+        for whole, piece in zip(cache.state_tensors(), sub.state_tensors()):
+            whole[sel] = piece
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return logits, cache, attention_mask.bool(), positions[:, -1:] + 1
 
@@ -229,7 +228,7 @@ class PoolStepper(CapturedStep):
 
     def states(self) -> list[torch.Tensor]:
         """Every row's conv and recurrent states (a step updates them in place)."""
-        return [s for layer in (*self.cache.conv, *self.cache.recurrent) for s in layer if s is not None]
+        return self.cache.state_tensors()
 
     def _setup(self, cache: PoolCache, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
         """Static buffers (``mask``: the keys each row holds, ``[rows, length]``); the step is
@@ -256,10 +255,8 @@ class PoolStepper(CapturedStep):
             if k is not None:
                 k[slots, :, :width] = pk[prompt]
                 v[slots, :, :width] = pv[prompt]
-        for kept, written in zip((*self.cache.conv, *self.cache.recurrent), (*cache.conv, *cache.recurrent)):
-            for state, fresh in zip(kept, written):
-                if state is not None:
-                    state[slots] = fresh[prompt]
+        for state, fresh in zip(self.cache.state_tensors(), cache.state_tensors()):
+            state[slots] = fresh[prompt]
         self.mask[slots] = False
         self.mask[slots, :width] = mask[prompt]
         self.write_at[slots] = attention_mask.sum(-1)[prompt] if self.aligned else width
